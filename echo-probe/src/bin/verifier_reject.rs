@@ -1,0 +1,38 @@
+//! A stream verdict the verifier rejects (it reads a map value without the
+//! null check). Only the tests load it, to see the verifier log surface.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(target_arch = "bpf")]
+mod probe {
+    use aya_ebpf::{
+        bindings::sk_action, macros::map, macros::stream_verdict, maps::Array,
+        programs::SkBuffContext,
+    };
+
+    #[map(name = "REJECT")]
+    static REJECT: Array<u32> = Array::with_max_entries(1, 0);
+
+    #[stream_verdict]
+    pub fn reject_verdict(ctx: SkBuffContext) -> u32 {
+        let index = ctx.len();
+        // The verifier cannot prove `index` is in bounds, so `get_ptr` may
+        // return null, and reading through it unchecked is refused.
+        let value = REJECT.get_ptr(index).unwrap_or(core::ptr::null());
+        // SAFETY: deliberately unsound for the verifier to reject; never run.
+        unsafe { core::ptr::read_volatile(value) };
+        sk_action::SK_PASS
+    }
+
+    #[panic_handler]
+    fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+        loop {}
+    }
+
+    #[unsafe(link_section = "license")]
+    #[unsafe(no_mangle)]
+    static LICENSE: [u8; 4] = *b"GPL\0";
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

@@ -1,0 +1,247 @@
+//! The echo server: listeners and probes are set up on the main thread (so
+//! that every error comes out before serving starts), then one executor per
+//! core accepts on its own listener and splices into its own probe.
+use std::{
+    cell::{Cell, RefCell},
+    io::Write as _,
+    net::TcpListener as StdListener,
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use glommio::net::{TcpListener, TcpStream};
+use splice::user::{
+    InsertError, KernelView, Leg, Probe, Splice,
+    runtime::{self, Signal},
+    socket,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    Cli, Mode,
+    stats::{Report, ShardStats},
+};
+
+/// The echo probe, built by build.rs.
+static ECHO_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/echo-probe"));
+const ECHO_PROGRAM: &str = "echo_verdict";
+
+/// Initial userspace buffer of a spliced connection: it only ever sees bytes
+/// the probe passed up, so keep it small (it grows if needed).
+const SPLICED_BUFFER: usize = 256;
+const COPY_BUFFER: usize = 16 * 1024;
+
+/// What the main thread hands to one executor.
+struct ShardInput {
+    listener: StdListener,
+    probe: Option<Probe>,
+    stats: Arc<ShardStats>,
+}
+
+/// One executor's state, shared by its connection tasks.
+struct Shard {
+    probe: Option<Rc<RefCell<Probe>>>,
+    stats: Arc<ShardStats>,
+    warned_full: Cell<bool>,
+}
+
+pub fn run(cli: &Cli) -> anyhow::Result<()> {
+    runtime::raise_open_files_limit();
+    let online = runtime::online_cores();
+    let cores = cli.cores.unwrap_or(online);
+    if cores == 0 || cores > online {
+        bail!("--cores {cores}: this machine has {online} online cores (use 1 to {online})");
+    }
+    let listeners = runtime::bind_reuseport(cli.listen, cores)?;
+    let local = listeners[0].local_addr()?;
+    let probes = load_probes(cli, cores)?;
+    let kernel = probes
+        .iter()
+        .flatten()
+        .map(Probe::kernel_view)
+        .collect::<std::io::Result<Vec<KernelView>>>()
+        .context("opening the probe maps for statistics")?;
+    let stats: Vec<Arc<ShardStats>> = (0..cores).map(|_| Arc::default()).collect();
+    let inputs = listeners
+        .into_iter()
+        .zip(probes)
+        .zip(&stats)
+        .map(|((listener, probe), stats)| ShardInput {
+            listener,
+            probe,
+            stats: Arc::clone(stats),
+        })
+        .collect();
+    let _executors = runtime::spawn_shards(inputs, serve_shard)?;
+
+    let mode = match cli.mode {
+        Mode::Ebpf => "ebpf",
+        Mode::Copy => "copy",
+    };
+    println!("ebpf-echo: listening on {local} (mode {mode}, {cores} cores)");
+    let _ = std::io::stdout().flush();
+    info!(%local, mode, cores, "serving");
+
+    let report = Report {
+        mode: cli.mode,
+        shards: &stats,
+        kernel: &kernel,
+    };
+    let print = |line: String| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    };
+    let interval = if cli.stats {
+        cli.stats_interval()
+    } else {
+        Duration::from_secs(3600)
+    };
+    loop {
+        match runtime::wait_for_signal(interval) {
+            Some(Signal::Stop) => break,
+            Some(Signal::Report) => print(report.line()),
+            Some(Signal::Reload) => {}
+            None if cli.stats => print(report.line()),
+            None => {}
+        }
+    }
+    if cli.stats {
+        print(report.line());
+    }
+    Ok(())
+}
+
+fn load_probes(cli: &Cli, cores: usize) -> anyhow::Result<Vec<Option<Probe>>> {
+    if cli.mode == Mode::Copy {
+        return Ok((0..cores).map(|_| None).collect());
+    }
+    let (object, program) = match &cli.probe_object {
+        Some(path) => (
+            std::fs::read(path)
+                .with_context(|| format!("reading probe object {}", path.display()))?,
+            None,
+        ),
+        None => (ECHO_PROBE.to_vec(), Some(ECHO_PROGRAM)),
+    };
+    (0..cores)
+        .map(|core| {
+            Probe::load(&object, program, cli.sockmap_capacity)
+                .map(Some)
+                .with_context(|| format!("loading the echo probe for core {core}"))
+        })
+        .collect()
+}
+
+async fn serve_shard(input: ShardInput) {
+    // SAFETY: the descriptor comes from a listener we own and hand over.
+    let listener = unsafe { TcpListener::from_raw_fd(input.listener.into_raw_fd()) };
+    let shard = Rc::new(Shard {
+        probe: input.probe.map(|probe| Rc::new(RefCell::new(probe))),
+        stats: input.stats,
+        warned_full: Cell::new(false),
+    });
+    loop {
+        match listener.accept().await {
+            Ok(stream) => {
+                glommio::spawn_local(serve(stream, Rc::clone(&shard))).detach();
+            }
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                warn!("accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn serve(stream: TcpStream, shard: Rc<Shard>) {
+    let stats = &shard.stats;
+    ShardStats::add(&stats.accepted, 1);
+    ShardStats::add(&stats.active, 1);
+    let fd = stream.as_raw_fd();
+    // SAFETY: `stream` moves into `leg`, which lives until the end of this
+    // function, after every use of `socket`.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    let (reader, writer) = futures_lite::io::split(stream);
+    // The leg takes its baseline before the probe can echo anything.
+    let buffer = if shard.probe.is_some() {
+        SPLICED_BUFFER
+    } else {
+        COPY_BUFFER
+    };
+    let leg = Leg::new(reader, writer, socket, buffer);
+    let mut leg = match leg {
+        Ok(leg) => leg,
+        Err(e) => {
+            debug!("cannot serve connection: {e}");
+            ShardStats::add(&stats.resets, 1);
+            stats.active.fetch_sub(1, Relaxed);
+            return;
+        }
+    };
+    let splice = shard.try_splice(socket);
+    let result = leg
+        .run(|| splice.as_ref().map_or(Ok(0), |s| s.redirected_from(0)))
+        .await;
+    if let Err(e) = result {
+        debug!("connection reset: {e}");
+        let _ = socket::reset_on_close(socket);
+        ShardStats::add(&stats.resets, 1);
+    }
+    drop(splice);
+    shard.update_slots_gauge();
+    ShardStats::add(&stats.userspace_bytes, leg.bytes_read());
+    drop(leg);
+    stats.active.fetch_sub(1, Relaxed);
+}
+
+impl Shard {
+    /// Inserts the socket with a route to itself; `None` means userspace
+    /// echoes this connection.
+    fn try_splice(&self, socket: BorrowedFd<'_>) -> Option<Splice> {
+        let Some(probe) = &self.probe else {
+            ShardStats::add(&self.stats.copied, 1);
+            return None;
+        };
+        match Splice::insert(probe, &[socket], &[0]) {
+            Ok(splice) => {
+                // Bytes that arrived before the insert wait in the receive
+                // queue until the next segment unless the kernel is nudged.
+                if let Err(e) = socket::kick_receive_queue(socket) {
+                    debug!("SO_RCVLOWAT kick failed: {e}");
+                }
+                ShardStats::add(&self.stats.spliced, 1);
+                self.update_slots_gauge();
+                Some(splice)
+            }
+            Err(InsertError::Full { capacity }) => {
+                if !self.warned_full.replace(true) {
+                    warn!(
+                        "SockMap full ({capacity} slots on this core): connections are echoed in \
+                         userspace until slots free up (logged once; counted as sockmap_full)"
+                    );
+                }
+                ShardStats::add(&self.stats.sockmap_full, 1);
+                ShardStats::add(&self.stats.copied, 1);
+                None
+            }
+            Err(e) => {
+                debug!("not spliced ({e}): echoing in userspace");
+                ShardStats::add(&self.stats.insert_failed, 1);
+                ShardStats::add(&self.stats.copied, 1);
+                None
+            }
+        }
+    }
+
+    fn update_slots_gauge(&self) {
+        if let Some(probe) = &self.probe {
+            let probe = probe.borrow();
+            let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
+            self.stats.slots_in_use.store(in_use, Relaxed);
+        }
+    }
+}

@@ -1,0 +1,20 @@
+//! Splicing TCP sockets inside the kernel with a SockMap and an sk_skb stream
+//! verdict.
+//!
+//! One crate serves both halves of the design so that their shared `#[repr(C)]`
+//! types cannot drift apart:
+//! - [`shared`] (always, `no_std`): map names and the key/value types both the
+//!   probe and userspace read and write;
+//! - `verdict` (only when compiled for `target_arch = "bpf"`): the maps and the
+//!   stream verdict program body that the probe crates export;
+//! - `user` (feature `user`): loading a probe per core, inserting sockets,
+//!   and the careful drain-then-close that loses no byte.
+#![cfg_attr(not(feature = "user"), no_std)]
+
+pub mod shared;
+
+#[cfg(target_arch = "bpf")]
+pub mod verdict;
+
+#[cfg(feature = "user")]
+pub mod user;

@@ -1,0 +1,164 @@
+//! Thread-per-core plumbing shared by the binaries: one SO_REUSEPORT listener
+//! per core bound up front (so that errors such as "address in use" come out
+//! before anything starts), one glommio executor pinned per core, and the
+//! main thread waiting for signals.
+use std::{
+    future::Future,
+    io,
+    net::{SocketAddr, TcpListener},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use glommio::{CpuSet, LocalExecutorPoolBuilder, PoolPlacement, PoolThreadHandles};
+use socket2::{Domain, Protocol, Socket, Type};
+use thiserror::Error;
+
+/// Memory glommio registers with io_uring per executor. The binaries do no
+/// file I/O, so keep it small: the memlock limit here is 8 MiB.
+const IO_MEMORY: usize = 512 * 1024;
+/// Pending connections per listener.
+const BACKLOG: i32 = 4096;
+
+/// Why listeners could not be bound.
+#[derive(Debug, Error)]
+pub enum BindError {
+    #[error("cannot listen on {addr}: address already in use (another process is listening there)")]
+    InUse { addr: SocketAddr },
+    #[error("cannot listen on {addr}: {error}")]
+    Other { addr: SocketAddr, error: io::Error },
+}
+
+/// Number of online CPUs.
+pub fn online_cores() -> usize {
+    CpuSet::online().map(|set| set.len()).unwrap_or(1).max(1)
+}
+
+/// Binds `copies` listeners to `addr` with SO_REUSEPORT, so that the kernel
+/// spreads connections over them. Port 0 picks a free port for the first one
+/// and binds the others to the same port.
+pub fn bind_reuseport(addr: SocketAddr, copies: usize) -> Result<Vec<TcpListener>, BindError> {
+    let mut listeners: Vec<TcpListener> = Vec::with_capacity(copies);
+    let mut bound = addr;
+    for _ in 0..copies {
+        let listener = bind_one(bound).map_err(|error| match error.raw_os_error() {
+            Some(libc::EADDRINUSE) => BindError::InUse { addr },
+            _ => BindError::Other { addr, error },
+        })?;
+        if bound.port() == 0 {
+            bound = listener
+                .local_addr()
+                .map_err(|error| BindError::Other { addr, error })?;
+        }
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+    }
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
+}
+
+/// Raises the soft limit on open files to the hard limit: every connection
+/// holds two descriptors on a router.
+pub fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is valid for writes; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Starts one executor per item of `shards`, each pinned to its own core,
+/// and runs `body(item)` on it. Blocks the signals [`wait_for_signal`] waits
+/// for first, so that only the main thread receives them.
+pub fn spawn_shards<S, G, F>(shards: Vec<S>, body: G) -> io::Result<PoolThreadHandles<()>>
+where
+    S: Send + 'static,
+    G: FnOnce(S) -> F + Clone + Send + 'static,
+    F: Future<Output = ()> + 'static,
+{
+    block_signals()?;
+    let count = shards.len();
+    let shards = Arc::new(Mutex::new(shards));
+    LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(count, CpuSet::online().ok()))
+        .name("shard")
+        .io_memory(IO_MEMORY)
+        .on_all_shards(move || {
+            let shard = shards
+                .lock()
+                .expect("no shard panics while holding the lock")
+                .pop()
+                .expect("one item per shard");
+            body(shard)
+        })
+        .map_err(|e| io::Error::other(format!("starting the executors: {e}")))
+}
+
+/// Signals the main thread handles.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Signal {
+    /// SIGINT or SIGTERM: stop.
+    Stop,
+    /// SIGUSR1: print statistics now.
+    Report,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+fn handled_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset only adds to it.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP] {
+            libc::sigaddset(&mut set, signal);
+        }
+        set
+    }
+}
+
+fn block_signals() -> io::Result<()> {
+    let set = handled_signals();
+    // SAFETY: `set` is initialised; the old mask is not wanted.
+    let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::from_raw_os_error(rc))
+    }
+}
+
+/// Waits up to `timeout` for one of the handled signals (which
+/// [`spawn_shards`] blocked). `None` when the time ran out.
+pub fn wait_for_signal(timeout: Duration) -> Option<Signal> {
+    let set = handled_signals();
+    let timeout = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: libc::c_long::from(timeout.subsec_nanos() as i32),
+    };
+    // SAFETY: `set` and `timeout` are initialised; no siginfo is wanted.
+    let signal = unsafe { libc::sigtimedwait(&set, std::ptr::null_mut(), &timeout) };
+    match signal {
+        libc::SIGINT | libc::SIGTERM => Some(Signal::Stop),
+        libc::SIGUSR1 => Some(Signal::Report),
+        libc::SIGHUP => Some(Signal::Reload),
+        _ => None,
+    }
+}

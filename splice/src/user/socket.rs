@@ -1,0 +1,106 @@
+//! Raw socket queries the splice design relies on, on top of `libc`.
+use std::{
+    io, mem,
+    os::fd::{AsRawFd, BorrowedFd},
+};
+
+/// TCP states from `include/net/tcp_states.h`, as `tcpi_state` reports them.
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 1;
+    pub const CLOSE: u8 = 7;
+    pub const CLOSE_WAIT: u8 = 8;
+}
+
+fn getsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<T> {
+    // SAFETY: `T` is a plain C value (only integers and C structs are used
+    // here); zeroed is a valid initial value and the kernel writes at most
+    // `len` bytes into it.
+    let mut value: T = unsafe { mem::zeroed() };
+    let mut len = mem::size_of::<T>() as libc::socklen_t;
+    // SAFETY: `value` and `len` are valid for writes for the duration of
+    // the call, and `len` is the size of `value`.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw mut value).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, value: T) -> io::Result<()> {
+    // SAFETY: `value` is a plain C value valid for reads of its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&raw const value).cast(),
+            mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// The kernel's cookie of a socket: the key of the probe's `ROUTES` map.
+pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+}
+
+/// The socket's `TCP_INFO`.
+pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
+    getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
+}
+
+/// Bytes ever handed to this socket's TCP send queue, plus a constant that
+/// depends on the connection (its SYN may be counted): only differences
+/// between two readings mean anything.
+///
+/// It is `bytes_acked + SIOCOUTQ` (acknowledged + still queued). Reading the
+/// acknowledged count first means an ACK arriving in between can only make
+/// the sum smaller than the truth, never larger, so a caller waiting for it
+/// to reach a target never stops early.
+pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    let acked = tcp_info(fd)?.tcpi_bytes_acked;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int into `queued`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(acked + queued.max(0) as u64)
+}
+
+/// Makes the kernel run the verdict on bytes that reached the receive queue
+/// before the socket was inserted into the SockMap (otherwise they wait for
+/// the next segment, and a client waiting for a reply would hang).
+pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
+    setsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_RCVLOWAT, 1)
+}
+
+/// Makes the next close send RST instead of FIN (SO_LINGER with 0 timeout):
+/// the way to pass a reset on to the other side of a connection.
+pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
+}
+
+/// The pending socket error (`SO_ERROR`), cleared by reading it.
+pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
+    let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
+    Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+}
