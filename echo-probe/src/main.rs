@@ -8,7 +8,15 @@
 
 #[cfg(target_arch = "bpf")]
 mod probe {
-    use aya_ebpf::{macros::stream_verdict, programs::SkBuffContext};
+    use aya_ebpf::{
+        macros::{stream_parser, stream_verdict},
+        programs::SkBuffContext,
+    };
+
+    #[stream_parser]
+    pub fn echo_parser(ctx: SkBuffContext) -> u32 {
+        splice::verdict::parse(&ctx)
+    }
 
     #[stream_verdict]
     pub fn echo_verdict(ctx: SkBuffContext) -> u32 {

@@ -27,7 +27,6 @@ use crate::{
 
 /// The echo probe, built by build.rs.
 static ECHO_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/echo-probe"));
-const ECHO_PROGRAM: &str = "echo_verdict";
 
 /// Initial userspace buffer of a spliced connection: it only ever sees bytes
 /// the probe passed up, so keep it small (it grows if needed).
@@ -118,17 +117,14 @@ fn load_probes(cli: &Cli, cores: usize) -> anyhow::Result<Vec<Option<Probe>>> {
     if cli.mode == Mode::Copy {
         return Ok((0..cores).map(|_| None).collect());
     }
-    let (object, program) = match &cli.probe_object {
-        Some(path) => (
-            std::fs::read(path)
-                .with_context(|| format!("reading probe object {}", path.display()))?,
-            None,
-        ),
-        None => (ECHO_PROBE.to_vec(), Some(ECHO_PROGRAM)),
+    let object = match &cli.probe_object {
+        Some(path) => std::fs::read(path)
+            .with_context(|| format!("reading probe object {}", path.display()))?,
+        None => ECHO_PROBE.to_vec(),
     };
     (0..cores)
         .map(|core| {
-            Probe::load(&object, program, cli.sockmap_capacity)
+            Probe::load(&object, cli.sockmap_capacity)
                 .map(Some)
                 .with_context(|| format!("loading the echo probe for core {core}"))
         })
@@ -206,14 +202,18 @@ impl Shard {
             ShardStats::add(&self.stats.copied, 1);
             return None;
         };
+        let early = socket::bytes_readable(socket).unwrap_or(0) > 0;
         match Splice::insert(probe, &[socket], &[0]) {
             Ok(splice) => {
                 // Bytes that arrived before the insert wait in the receive
                 // queue until the next segment unless the kernel is nudged.
+                // (The leg's first read nudges it too; this does not depend
+                // on that.)
                 if let Err(e) = socket::kick_receive_queue(socket) {
                     debug!("SO_RCVLOWAT kick failed: {e}");
                 }
                 ShardStats::add(&self.stats.spliced, 1);
+                ShardStats::add(&self.stats.early, u64::from(early));
                 self.update_slots_gauge();
                 Some(splice)
             }

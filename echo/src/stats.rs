@@ -18,6 +18,8 @@ pub struct ShardStats {
     pub spliced: AtomicU64,
     /// Connections echoed by userspace (copy mode or fallback).
     pub copied: AtomicU64,
+    /// Spliced connections whose first bytes arrived before the insert.
+    pub early: AtomicU64,
     /// Fallbacks because every SockMap slot was taken.
     pub sockmap_full: AtomicU64,
     /// Fallbacks because the insert failed (e.g. the client already closed).
@@ -55,12 +57,13 @@ impl Report<'_> {
             Mode::Copy => "copy",
         };
         let mut line = format!(
-            "stats: mode={mode} cores={} accepted={} active={} spliced={} copied={} \
+            "stats: mode={mode} cores={} accepted={} active={} spliced={} early={} copied={} \
              sockmap_full={} insert_failed={} resets={} userspace_bytes={} slots_in_use={}",
             self.shards.len(),
             sum(|s| &s.accepted),
             sum(|s| &s.active),
             sum(|s| &s.spliced),
+            sum(|s| &s.early),
             sum(|s| &s.copied),
             sum(|s| &s.sockmap_full),
             sum(|s| &s.insert_failed),

@@ -1,12 +1,15 @@
 //! A stream verdict the verifier rejects (it reads a map value without the
-//! null check). Only the tests load it, to see the verifier log surface.
+//! null check) but is otherwise the echo probe, with the same maps. Only the
+//! tests load it, to see the verifier log surface.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 #[cfg(target_arch = "bpf")]
 mod probe {
     use aya_ebpf::{
-        bindings::sk_action, macros::map, macros::stream_verdict, maps::Array,
+        bindings::sk_action,
+        macros::{map, stream_verdict},
+        maps::Array,
         programs::SkBuffContext,
     };
 
@@ -20,8 +23,10 @@ mod probe {
         // return null, and reading through it unchecked is refused.
         let value = REJECT.get_ptr(index).unwrap_or(core::ptr::null());
         // SAFETY: deliberately unsound for the verifier to reject; never run.
-        unsafe { core::ptr::read_volatile(value) };
-        sk_action::SK_PASS
+        if unsafe { core::ptr::read_volatile(value) } == 0 {
+            return sk_action::SK_PASS;
+        }
+        splice::verdict::verdict(&ctx)
     }
 
     #[panic_handler]

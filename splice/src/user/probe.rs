@@ -115,9 +115,9 @@ pub struct Probe {
 
 impl Probe {
     /// Loads `object`, sizes its SockMap and route map for `capacity`
-    /// sockets, and attaches its stream verdict `program` to the SockMap
-    /// (`None`: the object's only sk_skb program).
-    pub fn load(object: &[u8], program: Option<&str>, capacity: u32) -> Result<Self, LoadError> {
+    /// sockets, and attaches every sk_skb program of the object (its stream
+    /// parser and stream verdict) to the SockMap.
+    pub fn load(object: &[u8], capacity: u32) -> Result<Self, LoadError> {
         capabilities::check()?;
         check_kernel_support()?;
         let mut ebpf = EbpfLoader::new()
@@ -133,33 +133,17 @@ impl Probe {
                 .ok_or_else(|| missing("map", COUNTERS_MAP))?,
         )
         .map_err(|e| LoadError::while_doing("opening the counters", e))?;
-        let program = match program {
-            Some(name) => name.to_owned(),
-            None => ebpf
-                .programs()
-                .find(|(_, p)| p.prog_type() == ProgramType::SkSkb)
-                .map(|(name, _)| name.to_owned())
-                .ok_or_else(|| missing("program", "sk_skb"))?,
-        };
-        let verdict: &mut SkSkb = ebpf
-            .program_mut(&program)
-            .ok_or_else(|| missing("program", &program))?
-            .try_into()
-            .map_err(|e| LoadError::while_doing("finding the stream verdict", e))?;
-        verdict.load().map_err(|e| match e {
-            ProgramError::LoadError {
-                io_error,
-                verifier_log,
-            } => LoadError::Rejected {
-                program: program.clone(),
-                io_error,
-                verifier_log: verifier_log.to_string(),
-            },
-            other => LoadError::while_doing("loading the stream verdict", other),
-        })?;
-        verdict
-            .attach(sockets.fd())
-            .map_err(|e| LoadError::while_doing("attaching the stream verdict", e))?;
+        let programs: Vec<String> = ebpf
+            .programs()
+            .filter(|(_, p)| p.prog_type() == ProgramType::SkSkb)
+            .map(|(name, _)| name.to_owned())
+            .collect();
+        if programs.is_empty() {
+            return Err(missing("program", "sk_skb"));
+        }
+        for name in programs {
+            attach(&mut ebpf, &name, &sockets)?;
+        }
         Ok(Self {
             _ebpf: ebpf,
             sockets,
@@ -192,6 +176,29 @@ fn missing(what: &str, name: &str) -> LoadError {
         doing: format!("looking up {what} `{name}`"),
         detail: "not in the probe object".to_owned(),
     }
+}
+
+fn attach(ebpf: &mut Ebpf, name: &str, sockets: &SockMap<MapData>) -> Result<(), LoadError> {
+    let program: &mut SkSkb = ebpf
+        .program_mut(name)
+        .ok_or_else(|| missing("program", name))?
+        .try_into()
+        .map_err(|e| LoadError::while_doing(&format!("opening program `{name}`"), e))?;
+    program.load().map_err(|e| match e {
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } => LoadError::Rejected {
+            program: name.to_owned(),
+            io_error,
+            verifier_log: verifier_log.to_string(),
+        },
+        other => LoadError::while_doing(&format!("loading program `{name}`"), other),
+    })?;
+    program
+        .attach(sockets.fd())
+        .map_err(|e| LoadError::while_doing(&format!("attaching program `{name}`"), e))?;
+    Ok(())
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, LoadError>

@@ -86,8 +86,9 @@ pub fn raise_open_files_limit() {
 }
 
 /// Starts one executor per item of `shards`, each pinned to its own core,
-/// and runs `body(item)` on it. Blocks the signals [`wait_for_signal`] waits
-/// for first, so that only the main thread receives them.
+/// and runs `body(item)` on it; returns once every executor runs. Blocks the
+/// signals [`wait_for_signal`] waits for first, so that only the main thread
+/// receives them.
 pub fn spawn_shards<S, G, F>(shards: Vec<S>, body: G) -> io::Result<PoolThreadHandles<()>>
 where
     S: Send + 'static,
@@ -97,18 +98,29 @@ where
     block_signals()?;
     let count = shards.len();
     let shards = Arc::new(Mutex::new(shards));
-    LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(count, CpuSet::online().ok()))
-        .name("shard")
-        .io_memory(IO_MEMORY)
-        .on_all_shards(move || {
-            let shard = shards
-                .lock()
-                .expect("no shard panics while holding the lock")
-                .pop()
-                .expect("one item per shard");
-            body(shard)
-        })
-        .map_err(|e| io::Error::other(format!("starting the executors: {e}")))
+    let (started, starts) = std::sync::mpsc::channel::<()>();
+    let handles =
+        LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(count, CpuSet::online().ok()))
+            .name("shard")
+            .io_memory(IO_MEMORY)
+            .on_all_shards(move || {
+                let shard = shards
+                    .lock()
+                    .expect("no shard panics while holding the lock")
+                    .pop()
+                    .expect("one item per shard");
+                async move {
+                    let _ = started.send(());
+                    body(shard).await
+                }
+            })
+            .map_err(|e| io::Error::other(format!("starting the executors: {e}")))?;
+    for _ in 0..count {
+        starts
+            .recv_timeout(Duration::from_secs(30))
+            .map_err(|_| io::Error::other("an executor failed to start within 30 s"))?;
+    }
+    Ok(handles)
 }
 
 /// Signals the main thread handles.

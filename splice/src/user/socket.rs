@@ -82,6 +82,17 @@ pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> io::Result<u64> {
     Ok(acked + queued.max(0) as u64)
 }
 
+/// Bytes waiting in the receive queue (FIONREAD).
+pub fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut readable: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int into `readable`.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &raw mut readable) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(readable.max(0) as usize)
+}
+
 /// Makes the kernel run the verdict on bytes that reached the receive queue
 /// before the socket was inserted into the SockMap (otherwise they wait for
 /// the next segment, and a client waiting for a reply would hang).

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The project's test command: sets up the machine (idempotent), then runs
+# every check: formatting, clippy (host code and the probes' bpf code), and
+# all tests, kernel tests included. Needs root (or CAP_BPF + CAP_NET_ADMIN);
+# with CI=true a kernel test fails instead of skipping when it cannot run.
+#
+#   scripts/test.sh                 # everything
+#   scripts/test.sh -- echo         # extra arguments go to `cargo test`
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "setup"
+scripts/setup.sh
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy (host)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "cargo clippy (probes, bpfel-unknown-none)"
+for probe in echo-probe; do
+    CARGO_TARGET_DIR=target/bpf-clippy rustup run nightly cargo clippy --locked -q \
+        -p "$probe" --bins --release --target bpfel-unknown-none -Z build-std=core -- -D warnings
+done
+
+step "cargo test"
+if [ "${1:-}" = "--" ]; then shift; fi
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+# One closing line over every test binary (cargo prints one per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
+     END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
