@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, bail};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    InsertError, KernelView, Leg, Probe, Splice,
+    InsertError, KernelView, Leg, Probe, ProbeConfig, Splice, Spliced,
     runtime::{self, Signal},
     socket,
 };
@@ -124,7 +124,11 @@ fn load_probes(cli: &Cli, cores: usize) -> anyhow::Result<Vec<Option<Probe>>> {
     };
     (0..cores)
         .map(|core| {
-            Probe::load(&object, cli.sockmap_capacity)
+            let config = ProbeConfig {
+                capacity: cli.sockmap_capacity,
+                in_flight_limit: cli.in_flight_limit,
+            };
+            Probe::load(&object, config)
                 .map(Some)
                 .with_context(|| format!("loading the echo probe for core {core}"))
         })
@@ -179,9 +183,8 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
     };
     let splice = shard.try_splice(socket);
-    let result = leg
-        .run(|| splice.as_ref().map_or(Ok(0), |s| s.redirected_from(0)))
-        .await;
+    let spliced = splice.as_ref().map(|splice| Spliced { splice, index: 0 });
+    let result = leg.run(spliced).await;
     if let Err(e) = result {
         debug!("connection reset: {e}");
         let _ = socket::reset_on_close(socket);

@@ -88,11 +88,13 @@ impl Report<'_> {
         let _ = write!(
             line,
             " kernel_redirected_bytes={} kernel_redirected_skbs={} kernel_passed_bytes={} \
-             kernel_redirect_failures={} routes={}",
+             kernel_redirect_failures={} kernel_credit_exhausted={} kernel_resumed={} routes={}",
             totals.redirected_bytes,
             totals.redirected_skbs,
             totals.passed_bytes,
             totals.redirect_failures,
+            totals.credit_exhausted,
+            totals.resumed,
             totals.routes,
         );
         line

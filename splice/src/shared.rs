@@ -4,12 +4,24 @@
 //! - `SOCKETS`: a SockMap, one slot per spliced socket;
 //! - `ROUTES`: socket cookie of a source socket → [`Route`] (which slot its
 //!   bytes go to, and how many went);
+//! - `CONTROL`: per slot, the [`Control`] userspace gives the probe (how far
+//!   it may redirect, how far userspace forwarded);
 //! - `COUNTERS`: per-CPU totals indexed by [`Counter`].
-
+//!
+//! Flow control: the kernel queues redirected bytes for the destination
+//! without any bound (a fast sender facing a slow reader filled 1.6 GB of
+//! kernel memory in seconds). So the probe redirects a source's bytes only
+//! up to a *credit* userspace sets from the destination's progress; past it,
+//! the probe passes bytes up to the source's own receive queue, which TCP
+//! flow control does bound, and userspace forwards them at the pace the
+//! destination takes them. Once userspace forwarded every byte passed up
+//! and credit is back, the probe redirects again: never out of order.
 /// Name of the SockMap holding every spliced socket.
 pub const SOCKETS_MAP: &str = "SOCKETS";
 /// Name of the hash map *source socket cookie → [`Route`]*.
 pub const ROUTES_MAP: &str = "ROUTES";
+/// Name of the array *slot → [`Control`]*.
+pub const CONTROL_MAP: &str = "CONTROL";
 /// Name of the per-CPU array of [`Counter`] totals.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
@@ -21,27 +33,45 @@ pub const DEFAULT_CAPACITY: u32 = 4096;
 pub type SocketCookie = u64;
 
 /// Where the bytes received on one socket go, and how many went there.
+/// Written by userspace only before the socket enters the SockMap; after
+/// that, only the probe writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Route {
     /// SockMap slot of the socket whose egress receives this socket's bytes
     /// (the socket's own slot for an echo).
     pub peer: u32,
+    /// SockMap slot of this socket (its [`Control`] index).
+    pub own: u32,
     /// [`route_flags`].
     pub flags: u32,
-    /// Bytes redirected to `peer` so far (written only by the probe).
-    pub bytes: u64,
+    pub reserved: u32,
+    /// Bytes redirected to `peer` so far.
+    pub redirected: u64,
     /// Socket buffers redirected to `peer` so far.
     pub skbs: u64,
+    /// Bytes passed up to this socket's own receive queue (for userspace).
+    pub passed: u64,
 }
 
 /// Bits of [`Route::flags`].
 pub mod route_flags {
-    /// Set by the probe when a redirect failed (the peer slot was empty): from
-    /// then on every byte of this source is passed to its own receive queue,
-    /// for userspace to forward. Sticky, so that no later byte can overtake
-    /// the ones already passed up.
+    /// The probe passes this socket's bytes up to userspace instead of
+    /// redirecting them: set when the credit ran out or a redirect failed
+    /// (the peer slot was empty), cleared by the probe once userspace
+    /// forwarded every byte passed up and credit is available again.
     pub const TO_USERSPACE: u32 = 1;
+}
+
+/// What userspace tells the probe about one slot's socket (as a source).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// The probe may redirect while `Route::redirected` stays within this.
+    pub credit: u64,
+    /// Bytes of those passed up that userspace has handed to the
+    /// destination's TCP send queue.
+    pub forwarded: u64,
 }
 
 /// Slots of the per-CPU `COUNTERS` array.
@@ -59,22 +89,21 @@ pub enum Counter {
     PassedSkbs = 3,
     /// Redirects that failed because the peer slot was empty.
     RedirectFailures = 4,
+    /// Times a route ran out of credit and went to userspace.
+    CreditExhausted = 5,
+    /// Times a route came back from userspace to redirecting.
+    Resumed = 6,
 }
 
 impl Counter {
     /// Number of slots in `COUNTERS`.
-    pub const COUNT: u32 = 5;
-    /// Every counter, in slot order.
-    pub const ALL: [Counter; Counter::COUNT as usize] = [
-        Counter::RedirectedBytes,
-        Counter::RedirectedSkbs,
-        Counter::PassedBytes,
-        Counter::PassedSkbs,
-        Counter::RedirectFailures,
-    ];
+    pub const COUNT: u32 = 7;
 }
 
-// SAFETY: `Route` is `#[repr(C)]`, made of integers only, with no padding
-// (u32, u32, u64, u64), so every bit pattern is a valid value.
+// SAFETY: `Route` and `Control` are `#[repr(C)]`, made of integers only,
+// with no padding (4 × u32 then u64s), so every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Route {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Control {}

@@ -17,6 +17,6 @@ pub mod probe;
 pub mod runtime;
 pub mod socket;
 
-pub use forward::{Leg, LegError};
+pub use forward::{Leg, LegError, Spliced};
 pub use kernel_view::{KernelTotals, KernelView};
-pub use probe::{InsertError, LoadError, Probe, Splice};
+pub use probe::{InsertError, LoadError, Probe, ProbeConfig, Splice};

@@ -12,7 +12,7 @@ use std::{
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
-    maps::{HashMap, MapData, MapError, MapType, SockMap},
+    maps::{Array, HashMap, MapData, MapError, MapType, SockMap},
     programs::{ProgramError, ProgramType, SkSkb},
 };
 use thiserror::Error;
@@ -22,7 +22,9 @@ use super::{
     kernel_view::KernelView,
     socket,
 };
-use crate::shared::{COUNTERS_MAP, ROUTES_MAP, Route, SOCKETS_MAP, SocketCookie};
+use crate::shared::{
+    CONTROL_MAP, COUNTERS_MAP, Control, ROUTES_MAP, Route, SOCKETS_MAP, SocketCookie,
+};
 
 /// Why a probe could not be loaded and attached.
 #[derive(Debug, Error)]
@@ -102,31 +104,45 @@ pub enum InsertError {
     Kernel(io::Error),
 }
 
+/// How a probe is sized and paced.
+#[derive(Debug, Clone, Copy)]
+pub struct ProbeConfig {
+    /// SockMap slots (sockets) per probe.
+    pub capacity: u32,
+    /// Bytes of one direction the kernel may hold queued for a destination
+    /// that has not taken them yet; past that, the probe hands the bytes to
+    /// userspace, which forwards them with TCP flow control.
+    pub in_flight_limit: u64,
+}
+
 /// A probe loaded and attached to its SockMap, with the slots it has free.
 pub struct Probe {
     // Keeps the program and its attachment alive.
     _ebpf: Ebpf,
     sockets: SockMap<MapData>,
     routes: HashMap<MapData, SocketCookie, Route>,
+    control: Array<MapData, Control>,
     view: KernelView,
     free_slots: Vec<u32>,
-    capacity: u32,
+    config: ProbeConfig,
 }
 
 impl Probe {
     /// Loads `object`, sizes its SockMap and route map for `capacity`
     /// sockets, and attaches every sk_skb program of the object (its stream
     /// parser and stream verdict) to the SockMap.
-    pub fn load(object: &[u8], capacity: u32) -> Result<Self, LoadError> {
+    pub fn load(object: &[u8], config: ProbeConfig) -> Result<Self, LoadError> {
         capabilities::check()?;
         check_kernel_support()?;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(SOCKETS_MAP, capacity)
-            .map_max_entries(ROUTES_MAP, capacity)
+            .map_max_entries(SOCKETS_MAP, config.capacity)
+            .map_max_entries(ROUTES_MAP, config.capacity)
+            .map_max_entries(CONTROL_MAP, config.capacity)
             .load(object)
             .map_err(load_error)?;
         let sockets: SockMap<MapData> = take_map(&mut ebpf, SOCKETS_MAP)?;
         let routes: HashMap<MapData, SocketCookie, Route> = take_map(&mut ebpf, ROUTES_MAP)?;
+        let control: Array<MapData, Control> = take_map(&mut ebpf, CONTROL_MAP)?;
         let view = KernelView::new(
             &routes,
             ebpf.map(COUNTERS_MAP)
@@ -148,10 +164,11 @@ impl Probe {
             _ebpf: ebpf,
             sockets,
             routes,
+            control,
             view,
             // Popped from the end: slot 0 is used first.
-            free_slots: (0..capacity).rev().collect(),
-            capacity,
+            free_slots: (0..config.capacity).rev().collect(),
+            config,
         })
     }
 
@@ -167,7 +184,12 @@ impl Probe {
 
     /// SockMap slots in all.
     pub fn capacity(&self) -> u32 {
-        self.capacity
+        self.config.capacity
+    }
+
+    /// See [`ProbeConfig::in_flight_limit`].
+    pub fn in_flight_limit(&self) -> u64 {
+        self.config.in_flight_limit
     }
 }
 
@@ -274,7 +296,7 @@ impl Splice {
             let mut p = probe.borrow_mut();
             if p.free_slots.len() < sockets.len() {
                 return Err(InsertError::Full {
-                    capacity: p.capacity,
+                    capacity: p.config.capacity,
                 });
             }
             let split = p.free_slots.len() - sockets.len();
@@ -295,9 +317,18 @@ impl Splice {
             incomplete: None,
         };
         let mut p = probe.borrow_mut();
+        let control = Control {
+            credit: p.config.in_flight_limit,
+            forwarded: 0,
+        };
         for (i, &peer) in peers.iter().enumerate() {
+            let own = splice.entries[i].slot;
+            p.control
+                .set(own, control, 0)
+                .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
             let route = Route {
                 peer: splice.entries[peer].slot,
+                own,
                 ..Route::default()
             };
             p.routes
@@ -333,15 +364,29 @@ impl Splice {
         self.incomplete.as_ref()
     }
 
-    /// Bytes the probe redirected from `sockets[index]` (as given to
-    /// [`Splice::insert`]) to its peer.
-    pub fn redirected_from(&self, index: usize) -> io::Result<u64> {
+    /// The route of `sockets[index]` (as given to [`Splice::insert`]), as
+    /// the probe keeps it.
+    pub fn route(&self, index: usize) -> io::Result<Route> {
         let probe = self.probe.borrow();
-        match probe.routes.get(&self.entries[index].cookie, 0) {
-            Ok(route) => Ok(route.bytes),
-            Err(MapError::KeyNotFound) => Ok(0),
-            Err(e) => Err(map_io_error(e)),
-        }
+        probe
+            .routes
+            .get(&self.entries[index].cookie, 0)
+            .map_err(map_io_error)
+    }
+
+    /// Tells the probe how far it may redirect from `sockets[index]` and how
+    /// many bytes passed up userspace forwarded.
+    pub fn set_control(&self, index: usize, control: Control) -> io::Result<()> {
+        let mut probe = self.probe.borrow_mut();
+        probe
+            .control
+            .set(self.entries[index].slot, control, 0)
+            .map_err(map_io_error)
+    }
+
+    /// See [`ProbeConfig::in_flight_limit`].
+    pub fn in_flight_limit(&self) -> u64 {
+        self.probe.borrow().config.in_flight_limit
     }
 }
 
