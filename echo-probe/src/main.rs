@@ -8,15 +8,7 @@
 
 #[cfg(target_arch = "bpf")]
 mod probe {
-    use aya_ebpf::{
-        macros::{stream_parser, stream_verdict},
-        programs::SkBuffContext,
-    };
-
-    #[stream_parser]
-    pub fn echo_parser(ctx: SkBuffContext) -> u32 {
-        splice::verdict::parse(&ctx)
-    }
+    use aya_ebpf::{macros::stream_verdict, programs::SkBuffContext};
 
     #[stream_verdict]
     pub fn echo_verdict(ctx: SkBuffContext) -> u32 {

@@ -14,8 +14,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    InsertError, KernelView, Leg, Probe, ProbeConfig, Splice, Spliced,
-    runtime::{self, Signal},
+    InsertError, KernelView, Leg, Member, Probe, ProbeConfig, Splice, Spliced,
+    runtime::{self, Ready, Signal},
     socket,
 };
 use tracing::{debug, info, warn};
@@ -35,9 +35,17 @@ const COPY_BUFFER: usize = 16 * 1024;
 
 /// What the main thread hands to one executor.
 struct ShardInput {
+    core: usize,
     listener: StdListener,
-    probe: Option<Probe>,
+    probe: Option<ProbeSpec>,
     stats: Arc<ShardStats>,
+}
+
+/// What an executor needs to load its own copy of the probe.
+#[derive(Clone)]
+struct ProbeSpec {
+    object: Arc<Vec<u8>>,
+    config: ProbeConfig,
 }
 
 /// One executor's state, shared by its connection tasks.
@@ -56,25 +64,23 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     }
     let listeners = runtime::bind_reuseport(cli.listen, cores)?;
     let local = listeners[0].local_addr()?;
-    let probes = load_probes(cli, cores)?;
-    let kernel = probes
-        .iter()
-        .flatten()
-        .map(Probe::kernel_view)
-        .collect::<std::io::Result<Vec<KernelView>>>()
-        .context("opening the probe maps for statistics")?;
+    let probe = probe_spec(cli)?;
     let stats: Vec<Arc<ShardStats>> = (0..cores).map(|_| Arc::default()).collect();
     let inputs = listeners
         .into_iter()
-        .zip(probes)
         .zip(&stats)
-        .map(|((listener, probe), stats)| ShardInput {
+        .enumerate()
+        .map(|(core, (listener, stats))| ShardInput {
+            core,
             listener,
-            probe,
+            probe: probe.clone(),
             stats: Arc::clone(stats),
         })
         .collect();
-    let _executors = runtime::spawn_shards(inputs, serve_shard)?;
+    // Each executor loads its own probe (per-core maps) and reports a view
+    // on its maps, or why the load failed.
+    let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
+    let kernel: Vec<KernelView> = views.into_iter().flatten().collect();
 
     let mode = match cli.mode {
         Mode::Ebpf => "ebpf",
@@ -113,36 +119,62 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_probes(cli: &Cli, cores: usize) -> anyhow::Result<Vec<Option<Probe>>> {
+fn probe_spec(cli: &Cli) -> anyhow::Result<Option<ProbeSpec>> {
     if cli.mode == Mode::Copy {
-        return Ok((0..cores).map(|_| None).collect());
+        return Ok(None);
     }
+    // Fail with the clearest message before starting anything.
+    splice::user::capabilities::check()?;
     let object = match &cli.probe_object {
         Some(path) => std::fs::read(path)
             .with_context(|| format!("reading probe object {}", path.display()))?,
         None => ECHO_PROBE.to_vec(),
     };
-    (0..cores)
-        .map(|core| {
-            let config = ProbeConfig {
-                capacity: cli.sockmap_capacity,
-                in_flight_limit: cli.in_flight_limit,
-            };
-            Probe::load(&object, config)
-                .map(Some)
-                .with_context(|| format!("loading the echo probe for core {core}"))
-        })
-        .collect()
+    Ok(Some(ProbeSpec {
+        object: Arc::new(object),
+        config: ProbeConfig {
+            capacity: cli.sockmap_capacity,
+            in_flight_limit: cli.in_flight_limit,
+        },
+    }))
 }
 
-async fn serve_shard(input: ShardInput) {
+/// Loads this executor's probe, if the mode wants one.
+fn load_probe(input: &ShardInput) -> Result<Option<(Probe, KernelView)>, String> {
+    let Some(spec) = &input.probe else {
+        return Ok(None);
+    };
+    let core = input.core;
+    let probe = Probe::load(&spec.object, spec.config)
+        .map_err(|e| format!("loading the echo probe for core {core}: {e}"))?;
+    let view = probe
+        .kernel_view()
+        .map_err(|e| format!("opening the probe maps of core {core}: {e}"))?;
+    Ok(Some((probe, view)))
+}
+
+async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
+    let probe = match load_probe(&input) {
+        Ok(Some((probe, view))) => {
+            ready.report(Ok(Some(view)));
+            Some(probe)
+        }
+        Ok(None) => {
+            ready.report(Ok(None));
+            None
+        }
+        Err(message) => return ready.report(Err(message)),
+    };
     // SAFETY: the descriptor comes from a listener we own and hand over.
     let listener = unsafe { TcpListener::from_raw_fd(input.listener.into_raw_fd()) };
     let shard = Rc::new(Shard {
-        probe: input.probe.map(|probe| Rc::new(RefCell::new(probe))),
+        probe: probe.map(|probe| Rc::new(RefCell::new(probe))),
         stats: input.stats,
         warned_full: Cell::new(false),
     });
+    if let Some(probe) = &shard.probe {
+        glommio::spawn_local(splice::user::flow::run(Rc::clone(probe))).detach();
+    }
     loop {
         match listener.accept().await {
             Ok(stream) => {
@@ -172,7 +204,7 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     } else {
         COPY_BUFFER
     };
-    let leg = Leg::new(reader, writer, socket, buffer);
+    let leg = Leg::new(reader, socket, writer, socket, buffer);
     let mut leg = match leg {
         Ok(leg) => leg,
         Err(e) => {
@@ -206,15 +238,9 @@ impl Shard {
             return None;
         };
         let early = socket::bytes_readable(socket).unwrap_or(0) > 0;
-        match Splice::insert(probe, &[socket], &[0]) {
+        let member = Member { socket, peer: 0 };
+        match Splice::insert(probe, &[member]) {
             Ok(splice) => {
-                // Bytes that arrived before the insert wait in the receive
-                // queue until the next segment unless the kernel is nudged.
-                // (The leg's first read nudges it too; this does not depend
-                // on that.)
-                if let Err(e) = socket::kick_receive_queue(socket) {
-                    debug!("SO_RCVLOWAT kick failed: {e}");
-                }
                 ShardStats::add(&self.stats.spliced, 1);
                 ShardStats::add(&self.stats.early, u64::from(early));
                 self.update_slots_gauge();
@@ -245,6 +271,9 @@ impl Shard {
             let probe = probe.borrow();
             let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
             self.stats.slots_in_use.store(in_use, Relaxed);
+            let (parks, unparks) = probe.parks();
+            self.stats.parks.store(parks, Relaxed);
+            self.stats.unparks.store(unparks, Relaxed);
         }
     }
 }

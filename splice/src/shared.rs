@@ -1,77 +1,85 @@
 //! Types and names shared by the probe (in the kernel) and its loader.
 //!
 //! The maps of one loaded probe:
-//! - `SOCKETS`: a SockMap, one slot per spliced socket;
-//! - `ROUTES`: socket cookie of a source socket → [`Route`] (which slot its
-//!   bytes go to, and how many went);
-//! - `CONTROL`: per slot, the [`Control`] userspace gives the probe (how far
-//!   it may redirect, how far userspace forwarded);
+//! - `HELD`: a SockMap with no program; every socket of a splice sits here,
+//!   in its slot, for the splice's whole life. Redirects target it, and it
+//!   keeps the socket's kernel state (and the bytes queued for its egress)
+//!   alive while the socket is out of `SPLICED`.
+//! - `SPLICED`: a SockMap with the stream verdict attached, holding the
+//!   sockets (same slots) whose incoming bytes the kernel forwards now. A
+//!   socket leaves it while its destination is too slow (it is *parked*):
+//!   its bytes then wait in its own receive queue, where TCP flow control
+//!   bounds them, and userspace forwards them at the destination's pace.
+//!   The kernel has no such bound for redirected bytes: one slow echo
+//!   client made it queue 1.6 GB.
+//! - `ROUTES`: socket cookie → [`Route`] (its slot and its peer's);
+//! - `STREAMS`: per slot, the [`Stream`] state of the socket as a source;
+//!   memory-mapped by userspace, which reads it without a system call;
 //! - `COUNTERS`: per-CPU totals indexed by [`Counter`].
-//!
-//! Flow control: the kernel queues redirected bytes for the destination
-//! without any bound (a fast sender facing a slow reader filled 1.6 GB of
-//! kernel memory in seconds). So the probe redirects a source's bytes only
-//! up to a *credit* userspace sets from the destination's progress; past it,
-//! the probe passes bytes up to the source's own receive queue, which TCP
-//! flow control does bound, and userspace forwards them at the pace the
-//! destination takes them. Once userspace forwarded every byte passed up
-//! and credit is back, the probe redirects again: never out of order.
-/// Name of the SockMap holding every spliced socket.
-pub const SOCKETS_MAP: &str = "SOCKETS";
-/// Name of the hash map *source socket cookie → [`Route`]*.
+
+/// Name of the SockMap every spliced socket stays in.
+pub const HELD_MAP: &str = "HELD";
+/// Name of the SockMap with the stream verdict.
+pub const SPLICED_MAP: &str = "SPLICED";
+/// Name of the hash map *socket cookie → [`Route`]*.
 pub const ROUTES_MAP: &str = "ROUTES";
-/// Name of the array *slot → [`Control`]*.
-pub const CONTROL_MAP: &str = "CONTROL";
+/// Name of the memory-mappable array *slot → [`Stream`]*.
+pub const STREAMS_MAP: &str = "STREAMS";
 /// Name of the per-CPU array of [`Counter`] totals.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
 /// Capacity compiled into the probe; the loader sets the real one per core.
 pub const DEFAULT_CAPACITY: u32 = 4096;
 
+/// `BPF_F_MMAPABLE`: lets userspace map an array's values into memory.
+pub const MAP_MMAPABLE: u32 = 1 << 10;
+
 /// Key of `ROUTES`: the kernel's socket cookie (`SO_COOKIE` in userspace,
 /// `bpf_get_socket_cookie` in the probe). Unlike addresses, it is never reused.
 pub type SocketCookie = u64;
 
-/// Where the bytes received on one socket go, and how many went there.
-/// Written by userspace only before the socket enters the SockMap; after
-/// that, only the probe writes it.
+/// A spliced socket's place: its own slot and the slot of the socket whose
+/// egress gets its bytes. Written by userspace before the socket enters
+/// `SPLICED`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Route {
-    /// SockMap slot of the socket whose egress receives this socket's bytes
-    /// (the socket's own slot for an echo).
-    pub peer: u32,
-    /// SockMap slot of this socket (its [`Control`] index).
+    /// This socket's slot (in `HELD`, `SPLICED` and `STREAMS`).
     pub own: u32,
-    /// [`route_flags`].
+    /// Slot of the peer (the socket's own slot for an echo).
+    pub peer: u32,
+}
+
+/// One socket's stream as a source, in its slot of `STREAMS`. Userspace
+/// writes it only while the socket is out of `SPLICED`; the probe writes it
+/// while the socket is in (a single writer either way).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Stream {
+    /// TCP sequence number of the next byte of the stream nobody has taken
+    /// yet. Userspace sets it before the socket enters `SPLICED`; the probe
+    /// advances it and trims whatever a socket buffer repeats before it.
+    pub next_seq: u32,
+    /// [`stream_flags`].
     pub flags: u32,
-    pub reserved: u32,
-    /// Bytes redirected to `peer` so far.
+    /// Bytes redirected to the peer so far.
     pub redirected: u64,
-    /// Socket buffers redirected to `peer` so far.
+    /// Socket buffers redirected to the peer so far.
     pub skbs: u64,
-    /// Bytes passed up to this socket's own receive queue (for userspace).
+    /// Bytes passed up to the socket's own receive queue (for userspace).
     pub passed: u64,
 }
 
-/// Bits of [`Route::flags`].
-pub mod route_flags {
-    /// The probe passes this socket's bytes up to userspace instead of
-    /// redirecting them: set when the credit ran out or a redirect failed
-    /// (the peer slot was empty), cleared by the probe once userspace
-    /// forwarded every byte passed up and credit is available again.
+/// Bits of [`Stream::flags`].
+pub mod stream_flags {
+    /// A redirect failed (the peer left `HELD`: it closed): the probe
+    /// passes every later byte up to userspace, so that none overtakes
+    /// another, and userspace ends the connection.
     pub const TO_USERSPACE: u32 = 1;
-}
-
-/// What userspace tells the probe about one slot's socket (as a source).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Control {
-    /// The probe may redirect while `Route::redirected` stays within this.
-    pub credit: u64,
-    /// Bytes of those passed up that userspace has handed to the
-    /// destination's TCP send queue.
-    pub forwarded: u64,
+    /// The probe met bytes it could not place in the stream (a gap, or a
+    /// repeat it failed to trim): it drops what follows and userspace resets
+    /// the connection rather than forward a corrupt stream.
+    pub const BROKEN: u32 = 2;
 }
 
 /// Slots of the per-CPU `COUNTERS` array.
@@ -83,27 +91,30 @@ pub enum Counter {
     /// Socket buffers redirected to a peer socket.
     RedirectedSkbs = 1,
     /// Payload bytes passed to the socket's own receive queue (no route, or
-    /// the route fell back to userspace).
+    /// the peer was gone).
     PassedBytes = 2,
     /// Socket buffers passed to the socket's own receive queue.
     PassedSkbs = 3,
     /// Redirects that failed because the peer slot was empty.
     RedirectFailures = 4,
-    /// Times a route ran out of credit and went to userspace.
-    CreditExhausted = 5,
-    /// Times a route came back from userspace to redirecting.
-    Resumed = 6,
+    /// Socket buffers that began with bytes already delivered (a partially
+    /// overlapping retransmission) and were trimmed.
+    Trimmed = 5,
+    /// Bytes trimmed off such socket buffers.
+    TrimmedBytes = 6,
+    /// Streams marked [`stream_flags::BROKEN`].
+    Broken = 7,
 }
 
 impl Counter {
     /// Number of slots in `COUNTERS`.
-    pub const COUNT: u32 = 7;
+    pub const COUNT: u32 = 8;
 }
 
-// SAFETY: `Route` and `Control` are `#[repr(C)]`, made of integers only,
-// with no padding (4 × u32 then u64s), so every bit pattern is valid.
+// SAFETY: `Route` and `Stream` are `#[repr(C)]`, made of integers only,
+// with no padding (u32 pairs, then u64s), so every bit pattern is valid.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Route {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
-unsafe impl aya::Pod for Control {}
+unsafe impl aya::Pod for Stream {}

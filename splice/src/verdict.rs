@@ -1,31 +1,34 @@
-//! The in-kernel half: the maps and the stream parser and verdict every
-//! probe exports.
+//! The in-kernel half: the maps and the stream verdict every probe exports.
 //!
 //! The verdict looks up the route of the socket the bytes arrived on and
-//! redirects them to the egress of the route's peer slot, within the credit
-//! userspace granted. Bytes are never dropped here: with no route, no credit
-//! left, or an empty peer slot (the peer is not inserted yet), they are
-//! passed to the socket's own receive queue, where userspace reads and
-//! forwards them; see [`crate::shared`] for the flow control.
+//! redirects them to the egress of the route's peer. Bytes are never
+//! dropped here (but for a stream that cannot be placed, see `BROKEN`):
+//! with no route, or when the peer is gone, they are passed to the socket's
+//! own receive queue, where userspace reads them.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action,
-    helpers::bpf_get_socket_cookie,
+    helpers::{bpf_get_socket_cookie, bpf_skb_adjust_room},
     macros::map,
     maps::{Array, HashMap, PerCpuArray, SockMap},
     programs::SkBuffContext,
 };
 
-use crate::shared::{Control, Counter, DEFAULT_CAPACITY, Route, SocketCookie, route_flags};
+use crate::shared::{
+    Counter, DEFAULT_CAPACITY, MAP_MMAPABLE, Route, SocketCookie, Stream, stream_flags,
+};
 
-#[map(name = "SOCKETS")]
-static SOCKETS: SockMap = SockMap::with_max_entries(DEFAULT_CAPACITY, 0);
+#[map(name = "HELD")]
+static HELD: SockMap = SockMap::with_max_entries(DEFAULT_CAPACITY, 0);
+
+#[map(name = "SPLICED")]
+static SPLICED: SockMap = SockMap::with_max_entries(DEFAULT_CAPACITY, 0);
 
 #[map(name = "ROUTES")]
 static ROUTES: HashMap<SocketCookie, Route> = HashMap::with_max_entries(DEFAULT_CAPACITY, 0);
 
-#[map(name = "CONTROL")]
-static CONTROL: Array<Control> = Array::with_max_entries(DEFAULT_CAPACITY, 0);
+#[map(name = "STREAMS")]
+static STREAMS: Array<Stream> = Array::with_max_entries(DEFAULT_CAPACITY, MAP_MMAPABLE);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -33,75 +36,109 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT
 /// Redirect flags: 0 sends the bytes out of the peer (its egress);
 /// `BPF_F_INGRESS` would queue them to the peer's own receive queue instead.
 const TO_PEER_EGRESS: u64 = 0;
+/// Most bytes one `bpf_skb_adjust_room` call may remove from an sk_skb.
+const TRIM_STEP: u32 = 0xfff;
+/// Trim calls per socket buffer: 128 × 4095 B covers any skb here (64 KiB
+/// with GSO, 512 KiB with BIG TCP).
+const MAX_TRIM_STEPS: u32 = 128;
 
-/// Body of the `stream_parser` program: every socket buffer is a message of
-/// its own, so the verdict runs as soon as bytes arrive.
+/// Body of the `stream_verdict` program, attached to `SPLICED`.
 ///
-/// The parser is there for correctness, not framing: without one, the kernel
-/// hands the verdict whole socket buffers straight from the receive queue,
-/// including the already-delivered head of a partially overlapping
-/// retransmission, so the peer receives those bytes twice (measured on 6.18:
-/// 1 connection in ~4,000 got 95,232 bytes replayed). The parser path reads
-/// the queue from the socket's sequence number and skips such overlaps.
-#[inline(always)]
-pub fn parse(ctx: &SkBuffContext) -> u32 {
-    ctx.len()
-}
-
-/// Body of the `stream_verdict` program.
+/// It runs without a stream parser, on socket buffers taken straight off the
+/// TCP receive queue. The kernel hands them over whole: one that partially
+/// repeats bytes already taken (a retransmission that overlaps) would reach
+/// the peer twice (measured on 6.18: 1 connection in ~4,000 got up to
+/// 208 KB replayed). So the verdict follows each socket's TCP sequence and
+/// trims the repeat. (A stream parser skips such repeats itself, but costs
+/// a clone per buffer and defers work the flow control relies on.)
 #[inline(always)]
 pub fn verdict(ctx: &SkBuffContext) -> u32 {
-    let len = u64::from(ctx.len());
     // SAFETY: the helper only reads the socket of the skb behind `ctx`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
-    let Some(route) = ROUTES.get_ptr_mut(cookie) else {
-        return pass_up(len);
+    // SAFETY: userspace writes a route before the socket enters `SPLICED`
+    // and removes it after the socket left, so a found route is stable.
+    let Some(route) = (unsafe { ROUTES.get(cookie) }) else {
+        return pass_up(u64::from(ctx.len()));
     };
-    // SAFETY: entries are preallocated and removed by userspace only after
-    // both sockets of a route stopped receiving, so the pointer stays valid;
-    // the kernel runs the verdict of one socket under its socket lock, so
-    // there is a single writer per route.
-    let route = unsafe { &mut *route };
-    let control = match CONTROL.get_ptr(route.own) {
-        // SAFETY: array values are never freed; userspace rewrites them in
-        // place, and a torn read only makes the probe more cautious (both
-        // fields only grow).
-        Some(control) => unsafe { core::ptr::read_volatile(control) },
-        None => Control::default(),
+    let (own, peer) = (route.own, route.peer);
+    let Some(stream) = STREAMS.get_ptr_mut(own) else {
+        return pass_up(u64::from(ctx.len()));
     };
-    let within_credit = route.redirected + len <= control.credit;
-    if route.flags & route_flags::TO_USERSPACE != 0 {
-        // Back to redirecting only once userspace forwarded every byte
-        // passed up: none of them can then be overtaken.
-        if control.forwarded != route.passed || !within_credit {
-            return pass_up_routed(route, len);
+    // SAFETY: array values live as long as the map; the kernel runs the
+    // verdict of one socket under its socket lock and userspace writes a
+    // slot only while its socket is out of `SPLICED`: a single writer.
+    let stream = unsafe { &mut *stream };
+    if stream.flags & stream_flags::BROKEN != 0 || !align_to_stream(ctx, stream) {
+        return sk_action::SK_DROP;
+    }
+    let len = u64::from(ctx.len());
+    if stream.flags & stream_flags::TO_USERSPACE == 0 {
+        // SAFETY: `ctx` is the skb this program was called with.
+        let verdict = unsafe { HELD.redirect_skb(ctx, peer, TO_PEER_EGRESS) } as u32;
+        if verdict == sk_action::SK_PASS {
+            stream.redirected += len;
+            stream.skbs += 1;
+            add(Counter::RedirectedBytes, len);
+            add(Counter::RedirectedSkbs, 1);
+            return verdict;
         }
-        route.flags &= !route_flags::TO_USERSPACE;
-        add(Counter::Resumed, 1);
-    } else if !within_credit {
-        route.flags |= route_flags::TO_USERSPACE;
-        add(Counter::CreditExhausted, 1);
-        return pass_up_routed(route, len);
-    }
-    // SAFETY: `ctx` is the skb this program was called with.
-    let verdict = unsafe { SOCKETS.redirect_skb(ctx, route.peer, TO_PEER_EGRESS) } as u32;
-    if verdict != sk_action::SK_PASS {
-        // Empty peer slot: hand the bytes to userspace until it caught up.
-        route.flags |= route_flags::TO_USERSPACE;
+        stream.flags |= stream_flags::TO_USERSPACE;
         add(Counter::RedirectFailures, 1);
-        return pass_up_routed(route, len);
     }
-    route.redirected += len;
-    route.skbs += 1;
-    add(Counter::RedirectedBytes, len);
-    add(Counter::RedirectedSkbs, 1);
-    verdict
+    stream.passed += len;
+    pass_up(len)
+}
+
+/// Trims the bytes of `ctx` that come before `stream.next_seq` and advances
+/// it past the rest. Returns false (and marks the stream broken) if the
+/// buffer cannot be placed: a gap before it, or a failed trim.
+#[inline(always)]
+fn align_to_stream(ctx: &SkBuffContext, stream: &mut Stream) -> bool {
+    // The kernel's TCP_SKB_CB(skb)->seq, which an sk_skb program reads as
+    // cb[0] (the two control buffers overlap) for buffers taken straight off
+    // the receive queue.
+    let seq = ctx.cb()[0];
+    let len = ctx.len();
+    // Wrapping distance: positive when the buffer starts before the next
+    // untaken byte (a repeat), negative when bytes are missing.
+    let repeat = stream.next_seq.wrapping_sub(seq) as i32;
+    if repeat < 0 || (repeat > 0 && repeat as u32 >= len) {
+        return break_stream(stream);
+    }
+    if repeat > 0 {
+        if !trim_front(ctx, repeat as u32) {
+            return break_stream(stream);
+        }
+        add(Counter::Trimmed, 1);
+        add(Counter::TrimmedBytes, repeat as u64);
+    }
+    stream.next_seq = stream.next_seq.wrapping_add(ctx.len());
+    true
+}
+
+/// Removes `n` bytes from the front of `ctx`.
+#[inline(always)]
+fn trim_front(ctx: &SkBuffContext, mut n: u32) -> bool {
+    for _ in 0..MAX_TRIM_STEPS {
+        if n == 0 {
+            return true;
+        }
+        let step = if n < TRIM_STEP { n } else { TRIM_STEP };
+        // SAFETY: `ctx` is the skb this program runs on; a negative length
+        // pulls bytes off its front (sk_skb supports no other mode).
+        if unsafe { bpf_skb_adjust_room(ctx.skb.skb, -(step as i32), 0, 0) } != 0 {
+            return false;
+        }
+        n -= step;
+    }
+    n == 0
 }
 
 #[inline(always)]
-fn pass_up_routed(route: &mut Route, len: u64) -> u32 {
-    route.passed += len;
-    pass_up(len)
+fn break_stream(stream: &mut Stream) -> bool {
+    stream.flags |= stream_flags::BROKEN;
+    add(Counter::Broken, 1);
+    false
 }
 
 #[inline(always)]

@@ -3,10 +3,10 @@
 //!
 //! The same loop serves spliced and copied connections. It copies whatever it
 //! can read from the source to the destination: everything, for a copied
-//! connection; for a spliced one, only what the probe passed up instead of
-//! redirecting (bytes that arrived while the peer was not inserted yet, or
-//! past the credit). For a spliced leg it also keeps the probe's credit ahead
-//! of the traffic (see [`crate::shared`] for the flow control).
+//! connection or a parked source; for a spliced source, nothing (the kernel
+//! forwards its bytes) until the flow control parks it ([`super::flow`]).
+//! While parked, after each write, it puts the source back into the kernel
+//! once nothing waits in it and the destination has room.
 //!
 //! At end of stream it does not forward the FIN at once: bytes the probe
 //! redirected may still wait in the kernel's queue for the destination, and a
@@ -17,25 +17,23 @@
 use std::{
     io,
     os::fd::{AsRawFd as _, BorrowedFd, RawFd},
-    time::{Duration, Instant},
+    rc::Rc,
+    time::Duration,
 };
 
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, future};
 use thiserror::Error;
 
 use super::{
+    flow::Delivery,
     probe::Splice,
     socket::{self, tcp_state},
 };
-use crate::shared::{Control, Route};
 
 /// Largest userspace buffer a leg grows to.
 const MAX_BUFFER: usize = 64 * 1024;
 /// Longest pause between two checks of the destination while draining.
 const MAX_DRAIN_PAUSE: Duration = Duration::from_millis(10);
-/// How long bytes the probe passed up may take to become readable after the
-/// source's end of stream (they may still sit in the kernel's work queue).
-const PASSED_BYTES_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bounds of the pause between two send attempts once the destination's
 /// peer half-closed (see [`Leg::send_all`]).
 const MIN_SEND_PAUSE: Duration = Duration::from_micros(50);
@@ -43,9 +41,6 @@ const MAX_SEND_PAUSE: Duration = Duration::from_millis(5);
 /// How long a wait for room in the destination may go before the leg checks
 /// again whether its peer half-closed.
 const SEND_WAIT_SLICE: Duration = Duration::from_millis(10);
-/// Bounds of the interval between two credit checks of a spliced leg.
-const MIN_TICK: Duration = Duration::from_millis(1);
-const MAX_TICK: Duration = Duration::from_secs(1);
 
 /// Why a leg ended early; the connection should then be reset.
 #[derive(Debug, Error)]
@@ -54,11 +49,11 @@ pub enum LegError {
     Source(io::Error),
     #[error("writing the destination failed: {0}")]
     Destination(io::Error),
-    #[error("probe state unreadable: {0}")]
+    #[error("probe: {0}")]
     Probe(io::Error),
 }
 
-/// The source of a leg as the probe sees it: `splice`'s socket `index`.
+/// The source of a leg as the probe sees it: `splice`'s member `index`.
 #[derive(Clone, Copy)]
 pub struct Spliced<'a> {
     pub splice: &'a Splice,
@@ -66,8 +61,15 @@ pub struct Spliced<'a> {
 }
 
 impl Spliced<'_> {
-    fn route(&self) -> Result<Route, LegError> {
-        self.splice.route(self.index).map_err(LegError::Probe)
+    fn redirected(&self) -> Result<u64, LegError> {
+        let stream = self.splice.stream(self.index).map_err(|e| {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                LegError::Destination(e)
+            } else {
+                LegError::Probe(e)
+            }
+        })?;
+        Ok(stream.redirected)
     }
 }
 
@@ -75,19 +77,17 @@ impl Spliced<'_> {
 pub struct Leg<R, W> {
     source: R,
     destination: W,
-    destination_fd: RawFd,
-    /// `bytes_handed_to_tcp(destination)` when the leg was made.
-    baseline: u64,
+    source_fd: RawFd,
+    delivery: Rc<Delivery>,
     read: u64,
-    written: u64,
     buffer: Vec<u8>,
     /// The destination's peer sent FIN (seen once, it stays so).
     destination_half_closed: bool,
-}
-
-enum Event {
-    Read(io::Result<usize>),
-    Tick,
+    /// Bytes of the source's stream userspace took since it was last parked.
+    taken_while_parked: u64,
+    /// Every byte the kernel redirected before this count is known to be in
+    /// the destination's TCP send queue, so userspace may write after it.
+    redirected_taken: u64,
 }
 
 impl<R, W> Leg<R, W>
@@ -96,13 +96,13 @@ where
     W: AsyncWrite + Unpin,
 {
     /// Makes a leg. Must happen before anything is written to `destination`
-    /// (by userspace or the probe): it takes the baseline the drain counts
-    /// from. `destination_fd` is the socket behind `destination`, which must
-    /// outlive the leg. `buffer` is the initial userspace buffer: small for a
-    /// spliced leg (it grows if the probe passes bytes up), large for a
-    /// copied one.
+    /// (by userspace or the kernel): it takes the baseline the drain counts
+    /// from. The sockets behind `source` and `destination` must outlive the
+    /// leg. `buffer` is the initial userspace buffer: small for a spliced
+    /// leg (it grows when parked), large for a copied one.
     pub fn new(
         source: R,
+        source_fd: BorrowedFd<'_>,
         destination: W,
         destination_fd: BorrowedFd<'_>,
         buffer: usize,
@@ -110,18 +110,19 @@ where
         Ok(Self {
             source,
             destination,
-            destination_fd: destination_fd.as_raw_fd(),
-            baseline: socket::bytes_handed_to_tcp(destination_fd)?,
+            source_fd: source_fd.as_raw_fd(),
+            delivery: Rc::new(Delivery::new(destination_fd)?),
             read: 0,
-            written: 0,
             buffer: vec![0; buffer.clamp(1, MAX_BUFFER)],
             destination_half_closed: false,
+            taken_while_parked: 0,
+            redirected_taken: 0,
         })
     }
 
-    fn destination_fd(&self) -> BorrowedFd<'_> {
+    fn source_fd(&self) -> BorrowedFd<'_> {
         // SAFETY: `new`'s contract: the socket outlives the leg.
-        unsafe { BorrowedFd::borrow_raw(self.destination_fd) }
+        unsafe { BorrowedFd::borrow_raw(self.source_fd) }
     }
 
     /// Bytes userspace read from the source.
@@ -131,7 +132,7 @@ where
 
     /// Bytes userspace wrote to the destination.
     pub fn bytes_written(&self) -> u64 {
-        self.written
+        self.delivery.written()
     }
 
     /// Writes bytes already read from the source elsewhere (e.g. the first
@@ -139,15 +140,102 @@ where
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), LegError> {
         Self::send_all(
             &mut self.destination,
-            self.destination_fd,
+            &self.delivery,
             &mut self.destination_half_closed,
-            &mut self.written,
             bytes,
         )
         .await
     }
 
-    /// Writes all of `bytes` to the destination, counting them in `written`.
+    /// Forwards until the source's end of stream, waits until the
+    /// destination took every byte, and shuts the destination down for
+    /// writing. `spliced` is the source's place in the probe, if it has one.
+    pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
+        if let Some(spliced) = spliced {
+            spliced.splice.watch(spliced.index, Rc::clone(&self.delivery));
+        }
+        loop {
+            let n = match self.source.read(&mut self.buffer).await {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if retry(&e) => continue,
+                Err(e) => return Err(LegError::Source(e)),
+            };
+            self.read += n as u64;
+            let parked = spliced.filter(|s| !s.splice.is_spliced(s.index));
+            if let Some(spliced) = spliced {
+                if parked.is_some() {
+                    self.taken_while_parked += n as u64;
+                }
+                // The kernel may have redirected bytes that come before
+                // these: they must reach the destination first.
+                let redirected = spliced.redirected()?;
+                self.wait_redirected_taken(redirected).await?;
+            }
+            let full = n == self.buffer.len();
+            Self::send_all(
+                &mut self.destination,
+                &self.delivery,
+                &mut self.destination_half_closed,
+                &self.buffer[..n],
+            )
+            .await?;
+            if full && self.buffer.len() < MAX_BUFFER {
+                self.buffer.resize((self.buffer.len() * 4).min(MAX_BUFFER), 0);
+            }
+            if let Some(parked) = parked {
+                self.maybe_unpark(parked)?;
+            }
+        }
+        // End of stream: the source's bytes all went through (no verdict
+        // runs any more), so the redirected count is final.
+        let redirected = match spliced {
+            Some(spliced) => spliced.redirected()?,
+            None => 0,
+        };
+        self.wait_handed_to_tcp(self.delivery.written() + redirected)
+            .await?;
+        self.destination
+            .close()
+            .await
+            .map_err(LegError::Destination)
+    }
+
+    /// Puts a parked source back into the kernel once nothing waits in it
+    /// and the destination has room again.
+    fn maybe_unpark(&mut self, spliced: Spliced<'_>) -> Result<(), LegError> {
+        let waiting = socket::bytes_readable(self.source_fd()).map_err(LegError::Source)?;
+        if waiting > 0 {
+            return Ok(());
+        }
+        let unsent = socket::tcp_info(self.delivery.destination())
+            .map_err(LegError::Destination)?
+            .tcpi_notsent_bytes;
+        if u64::from(unsent) >= spliced.splice.in_flight_limit() / 4 {
+            return Ok(());
+        }
+        if spliced
+            .splice
+            .unpark(spliced.index, self.taken_while_parked)
+            .map_err(LegError::Probe)?
+        {
+            self.taken_while_parked = 0;
+        }
+        Ok(())
+    }
+
+    /// Waits until the destination's TCP took the first `redirected` bytes
+    /// the kernel redirected to it.
+    async fn wait_redirected_taken(&mut self, redirected: u64) -> Result<(), LegError> {
+        if redirected > self.redirected_taken {
+            self.wait_handed_to_tcp(self.delivery.written() + redirected)
+                .await?;
+            self.redirected_taken = redirected;
+        }
+        Ok(())
+    }
+
+    /// Writes all of `bytes` to the destination, counting them in `delivery`.
     ///
     /// glommio waits for room with an io_uring poll, which always reports
     /// POLLRDHUP: once the destination's peer half-closed, that wait returns at
@@ -157,13 +245,11 @@ where
     /// lasts re-checks the peer's state every [`SEND_WAIT_SLICE`].
     async fn send_all(
         destination: &mut W,
-        fd: RawFd,
+        delivery: &Delivery,
         half_closed: &mut bool,
-        written: &mut u64,
         mut bytes: &[u8],
     ) -> Result<(), LegError> {
-        // SAFETY: `Leg::new`'s contract: the socket outlives the leg.
-        let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+        let fd = delivery.destination();
         let mut pause = MIN_SEND_PAUSE;
         while !bytes.is_empty() {
             let sent = match socket::send_nonblocking(fd, bytes) {
@@ -194,126 +280,23 @@ where
             };
             if let Some(n) = sent {
                 bytes = &bytes[n..];
-                *written += n as u64;
+                delivery.add_written(n as u64);
                 pause = MIN_SEND_PAUSE;
             }
         }
         Ok(())
     }
 
-    /// Bytes the probe redirected that the destination's TCP took.
-    fn redirected_delivered(&self) -> Result<u64, LegError> {
-        let handed = socket::bytes_handed_to_tcp(self.destination_fd())
-            .map_err(LegError::Destination)?;
-        Ok(handed.saturating_sub(self.baseline + self.written))
-    }
-
-    /// Gives the probe credit for `limit` bytes beyond what the destination
-    /// took, and reports what userspace forwarded.
-    fn grant_credit(&self, spliced: Spliced<'_>) -> Result<u64, LegError> {
-        let credit = self.redirected_delivered()? + spliced.splice.in_flight_limit();
-        spliced
-            .splice
-            .set_control(
-                spliced.index,
-                Control {
-                    credit,
-                    forwarded: self.read,
-                },
-            )
-            .map_err(LegError::Probe)?;
-        Ok(credit)
-    }
-
-    /// Forwards until the source's end of stream, waits until the
-    /// destination took every byte, and shuts the destination down for
-    /// writing. `spliced` is the source's place in the probe, if it has one.
-    pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
-        let mut pacer = spliced.map(|s| Pacer::new(s.splice.in_flight_limit()));
-        let mut eof_at = None;
-        loop {
-            let event = match &pacer {
-                Some(pacer) => {
-                    let read = async { Event::Read(self.source.read(&mut self.buffer).await) };
-                    let tick = async {
-                        glommio::timer::sleep(pacer.interval).await;
-                        Event::Tick
-                    };
-                    future::or(read, tick).await
-                }
-                None => Event::Read(self.source.read(&mut self.buffer).await),
-            };
-            let n = match event {
-                Event::Tick => {
-                    let (pacer, spliced) = (pacer.as_mut().expect("ticks"), spliced.expect("ticks"));
-                    let route = spliced.route()?;
-                    if pacer.tick(&route, spliced.splice.in_flight_limit()) {
-                        pacer.credit = self.grant_credit(spliced)?;
-                    }
-                    continue;
-                }
-                Event::Read(Ok(0)) => {
-                    // End of stream, unless bytes the probe passed up are
-                    // still on their way to the receive queue.
-                    let Some(spliced) = spliced else { break };
-                    if spliced.route()?.passed <= self.read {
-                        break;
-                    }
-                    let since = *eof_at.get_or_insert_with(Instant::now);
-                    if since.elapsed() > PASSED_BYTES_TIMEOUT {
-                        return Err(LegError::Source(io::Error::other(
-                            "bytes passed up by the probe never became readable",
-                        )));
-                    }
-                    glommio::timer::sleep(Duration::from_micros(200)).await;
-                    continue;
-                }
-                Event::Read(Ok(n)) => n,
-                Event::Read(Err(e)) if retry(&e) => continue,
-                Event::Read(Err(e)) => return Err(LegError::Source(e)),
-            };
-            self.read += n as u64;
-            let full = n == self.buffer.len();
-            Self::send_all(
-                &mut self.destination,
-                self.destination_fd,
-                &mut self.destination_half_closed,
-                &mut self.written,
-                &self.buffer[..n],
-            )
-            .await?;
-            if full && self.buffer.len() < MAX_BUFFER {
-                self.buffer.resize((self.buffer.len() * 4).min(MAX_BUFFER), 0);
-            }
-            if let (Some(spliced), Some(pacer)) = (spliced, pacer.as_mut()) {
-                // The probe waits for this report before it redirects again.
-                pacer.credit = self.grant_credit(spliced)?;
-                pacer.interval = MIN_TICK;
-            }
-        }
-        let redirected = match spliced {
-            Some(spliced) => spliced.route()?.redirected,
-            None => 0,
-        };
-        self.wait_handed_to_tcp(self.written + redirected).await?;
-        self.destination
-            .close()
-            .await
-            .map_err(LegError::Destination)
-    }
-
     /// Waits until the destination's TCP send queue took `target` bytes
-    /// since the baseline, or fails if the destination died meanwhile.
+    /// since the leg began, or fails if the destination died meanwhile.
     async fn wait_handed_to_tcp(&self, target: u64) -> Result<(), LegError> {
         let mut pause = Duration::from_micros(50);
         loop {
-            let fd = self.destination_fd();
-            let handed = socket::bytes_handed_to_tcp(fd)
-                .map_err(LegError::Destination)?
-                .saturating_sub(self.baseline);
+            let handed = self.delivery.handed().map_err(LegError::Destination)?;
             if handed >= target {
                 return Ok(());
             }
+            let fd = self.delivery.destination();
             if let Some(e) = socket::take_error(fd).map_err(LegError::Destination)? {
                 return Err(LegError::Destination(e));
             }
@@ -329,39 +312,6 @@ where
             glommio::timer::sleep(pause).await;
             pause = (pause * 2).min(MAX_DRAIN_PAUSE);
         }
-    }
-}
-
-/// When a spliced leg checks the probe's credit: often while bytes flow,
-/// rarely when idle (a burst that outruns it makes the probe pass bytes up,
-/// which wakes the leg anyway).
-struct Pacer {
-    interval: Duration,
-    credit: u64,
-    last_redirected: u64,
-}
-
-impl Pacer {
-    /// `credit`: what the splice started with.
-    fn new(credit: u64) -> Self {
-        Self {
-            interval: MIN_TICK * 4,
-            credit,
-            last_redirected: 0,
-        }
-    }
-
-    /// Adapts the interval to the rate seen; returns whether the credit
-    /// needs renewing (less than half of `limit` left).
-    fn tick(&mut self, route: &Route, limit: u64) -> bool {
-        let grew = route.redirected - self.last_redirected.min(route.redirected);
-        self.last_redirected = route.redirected;
-        if grew > limit / 4 {
-            self.interval = (self.interval / 2).max(MIN_TICK);
-        } else if grew < limit / 16 {
-            self.interval = (self.interval * 2).min(MAX_TICK);
-        }
-        route.redirected + limit / 2 > self.credit
     }
 }
 

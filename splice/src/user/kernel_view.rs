@@ -20,8 +20,9 @@ pub struct KernelTotals {
     pub passed_bytes: u64,
     pub passed_skbs: u64,
     pub redirect_failures: u64,
-    pub credit_exhausted: u64,
-    pub resumed: u64,
+    pub trimmed: u64,
+    pub trimmed_bytes: u64,
+    pub broken: u64,
     /// Entries in the route maps (0 once every connection is closed).
     pub routes: u64,
 }
@@ -33,8 +34,9 @@ impl AddAssign for KernelTotals {
         self.passed_bytes += other.passed_bytes;
         self.passed_skbs += other.passed_skbs;
         self.redirect_failures += other.redirect_failures;
-        self.credit_exhausted += other.credit_exhausted;
-        self.resumed += other.resumed;
+        self.trimmed += other.trimmed;
+        self.trimmed_bytes += other.trimmed_bytes;
+        self.broken += other.broken;
         self.routes += other.routes;
     }
 }
@@ -83,8 +85,9 @@ impl KernelView {
             passed_bytes: counter(Counter::PassedBytes)?,
             passed_skbs: counter(Counter::PassedSkbs)?,
             redirect_failures: counter(Counter::RedirectFailures)?,
-            credit_exhausted: counter(Counter::CreditExhausted)?,
-            resumed: counter(Counter::Resumed)?,
+            trimmed: counter(Counter::Trimmed)?,
+            trimmed_bytes: counter(Counter::TrimmedBytes)?,
+            broken: counter(Counter::Broken)?,
             routes: self.routes.keys().count() as u64,
         })
     }

@@ -1,12 +1,12 @@
-//! One loaded copy of a probe: its maps, its free SockMap slots, and the
-//! [`Splice`] guard of the sockets a connection put into it.
+//! One loaded copy of a probe: its maps, its free slots, and the [`Splice`]
+//! guard of the sockets a connection put into it.
 //!
 //! Each executor (core) loads its own copy, so nothing here is shared between
 //! threads: the probe lives in an `Rc<RefCell<_>>` on its executor.
 use std::{
     cell::RefCell,
     io,
-    os::fd::{AsFd, BorrowedFd},
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     rc::Rc,
 };
 
@@ -19,11 +19,14 @@ use thiserror::Error;
 
 use super::{
     capabilities::{self, MissingCapabilities},
+    flow::{Delivery, Watches},
     kernel_view::KernelView,
     socket,
+    streams::StreamTable,
 };
 use crate::shared::{
-    CONTROL_MAP, COUNTERS_MAP, Control, ROUTES_MAP, Route, SOCKETS_MAP, SocketCookie,
+    COUNTERS_MAP, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP, SocketCookie, Stream,
+    stream_flags,
 };
 
 /// Why a probe could not be loaded and attached.
@@ -36,9 +39,7 @@ pub enum LoadError {
          CONFIG_NET_SOCK_MSG); use --mode copy on this kernel"
     )]
     KernelLacksSockmap(&'static str),
-    #[error(
-        "the kernel verifier rejected probe program `{program}` ({io_error}); verifier log:\n{verifier_log}"
-    )]
+    #[error("the kernel verifier rejected probe program `{program}` ({io_error}); verifier log:\n{verifier_log}")]
     Rejected {
         program: String,
         io_error: io::Error,
@@ -52,7 +53,6 @@ pub enum LoadError {
 
 impl LoadError {
     fn while_doing(doing: &str, error: impl std::error::Error + 'static) -> Self {
-        let detail = error_chain(&error);
         if let Some(io_error) = find_io_error(&error)
             && io_error.raw_os_error() == Some(libc::EPERM)
         {
@@ -63,7 +63,7 @@ impl LoadError {
         }
         Self::Other {
             doing: doing.to_owned(),
-            detail,
+            detail: error_chain(&error),
         }
     }
 }
@@ -107,42 +107,54 @@ pub enum InsertError {
 /// How a probe is sized and paced.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeConfig {
-    /// SockMap slots (sockets) per probe.
+    /// Sockets per probe (slots in each SockMap).
     pub capacity: u32,
-    /// Bytes of one direction the kernel may hold queued for a destination
-    /// that has not taken them yet; past that, the probe hands the bytes to
-    /// userspace, which forwards them with TCP flow control.
+    /// Bytes of one direction the kernel may hold for a destination that has
+    /// not taken them yet before the source is parked (see
+    /// [`crate::shared`]).
     pub in_flight_limit: u64,
 }
 
-/// A probe loaded and attached to its SockMap, with the slots it has free.
+/// A probe loaded and attached, with the slots it has free.
 pub struct Probe {
     // Keeps the program and its attachment alive.
     _ebpf: Ebpf,
-    sockets: SockMap<MapData>,
+    held: SockMap<MapData>,
+    spliced: SockMap<MapData>,
     routes: HashMap<MapData, SocketCookie, Route>,
-    control: Array<MapData, Control>,
+    // Keeps the map of `streams` open.
+    _streams_map: Array<MapData, Stream>,
+    streams: StreamTable,
+    /// Whether each slot's socket is in `SPLICED` now.
+    in_spliced: Vec<bool>,
+    pub(super) watches: Watches,
     view: KernelView,
     free_slots: Vec<u32>,
     config: ProbeConfig,
+    parks: u64,
+    unparks: u64,
 }
 
 impl Probe {
-    /// Loads `object`, sizes its SockMap and route map for `capacity`
-    /// sockets, and attaches every sk_skb program of the object (its stream
-    /// parser and stream verdict) to the SockMap.
+    /// Loads `object`, sizes its maps for `config.capacity` sockets, and
+    /// attaches every sk_skb program of the object (its stream verdict) to
+    /// the `SPLICED` SockMap.
     pub fn load(object: &[u8], config: ProbeConfig) -> Result<Self, LoadError> {
         capabilities::check()?;
         check_kernel_support()?;
         let mut ebpf = EbpfLoader::new()
-            .map_max_entries(SOCKETS_MAP, config.capacity)
+            .map_max_entries(HELD_MAP, config.capacity)
+            .map_max_entries(SPLICED_MAP, config.capacity)
             .map_max_entries(ROUTES_MAP, config.capacity)
-            .map_max_entries(CONTROL_MAP, config.capacity)
+            .map_max_entries(STREAMS_MAP, config.capacity)
             .load(object)
             .map_err(load_error)?;
-        let sockets: SockMap<MapData> = take_map(&mut ebpf, SOCKETS_MAP)?;
+        let held: SockMap<MapData> = take_map(&mut ebpf, HELD_MAP)?;
+        let spliced: SockMap<MapData> = take_map(&mut ebpf, SPLICED_MAP)?;
         let routes: HashMap<MapData, SocketCookie, Route> = take_map(&mut ebpf, ROUTES_MAP)?;
-        let control: Array<MapData, Control> = take_map(&mut ebpf, CONTROL_MAP)?;
+        let streams_map: Array<MapData, Stream> = take_map(&mut ebpf, STREAMS_MAP)?;
+        let streams = StreamTable::map(aya::maps::IterableMap::map(&streams_map), config.capacity)
+            .map_err(|e| LoadError::while_doing("mapping the streams into memory", e))?;
         let view = KernelView::new(
             &routes,
             ebpf.map(COUNTERS_MAP)
@@ -158,17 +170,23 @@ impl Probe {
             return Err(missing("program", "sk_skb"));
         }
         for name in programs {
-            attach(&mut ebpf, &name, &sockets)?;
+            attach(&mut ebpf, &name, &spliced)?;
         }
         Ok(Self {
             _ebpf: ebpf,
-            sockets,
+            held,
+            spliced,
             routes,
-            control,
+            _streams_map: streams_map,
+            streams,
+            in_spliced: vec![false; config.capacity as usize],
+            watches: Watches::default(),
             view,
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
             config,
+            parks: 0,
+            unparks: 0,
         })
     }
 
@@ -177,19 +195,60 @@ impl Probe {
         self.view.try_clone()
     }
 
-    /// SockMap slots not held by any connection.
+    /// Slots not held by any connection.
     pub fn free_slots(&self) -> usize {
         self.free_slots.len()
     }
 
-    /// SockMap slots in all.
+    /// Slots in all.
     pub fn capacity(&self) -> u32 {
         self.config.capacity
+    }
+
+    /// Times a socket was parked, and put back, since the load.
+    pub fn parks(&self) -> (u64, u64) {
+        (self.parks, self.unparks)
     }
 
     /// See [`ProbeConfig::in_flight_limit`].
     pub fn in_flight_limit(&self) -> u64 {
         self.config.in_flight_limit
+    }
+
+    /// The stream of the socket in `slot` (no system call).
+    pub(super) fn stream(&self, slot: u32) -> Stream {
+        self.streams.get(slot)
+    }
+
+    pub(super) fn is_spliced(&self, slot: u32) -> bool {
+        self.in_spliced[slot as usize]
+    }
+
+    /// Puts the socket in `slot` into `SPLICED`.
+    fn splice_slot(&mut self, slot: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
+        self.spliced.set(slot, &fd, 0).map_err(map_io_error)?;
+        self.in_spliced[slot as usize] = true;
+        // Bytes that reached the receive queue before the insert wait there
+        // until the next segment unless the kernel is nudged.
+        socket::kick_receive_queue(fd)
+    }
+
+    /// Takes the socket in `slot` out of `SPLICED`: its incoming bytes stay in
+    /// its receive queue for userspace (the bytes already redirected to its
+    /// peer, and those queued for its own egress, still go out).
+    pub(super) fn park(&mut self, slot: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
+        if !std::mem::replace(&mut self.in_spliced[slot as usize], false) {
+            return Ok(());
+        }
+        self.parks += 1;
+        match self.spliced.clear_index(&slot) {
+            // Gone already: the kernel drops a closed socket from its maps.
+            Ok(()) | Err(MapError::KeyNotFound) => {}
+            Err(e) => return Err(map_io_error(e)),
+        }
+        // Taking the socket's lock (any setsockopt does) waits for a verdict
+        // still running on it, so its stream counts are final from here.
+        socket::kick_receive_queue(fd)
     }
 }
 
@@ -200,7 +259,7 @@ fn missing(what: &str, name: &str) -> LoadError {
     }
 }
 
-fn attach(ebpf: &mut Ebpf, name: &str, sockets: &SockMap<MapData>) -> Result<(), LoadError> {
+fn attach(ebpf: &mut Ebpf, name: &str, map: &SockMap<MapData>) -> Result<(), LoadError> {
     let program: &mut SkSkb = ebpf
         .program_mut(name)
         .ok_or_else(|| missing("program", name))?
@@ -218,7 +277,7 @@ fn attach(ebpf: &mut Ebpf, name: &str, sockets: &SockMap<MapData>) -> Result<(),
         other => LoadError::while_doing(&format!("loading program `{name}`"), other),
     })?;
     program
-        .attach(sockets.fd())
+        .attach(map.fd())
         .map_err(|e| LoadError::while_doing(&format!("attaching program `{name}`"), e))?;
     Ok(())
 }
@@ -250,138 +309,171 @@ fn check_kernel_support() -> Result<(), LoadError> {
     Ok(())
 }
 
-/// One socket of a [`Splice`].
+/// A socket to splice, and where its bytes go.
 #[derive(Debug, Clone, Copy)]
-struct Entry {
-    slot: u32,
-    cookie: SocketCookie,
-    inserted: bool,
+pub struct Member<'a> {
+    /// Must outlive the [`Splice`].
+    pub socket: BorrowedFd<'a>,
+    /// Index (in the same list) of the member whose egress gets this
+    /// socket's bytes: itself for an echo.
+    pub peer: usize,
 }
 
-/// Sockets held in a probe's SockMap with their routes. Dropping it removes
-/// the routes and clears the slots: do so only once no byte is in flight
-/// (after [`super::Leg::run`] returned for every direction), since the kernel
-/// discards what a removed socket still had queued.
+/// One socket of a [`Splice`].
+struct Entry {
+    fd: RawFd,
+    slot: u32,
+    cookie: SocketCookie,
+    held: bool,
+}
+
+/// Sockets held in a probe with their routes. Dropping it removes the routes
+/// and clears the slots: do so only once no byte is in flight (after every
+/// [`super::Leg::run`] returned), since the kernel discards what a removed
+/// socket still had queued.
 pub struct Splice {
     probe: Rc<RefCell<Probe>>,
     entries: Vec<Entry>,
-    incomplete: Option<InsertError>,
 }
 
 impl Splice {
-    /// Inserts `sockets[i]` with a route to the slot of `sockets[peers[i]]`.
+    /// Inserts each member's socket with a route to its peer's egress, in
+    /// three steps: every socket into `HELD` (so that any of them can be
+    /// redirected to), the routes and streams, then every socket into
+    /// `SPLICED` (from then on the kernel forwards its incoming bytes).
+    /// Userspace may have read from the sockets before: each stream starts
+    /// at the socket's next unread byte.
     ///
-    /// Routes go in first, then the sockets in order. Bytes that reach an
-    /// inserted socket while its peer's slot is still empty are passed up to
-    /// userspace by the probe (and from then on all of that socket's bytes):
-    /// the callers' [`super::Leg`]s forward them, so nothing is lost.
-    ///
-    /// If the first socket cannot be inserted, nothing is held and the error is
-    /// returned. If a later one cannot, the splice is kept but incomplete
-    /// ([`Splice::incomplete`]): routes to the empty slot make the probe pass
-    /// everything to userspace, and removing the inserted sockets now could
-    /// discard bytes they already queued.
-    pub fn insert(
-        probe: &Rc<RefCell<Probe>>,
-        sockets: &[BorrowedFd<'_>],
-        peers: &[usize],
-    ) -> Result<Self, InsertError> {
-        assert_eq!(sockets.len(), peers.len(), "one peer per socket");
-        let cookies = sockets
+    /// Fails, holding nothing, if any socket cannot be held. A socket that
+    /// cannot enter `SPLICED` (its peer's FIN arrived meanwhile) stays
+    /// parked: userspace forwards its bytes, like a parked socket's.
+    pub fn insert(probe: &Rc<RefCell<Probe>>, members: &[Member<'_>]) -> Result<Self, InsertError> {
+        let mut entries = Vec::with_capacity(members.len());
+        for member in members {
+            entries.push(Entry {
+                fd: member.socket.as_raw_fd(),
+                slot: 0,
+                cookie: socket::cookie(member.socket).map_err(InsertError::Kernel)?,
+                held: false,
+            });
+        }
+        let next_seqs = members
             .iter()
-            .map(|socket| socket::cookie(socket.as_fd()))
-            .collect::<io::Result<Vec<_>>>()
-            .map_err(InsertError::Kernel)?;
-        let entries = {
+            .map(|member| socket::next_unread_seq(member.socket).map_err(not_established))
+            .collect::<Result<Vec<_>, _>>()?;
+        {
             let mut p = probe.borrow_mut();
-            if p.free_slots.len() < sockets.len() {
+            if p.free_slots.len() < members.len() {
                 return Err(InsertError::Full {
                     capacity: p.config.capacity,
                 });
             }
-            let split = p.free_slots.len() - sockets.len();
-            let slots = p.free_slots.split_off(split);
-            cookies
-                .into_iter()
-                .zip(slots.into_iter().rev())
-                .map(|(cookie, slot)| Entry {
-                    slot,
-                    cookie,
-                    inserted: false,
-                })
-                .collect()
-        };
+            for entry in &mut entries {
+                entry.slot = p.free_slots.pop().expect("checked above");
+            }
+        }
         let mut splice = Self {
             probe: Rc::clone(probe),
             entries,
-            incomplete: None,
         };
         let mut p = probe.borrow_mut();
-        let control = Control {
-            credit: p.config.in_flight_limit,
-            forwarded: 0,
-        };
-        for (i, &peer) in peers.iter().enumerate() {
+        for (i, member) in members.iter().enumerate() {
+            let entry = &mut splice.entries[i];
+            p.held
+                .set(entry.slot, &member.socket, 0)
+                .map_err(|e| not_established(map_io_error(e)))?;
+            entry.held = true;
+        }
+        for (i, member) in members.iter().enumerate() {
             let own = splice.entries[i].slot;
-            p.control
-                .set(own, control, 0)
-                .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
-            let route = Route {
-                peer: splice.entries[peer].slot,
+            p.streams.set(
                 own,
-                ..Route::default()
+                Stream {
+                    next_seq: next_seqs[i],
+                    ..Stream::default()
+                },
+            );
+            let route = Route {
+                own,
+                peer: splice.entries[member.peer].slot,
             };
             p.routes
                 .insert(splice.entries[i].cookie, route, 0)
                 .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
         }
-        for (i, socket) in sockets.iter().enumerate() {
-            let slot = splice.entries[i].slot;
-            match p.sockets.set(slot, socket, 0) {
-                Ok(()) => splice.entries[i].inserted = true,
-                Err(e) => {
-                    let io_error = map_io_error(e);
-                    let error = if io_error.raw_os_error() == Some(libc::EOPNOTSUPP) {
-                        InsertError::NotEstablished
-                    } else {
-                        InsertError::Kernel(io_error)
-                    };
-                    if i == 0 {
-                        drop(p);
-                        return Err(error); // `splice` drops: routes removed, slots freed
-                    }
-                    splice.incomplete = Some(error);
-                    break;
-                }
-            }
+        for (i, member) in members.iter().enumerate() {
+            // Refused means not established any more: it stays parked.
+            let _ = p.splice_slot(splice.entries[i].slot, member.socket);
         }
+        drop(p);
         Ok(splice)
     }
 
-    /// Why the splice is incomplete, if it is: then every byte goes through
-    /// userspace.
-    pub fn incomplete(&self) -> Option<&InsertError> {
-        self.incomplete.as_ref()
+    fn fd(&self, index: usize) -> BorrowedFd<'_> {
+        // SAFETY: `Member::socket`'s contract: the socket outlives us.
+        unsafe { BorrowedFd::borrow_raw(self.entries[index].fd) }
     }
 
-    /// The route of `sockets[index]` (as given to [`Splice::insert`]), as
-    /// the probe keeps it.
-    pub fn route(&self, index: usize) -> io::Result<Route> {
-        let probe = self.probe.borrow();
-        probe
-            .routes
-            .get(&self.entries[index].cookie, 0)
-            .map_err(map_io_error)
+    /// Whether the kernel forwards `members[index]`'s bytes now.
+    pub fn is_spliced(&self, index: usize) -> bool {
+        self.probe.borrow().is_spliced(self.entries[index].slot)
     }
 
-    /// Tells the probe how far it may redirect from `sockets[index]` and how
-    /// many bytes passed up userspace forwarded.
-    pub fn set_control(&self, index: usize, control: Control) -> io::Result<()> {
+    /// Takes `members[index]` out of `SPLICED` (see [`Probe::park`]).
+    pub fn park(&self, index: usize) -> io::Result<()> {
+        let entry = &self.entries[index];
+        self.probe.borrow_mut().park(entry.slot, self.fd(index))
+    }
+
+    /// Puts `members[index]` back into `SPLICED` after userspace took `taken`
+    /// bytes of its stream while it was parked. Returns false if the kernel
+    /// refused (the socket is no longer established): it stays parked.
+    pub fn unpark(&self, index: usize, taken: u64) -> io::Result<bool> {
+        let entry = &self.entries[index];
         let mut probe = self.probe.borrow_mut();
-        probe
-            .control
-            .set(self.entries[index].slot, control, 0)
-            .map_err(map_io_error)
+        if probe.is_spliced(entry.slot) {
+            return Ok(true);
+        }
+        let mut stream = probe.streams.get(entry.slot);
+        // Sequence numbers wrap at 2^32.
+        stream.next_seq = stream.next_seq.wrapping_add(taken as u32);
+        probe.streams.set(entry.slot, stream);
+        match probe.splice_slot(entry.slot, self.fd(index)) {
+            Ok(()) => {
+                probe.unparks += 1;
+                Ok(true)
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The stream of `members[index]` as the probe keeps it; an error once
+    /// the probe gave up on it, or found its destination gone.
+    pub fn stream(&self, index: usize) -> io::Result<Stream> {
+        let stream = self.probe.borrow().stream(self.entries[index].slot);
+        if stream.flags & stream_flags::BROKEN != 0 {
+            return Err(io::Error::other(
+                "the probe could not place received bytes in the stream",
+            ));
+        }
+        if stream.flags & stream_flags::TO_USERSPACE != 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::BrokenPipe,
+                "the destination left the SockMap (closed or reset)",
+            ));
+        }
+        Ok(stream)
+    }
+
+    /// Lets the probe's flow control park `members[index]` when the
+    /// destination behind `delivery` lags (until the splice drops).
+    pub fn watch(&self, index: usize, delivery: Rc<Delivery>) {
+        let entry = &self.entries[index];
+        self.probe
+            .borrow_mut()
+            .watches
+            .add(entry.slot, entry.fd, delivery);
     }
 
     /// See [`ProbeConfig::in_flight_limit`].
@@ -394,14 +486,25 @@ impl Drop for Splice {
     fn drop(&mut self) {
         let mut p = self.probe.borrow_mut();
         for entry in &self.entries {
-            // Not found is fine: a failed insert rolled back before the route
-            // went in, or the kernel already dropped a closed socket's slot.
+            p.watches.remove(entry.slot);
+            // Not found is fine: an insert that failed half-way, or the
+            // kernel already dropped a closed socket from its maps.
             let _ = p.routes.remove(&entry.cookie);
-            if entry.inserted {
-                let _ = p.sockets.clear_index(&entry.slot);
+            if std::mem::replace(&mut p.in_spliced[entry.slot as usize], false) {
+                let _ = p.spliced.clear_index(&entry.slot);
+            }
+            if entry.held {
+                let _ = p.held.clear_index(&entry.slot);
             }
             p.free_slots.push(entry.slot);
         }
+    }
+}
+
+fn not_established(error: io::Error) -> InsertError {
+    match error.raw_os_error() {
+        Some(libc::EOPNOTSUPP) => InsertError::NotEstablished,
+        _ => InsertError::Kernel(error),
     }
 }
 

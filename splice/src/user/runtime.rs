@@ -6,7 +6,7 @@ use std::{
     future::Future,
     io,
     net::{SocketAddr, TcpListener},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, mpsc},
     time::Duration,
 };
 
@@ -85,20 +85,38 @@ pub fn raise_open_files_limit() {
     }
 }
 
+/// How an executor tells the main thread that it is ready (with what it
+/// set up, e.g. a view on the probe it loaded), or why it is not.
+pub struct Ready<R> {
+    sender: mpsc::Sender<Result<R, String>>,
+}
+
+impl<R> Ready<R> {
+    pub fn report(self, result: Result<R, String>) {
+        // The main thread only stops listening once every shard reported.
+        let _ = self.sender.send(result);
+    }
+}
+
 /// Starts one executor per item of `shards`, each pinned to its own core,
-/// and runs `body(item)` on it; returns once every executor runs. Blocks the
-/// signals [`wait_for_signal`] waits for first, so that only the main thread
-/// receives them.
-pub fn spawn_shards<S, G, F>(shards: Vec<S>, body: G) -> io::Result<PoolThreadHandles<()>>
+/// and runs `body(item, ready)` on it. Returns once every executor reported
+/// through its [`Ready`], with what they reported, or the first error.
+/// Blocks the signals [`wait_for_signal`] waits for first, so that only the
+/// main thread receives them.
+pub fn spawn_shards<S, R, G, F>(
+    shards: Vec<S>,
+    body: G,
+) -> io::Result<(PoolThreadHandles<()>, Vec<R>)>
 where
     S: Send + 'static,
-    G: FnOnce(S) -> F + Clone + Send + 'static,
+    R: Send + 'static,
+    G: FnOnce(S, Ready<R>) -> F + Clone + Send + 'static,
     F: Future<Output = ()> + 'static,
 {
     block_signals()?;
     let count = shards.len();
     let shards = Arc::new(Mutex::new(shards));
-    let (started, starts) = std::sync::mpsc::channel::<()>();
+    let (sender, reports) = mpsc::channel::<Result<R, String>>();
     let handles =
         LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(count, CpuSet::online().ok()))
             .name("shard")
@@ -109,18 +127,18 @@ where
                     .expect("no shard panics while holding the lock")
                     .pop()
                     .expect("one item per shard");
-                async move {
-                    let _ = started.send(());
-                    body(shard).await
-                }
+                body(shard, Ready { sender })
             })
             .map_err(|e| io::Error::other(format!("starting the executors: {e}")))?;
+    let mut ready = Vec::with_capacity(count);
     for _ in 0..count {
-        starts
-            .recv_timeout(Duration::from_secs(30))
-            .map_err(|_| io::Error::other("an executor failed to start within 30 s"))?;
+        match reports.recv_timeout(Duration::from_secs(60)) {
+            Ok(Ok(value)) => ready.push(value),
+            Ok(Err(message)) => return Err(io::Error::other(message)),
+            Err(_) => return Err(io::Error::other("an executor failed to start within 60 s")),
+        }
     }
-    Ok(handles)
+    Ok((handles, ready))
 }
 
 /// Signals the main thread handles.

@@ -111,6 +111,38 @@ pub fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
     Ok(readable.max(0) as usize)
 }
 
+/// TCP sequence number of the next byte userspace would read: where the
+/// probe must start taking a socket's stream.
+///
+/// It is `rcv_nxt` (read with TCP_REPAIR_QUEUE/TCP_QUEUE_SEQ: repair mode
+/// is switched on for the one read and off again; it needs CAP_NET_ADMIN)
+/// minus the bytes waiting to be read. Bytes arriving in between would make
+/// the two readings disagree, so it reads until the waiting count is stable
+/// around the sequence read. Only for sockets not in a SockMap (whose
+/// FIONREAD counts something else).
+pub fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+    const TCP_REPAIR: libc::c_int = 19;
+    const TCP_REPAIR_QUEUE: libc::c_int = 20;
+    const TCP_QUEUE_SEQ: libc::c_int = 21;
+    const TCP_RECV_QUEUE: libc::c_int = 1;
+    const TCP_REPAIR_ON: libc::c_int = 1;
+    const TCP_REPAIR_OFF: libc::c_int = 0;
+    for _ in 0..100 {
+        let waiting = bytes_readable(fd)?;
+        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)?;
+        let rcv_nxt = setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
+            .and_then(|()| getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ));
+        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)?;
+        let rcv_nxt = rcv_nxt?;
+        if bytes_readable(fd)? == waiting {
+            return Ok(rcv_nxt.wrapping_sub(waiting as u32));
+        }
+    }
+    Err(io::Error::other(
+        "bytes kept arriving while reading the receive sequence",
+    ))
+}
+
 /// Makes the kernel run the verdict on bytes that reached the receive queue
 /// before the socket was inserted into the SockMap (otherwise they wait for
 /// the next segment, and a client waiting for a reply would hang).
