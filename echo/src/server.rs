@@ -204,7 +204,7 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     } else {
         COPY_BUFFER
     };
-    let leg = Leg::new(reader, socket, writer, socket, buffer);
+    let leg = Leg::new(reader, writer, socket, buffer);
     let mut leg = match leg {
         Ok(leg) => leg,
         Err(e) => {
@@ -271,9 +271,6 @@ impl Shard {
             let probe = probe.borrow();
             let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
             self.stats.slots_in_use.store(in_use, Relaxed);
-            let (parks, unparks) = probe.parks();
-            self.stats.parks.store(parks, Relaxed);
-            self.stats.unparks.store(unparks, Relaxed);
         }
     }
 }

@@ -30,10 +30,6 @@ pub struct ShardStats {
     pub userspace_bytes: AtomicU64,
     /// SockMap slots held by connections right now.
     pub slots_in_use: AtomicU64,
-    /// Times a socket was parked (its client read slower than it sent) and
-    /// put back into the kernel path.
-    pub parks: AtomicU64,
-    pub unparks: AtomicU64,
 }
 
 impl ShardStats {
@@ -62,8 +58,7 @@ impl Report<'_> {
         };
         let mut line = format!(
             "stats: mode={mode} cores={} accepted={} active={} spliced={} early={} copied={} \
-             sockmap_full={} insert_failed={} resets={} userspace_bytes={} slots_in_use={} \
-             parks={} unparks={}",
+             sockmap_full={} insert_failed={} resets={} userspace_bytes={} slots_in_use={}",
             self.shards.len(),
             sum(|s| &s.accepted),
             sum(|s| &s.active),
@@ -75,8 +70,6 @@ impl Report<'_> {
             sum(|s| &s.resets),
             sum(|s| &s.userspace_bytes),
             sum(|s| &s.slots_in_use),
-            sum(|s| &s.parks),
-            sum(|s| &s.unparks),
         );
         if self.kernel.is_empty() {
             line.push_str(" kernel=not-loaded");
@@ -95,12 +88,14 @@ impl Report<'_> {
         let _ = write!(
             line,
             " kernel_redirected_bytes={} kernel_redirected_skbs={} kernel_passed_bytes={} \
-             kernel_redirect_failures={} kernel_trimmed={} kernel_trimmed_bytes={} \
-             kernel_broken={} routes={}",
+             kernel_redirect_failures={} kernel_credit_exhausted={} kernel_resumed={} \
+             kernel_trimmed={} kernel_trimmed_bytes={} kernel_broken={} routes={}",
             totals.redirected_bytes,
             totals.redirected_skbs,
             totals.passed_bytes,
             totals.redirect_failures,
+            totals.credit_exhausted,
+            totals.resumed,
             totals.trimmed,
             totals.trimmed_bytes,
             totals.broken,

@@ -40,7 +40,9 @@ fn idle(stats: &Stats) -> bool {
 /// `clients_that_close_at_once_are_echoed_in_full` for the other case).
 fn concurrent_clients(mode: &str, cores: Option<usize>, seed: u64) {
     const CLIENTS: usize = 64;
-    let mut server = start(mode, cores, &[]);
+    // An in-flight limit above the largest payload: the kernel never needs
+    // to hand bytes to userspace, so userspace must read none.
+    let mut server = start(mode, cores, &["--in-flight-limit", "67108864"]);
     let addr = server.addr;
     let mut rng = Rng::new(seed);
     let payloads: Vec<Vec<u8>> = (0..CLIENTS)
@@ -167,6 +169,7 @@ fn ten_thousand_sequential_connections_leave_the_maps_empty() {
     const CONNECTIONS: u64 = 10_000;
     let mut server = start("ebpf", None, &[]);
     let fds_before = server.fd_count();
+    // (Payloads are tiny: the in-flight limit is never reached.)
     let deadline = Instant::now() + Duration::from_secs(240);
     for i in 0..CONNECTIONS {
         let payload = format!("connection {i:06}").into_bytes();
@@ -209,6 +212,99 @@ fn clients_that_close_at_once_are_echoed_in_full() {
     assert_eq!(stats.get("spliced") + stats.get("copied"), CONNECTIONS);
     assert_eq!(stats.get("copied"), stats.get("insert_failed"), "{stats:?}");
     assert_eq!(stats.get("resets"), 0, "{stats:?}");
+    assert_eq!(stats.get("routes"), 0, "{stats:?}");
+}
+
+/// A client that reads its echo slower than it sends gets every byte back:
+/// past the in-flight limit the probe hands bytes to userspace, whose writes
+/// TCP flow control holds back, and the kernel takes over again after.
+#[test]
+fn a_slow_reading_client_gets_every_byte_back() {
+    if !require_bpf("slow_reader") {
+        return;
+    }
+    const SIZE: usize = 32 << 20;
+    let mut server = start("ebpf", Some(1), &["--in-flight-limit", "262144"]);
+    let stream = clients::connect(server.addr).unwrap();
+    let payload = Rng::new(7).bytes(SIZE);
+    let mut writer = stream.try_clone().unwrap();
+    let sent = payload.clone();
+    let sender = thread::spawn(move || {
+        writer.write_all(&sent).unwrap();
+        writer.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    let mut received = Vec::with_capacity(SIZE);
+    let mut chunk = vec![0u8; 64 << 10];
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let n = (&stream).read(&mut chunk).expect("read echo");
+        if n == 0 {
+            break;
+        }
+        received.extend_from_slice(&chunk[..n]);
+        // About 30 MB/s: far slower than the sender.
+        thread::sleep(Duration::from_millis(2));
+        assert!(Instant::now() < deadline, "slow echo took over 60 s");
+    }
+    sender.join().unwrap();
+    assert!(
+        received == payload,
+        "echo differs ({} of {SIZE} bytes)",
+        received.len()
+    );
+    let stats = server.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("resets"), 0, "{stats:?}");
+    assert!(stats.get("kernel_credit_exhausted") > 0, "{stats:?}");
+    assert_eq!(
+        stats.get("kernel_redirected_bytes") + stats.get("kernel_passed_bytes"),
+        SIZE as u64,
+        "{stats:?}"
+    );
+    assert_eq!(
+        stats.get("userspace_bytes"),
+        stats.get("kernel_passed_bytes"),
+        "{stats:?}"
+    );
+}
+
+/// A client that sends without ever reading must not make the server buffer
+/// without bound: TCP flow control holds it back, or, where the kernel took
+/// the bytes outside any socket buffer, the server resets the connection.
+#[test]
+fn a_client_that_never_reads_is_held_back_or_reset() {
+    if !require_bpf("never_reads") {
+        return;
+    }
+    const ATTEMPT: usize = 1 << 30;
+    let mut server = start("ebpf", Some(1), &["--in-flight-limit", "262144"]);
+    let mut stream = clients::connect(server.addr).unwrap();
+    stream
+        .set_write_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let chunk = vec![0x42u8; 1 << 20];
+    let mut sent = 0usize;
+    let outcome = loop {
+        if sent >= ATTEMPT {
+            break "accepted";
+        }
+        match stream.write(&chunk) {
+            Ok(n) => sent += n,
+            Err(e)
+                if e.kind() == std::io::ErrorKind::WouldBlock
+                    || e.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                break "held back";
+            }
+            Err(_) => break "reset",
+        }
+    };
+    assert_ne!(
+        outcome, "accepted",
+        "the server took 1 GiB from a client that never read"
+    );
+    drop(stream);
+    let stats = server.wait_stats(idle, Duration::from_secs(10));
+    eprintln!("never-reading client: {outcome} after {sent} bytes; {stats:?}");
     assert_eq!(stats.get("routes"), 0, "{stats:?}");
 }
 

@@ -3,7 +3,8 @@
 //!
 //! `loadgen echo --addr A --connections N --seconds S`: N connections each
 //! stream fixed-size chunks to an echo server for S seconds while reading the
-//! echo back; reports the echoed bytes per second.
+//! echo back, never more than `--window` bytes ahead of what came back (a
+//! client that reads what it sends); reports the echoed bytes per second.
 use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
@@ -38,6 +39,9 @@ enum Workload {
         /// Bytes per write.
         #[arg(long, default_value_t = 64 * 1024)]
         chunk: usize,
+        /// Most bytes a connection sends ahead of the echo it received.
+        #[arg(long, default_value_t = 4 << 20)]
+        window: u64,
     },
 }
 
@@ -48,13 +52,26 @@ fn main() -> anyhow::Result<()> {
             connections,
             seconds,
             chunk,
-        } => echo(addr, connections, Duration::from_secs_f64(seconds), chunk),
+            window,
+        } => echo(
+            addr,
+            connections,
+            Duration::from_secs_f64(seconds),
+            chunk,
+            window,
+        ),
     }
 }
 
-fn echo(addr: SocketAddr, connections: usize, duration: Duration, chunk: usize) -> anyhow::Result<()> {
-    if connections == 0 || chunk == 0 {
-        bail!("--connections and --chunk must be at least 1");
+fn echo(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    chunk: usize,
+    window: u64,
+) -> anyhow::Result<()> {
+    if connections == 0 || chunk == 0 || window < chunk as u64 {
+        bail!("--connections and --chunk must be at least 1, --window at least --chunk");
     }
     let stop = Arc::new(AtomicBool::new(false));
     let echoed = Arc::new(AtomicU64::new(0));
@@ -64,10 +81,16 @@ fn echo(addr: SocketAddr, connections: usize, duration: Duration, chunk: usize) 
         stream.set_read_timeout(Some(Duration::from_secs(30)))?;
         let mut writer = stream.try_clone()?;
         let stop_writing = Arc::clone(&stop);
+        let received = Arc::new(AtomicU64::new(0));
+        let received_by_reader = Arc::clone(&received);
         threads.push(thread::spawn(move || -> std::io::Result<u64> {
             let data = vec![0x5au8; chunk];
             let mut sent = 0u64;
             while !stop_writing.load(Relaxed) {
+                if sent - received.load(Relaxed) + chunk as u64 > window {
+                    thread::sleep(Duration::from_micros(50));
+                    continue;
+                }
                 writer.write_all(&data)?;
                 sent += chunk as u64;
             }
@@ -85,6 +108,7 @@ fn echo(addr: SocketAddr, connections: usize, duration: Duration, chunk: usize) 
                     return Ok(total);
                 }
                 total += n as u64;
+                received_by_reader.store(total, Relaxed);
                 counter.fetch_add(n as u64, Relaxed);
             }
         }));

@@ -2,20 +2,29 @@
 //!
 //! The maps of one loaded probe:
 //! - `HELD`: a SockMap with no program; every socket of a splice sits here,
-//!   in its slot, for the splice's whole life. Redirects target it, and it
-//!   keeps the socket's kernel state (and the bytes queued for its egress)
-//!   alive while the socket is out of `SPLICED`.
-//! - `SPLICED`: a SockMap with the stream verdict attached, holding the
-//!   sockets (same slots) whose incoming bytes the kernel forwards now. A
-//!   socket leaves it while its destination is too slow (it is *parked*):
-//!   its bytes then wait in its own receive queue, where TCP flow control
-//!   bounds them, and userspace forwards them at the destination's pace.
-//!   The kernel has no such bound for redirected bytes: one slow echo
-//!   client made it queue 1.6 GB.
+//!   in its slot, for the splice's whole life. Redirects target it, so a
+//!   socket's bytes can go to its peer before the peer's own verdict runs.
+//! - `SPLICED`: a SockMap with the stream verdict attached, holding the same
+//!   sockets (same slots): the kernel forwards their incoming bytes.
 //! - `ROUTES`: socket cookie → [`Route`] (its slot and its peer's);
-//! - `STREAMS`: per slot, the [`Stream`] state of the socket as a source;
-//!   memory-mapped by userspace, which reads it without a system call;
+//! - `STREAMS`: per slot, the [`Stream`] state the probe keeps for the
+//!   socket as a source; memory-mapped, userspace reads it without a call;
+//! - `CONTROL`: per slot, the [`Control`] userspace gives the probe;
+//!   memory-mapped too;
 //! - `COUNTERS`: per-CPU totals indexed by [`Counter`].
+//!
+//! Flow control. The kernel queues redirected bytes for a destination
+//! without bound and without charging them to the source, so the source's
+//! TCP window stays open: a fast sender facing a slow reader made it queue
+//! 1.6 GB. So the probe redirects a source's bytes only within a *credit*
+//! that userspace sets from the destination's progress. Past it, the probe
+//! passes bytes up to the source's own receive queue, where they count
+//! against its receive buffer (TCP flow control closes the window), and
+//! userspace forwards them at the destination's pace. Once userspace
+//! forwarded every byte passed up and there is credit again, the probe
+//! redirects again: never out of order. (Taking the socket out of
+//! `SPLICED` instead is unsafe: a verdict loop running on another CPU drops
+//! the buffers it meets after the program is gone.)
 
 /// Name of the SockMap every spliced socket stays in.
 pub const HELD_MAP: &str = "HELD";
@@ -25,6 +34,8 @@ pub const SPLICED_MAP: &str = "SPLICED";
 pub const ROUTES_MAP: &str = "ROUTES";
 /// Name of the memory-mappable array *slot → [`Stream`]*.
 pub const STREAMS_MAP: &str = "STREAMS";
+/// Name of the memory-mappable array *slot → [`Control`]*.
+pub const CONTROL_MAP: &str = "CONTROL";
 /// Name of the per-CPU array of [`Counter`] totals.
 pub const COUNTERS_MAP: &str = "COUNTERS";
 
@@ -51,8 +62,8 @@ pub struct Route {
 }
 
 /// One socket's stream as a source, in its slot of `STREAMS`. Userspace
-/// writes it only while the socket is out of `SPLICED`; the probe writes it
-/// while the socket is in (a single writer either way).
+/// writes it only before the socket enters `SPLICED`; then only the probe
+/// writes it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Stream {
@@ -70,11 +81,23 @@ pub struct Stream {
     pub passed: u64,
 }
 
+/// What userspace tells the probe about one slot's socket as a source.
+/// Only userspace writes it; both fields only grow.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// The probe may redirect while `Stream::redirected` stays within this.
+    pub credit: u64,
+    /// Bytes of those passed up that userspace has handed to the
+    /// destination.
+    pub forwarded: u64,
+}
+
 /// Bits of [`Stream::flags`].
 pub mod stream_flags {
-    /// A redirect failed (the peer left `HELD`: it closed): the probe
-    /// passes every later byte up to userspace, so that none overtakes
-    /// another, and userspace ends the connection.
+    /// The probe passes the socket's bytes up to userspace (credit ran out,
+    /// or a redirect failed); it redirects again once userspace forwarded
+    /// all of them and credit is back.
     pub const TO_USERSPACE: u32 = 1;
     /// The probe met bytes it could not place in the stream (a gap, or a
     /// repeat it failed to trim): it drops what follows and userspace resets
@@ -95,7 +118,8 @@ pub enum Counter {
     PassedBytes = 2,
     /// Socket buffers passed to the socket's own receive queue.
     PassedSkbs = 3,
-    /// Redirects that failed because the peer slot was empty.
+    /// Redirects that failed because the peer slot was empty (the peer
+    /// closed).
     RedirectFailures = 4,
     /// Socket buffers that began with bytes already delivered (a partially
     /// overlapping retransmission) and were trimmed.
@@ -104,11 +128,15 @@ pub enum Counter {
     TrimmedBytes = 6,
     /// Streams marked [`stream_flags::BROKEN`].
     Broken = 7,
+    /// Times a stream ran out of credit and went to userspace.
+    CreditExhausted = 8,
+    /// Times a stream came back from userspace to redirecting.
+    Resumed = 9,
 }
 
 impl Counter {
     /// Number of slots in `COUNTERS`.
-    pub const COUNT: u32 = 8;
+    pub const COUNT: u32 = 10;
 }
 
 // SAFETY: `Route` and `Stream` are `#[repr(C)]`, made of integers only,
@@ -118,3 +146,6 @@ unsafe impl aya::Pod for Route {}
 // SAFETY: as above.
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Stream {}
+// SAFETY: as above.
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Control {}

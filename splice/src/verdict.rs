@@ -1,10 +1,11 @@
 //! The in-kernel half: the maps and the stream verdict every probe exports.
 //!
 //! The verdict looks up the route of the socket the bytes arrived on and
-//! redirects them to the egress of the route's peer. Bytes are never
-//! dropped here (but for a stream that cannot be placed, see `BROKEN`):
-//! with no route, or when the peer is gone, they are passed to the socket's
-//! own receive queue, where userspace reads them.
+//! redirects them to the egress of the route's peer, within the credit
+//! userspace granted (see [`crate::shared`]). Bytes are never dropped here
+//! (but for a stream that cannot be placed, see `BROKEN`): with no route, no
+//! credit left, or the peer gone, they are passed to the socket's own
+//! receive queue, where userspace reads and forwards them.
 use aya_ebpf::{
     EbpfContext as _,
     bindings::sk_action,
@@ -15,7 +16,7 @@ use aya_ebpf::{
 };
 
 use crate::shared::{
-    Counter, DEFAULT_CAPACITY, MAP_MMAPABLE, Route, SocketCookie, Stream, stream_flags,
+    Control, Counter, DEFAULT_CAPACITY, MAP_MMAPABLE, Route, SocketCookie, Stream, stream_flags,
 };
 
 #[map(name = "HELD")]
@@ -29,6 +30,9 @@ static ROUTES: HashMap<SocketCookie, Route> = HashMap::with_max_entries(DEFAULT_
 
 #[map(name = "STREAMS")]
 static STREAMS: Array<Stream> = Array::with_max_entries(DEFAULT_CAPACITY, MAP_MMAPABLE);
+
+#[map(name = "CONTROL")]
+static CONTROL: Array<Control> = Array::with_max_entries(DEFAULT_CAPACITY, MAP_MMAPABLE);
 
 #[map(name = "COUNTERS")]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
@@ -49,8 +53,9 @@ const MAX_TRIM_STEPS: u32 = 128;
 /// repeats bytes already taken (a retransmission that overlaps) would reach
 /// the peer twice (measured on 6.18: 1 connection in ~4,000 got up to
 /// 208 KB replayed). So the verdict follows each socket's TCP sequence and
-/// trims the repeat. (A stream parser skips such repeats itself, but costs
-/// a clone per buffer and defers work the flow control relies on.)
+/// trims the repeat. (A stream parser skips such repeats itself, but bytes it
+/// passes up can deadlock the socket, measured: recv returns EAGAIN forever
+/// once they fill the receive buffer, which rules out the flow control.)
 #[inline(always)]
 pub fn verdict(ctx: &SkBuffContext) -> u32 {
     // SAFETY: the helper only reads the socket of the skb behind `ctx`.
@@ -72,19 +77,45 @@ pub fn verdict(ctx: &SkBuffContext) -> u32 {
         return sk_action::SK_DROP;
     }
     let len = u64::from(ctx.len());
-    if stream.flags & stream_flags::TO_USERSPACE == 0 {
-        // SAFETY: `ctx` is the skb this program was called with.
-        let verdict = unsafe { HELD.redirect_skb(ctx, peer, TO_PEER_EGRESS) } as u32;
-        if verdict == sk_action::SK_PASS {
-            stream.redirected += len;
-            stream.skbs += 1;
-            add(Counter::RedirectedBytes, len);
-            add(Counter::RedirectedSkbs, 1);
-            return verdict;
+    let control = match CONTROL.get_ptr(own) {
+        // SAFETY: array values live as long as the map; userspace rewrites
+        // them in place, and a torn read only makes the probe more cautious
+        // (both fields only grow).
+        Some(control) => unsafe { core::ptr::read_volatile(control) },
+        None => Control::default(),
+    };
+    let within_credit = stream.redirected + len <= control.credit;
+    if stream.flags & stream_flags::TO_USERSPACE != 0 {
+        // Back to redirecting only once userspace forwarded every byte
+        // passed up: none of them can then be overtaken.
+        if control.forwarded != stream.passed || !within_credit {
+            return pass_up_stream(stream, len);
         }
+        stream.flags &= !stream_flags::TO_USERSPACE;
+        add(Counter::Resumed, 1);
+    } else if !within_credit {
+        stream.flags |= stream_flags::TO_USERSPACE;
+        add(Counter::CreditExhausted, 1);
+        return pass_up_stream(stream, len);
+    }
+    // SAFETY: `ctx` is the skb this program was called with.
+    let verdict = unsafe { HELD.redirect_skb(ctx, peer, TO_PEER_EGRESS) } as u32;
+    if verdict != sk_action::SK_PASS {
+        // The peer left `HELD` (it closed): hand the bytes to userspace,
+        // which sees the peer gone.
         stream.flags |= stream_flags::TO_USERSPACE;
         add(Counter::RedirectFailures, 1);
+        return pass_up_stream(stream, len);
     }
+    stream.redirected += len;
+    stream.skbs += 1;
+    add(Counter::RedirectedBytes, len);
+    add(Counter::RedirectedSkbs, 1);
+    verdict
+}
+
+#[inline(always)]
+fn pass_up_stream(stream: &mut Stream, len: u64) -> u32 {
     stream.passed += len;
     pass_up(len)
 }

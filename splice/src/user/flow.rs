@@ -1,15 +1,29 @@
-//! Flow control for spliced sockets: one task per executor watches every
-//! spliced source and parks the ones whose destination lags too far behind
-//! what the kernel redirected to it (see [`crate::shared`] for why the kernel
-//! cannot be left to it).
+//! Flow control for spliced sockets (see [`crate::shared`]): one task per
+//! executor keeps every spliced source's credit a fixed amount (the
+//! in-flight limit) ahead of what its destination's peer acknowledged.
 //!
-//! A check costs no system call while the kernel redirected less than the
-//! in-flight limit since the destination was last seen caught up: it reads
-//! the redirected count from the memory-mapped `STREAMS`. Only a source past
-//! that mark costs a look at its destination's TCP state. The scan runs every
-//! millisecond while sources move and backs off to [`MAX_SCAN`] when all are
-//! quiet, so what the kernel may hold beyond the limit is bounded by what a
-//! sender pushes in that time.
+//! Counting from acknowledged bytes (not bytes merely queued in the
+//! destination socket) bounds everything the kernel holds for a direction,
+//! queued in the kernel's redirect queue or in TCP, by the limit. Spliced
+//! sockets get a send buffer of several limits, so the redirect queue always
+//! drains into TCP: then bytes passed up land at once in the source's
+//! receive queue, where they count against its receive buffer. Bytes passed
+//! up while the redirect queue of the same socket is not empty queue behind
+//! it uncharged, and TCP flow control does not hold the sender back: an
+//! echo whose client sent without reading made the kernel take 300 MB that
+//! way (the same happens to a router connection whose two directions both
+//! stall). So the scan also resets a connection whose source has more bytes
+//! passed up and not yet forwarded than a receive buffer can hold plus
+//! [`STUCK_LIMITS`] limits (see [`stuck_limit`]).
+//!
+//! A check costs no system call while the source still has more than half
+//! its credit left: it reads the redirected count from the memory-mapped
+//! `STREAMS`. Only then does it look at the destination's TCP counters and
+//! write new credit to the memory-mapped `CONTROL`. A source that outruns
+//! the scan just runs out of credit: the probe then passes its bytes up and
+//! TCP flow control holds the sender, until its leg forwarded them.
+//! The scan runs every millisecond while sources move and backs off to
+//! [`MAX_SCAN`] when all are quiet.
 use std::{
     cell::{Cell, RefCell},
     io,
@@ -19,11 +33,30 @@ use std::{
 };
 
 use super::{probe::Probe, socket};
+use crate::shared::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
-/// Longest pause between two scans: the window in which a burst after a
-/// quiet spell goes unchecked.
-pub const MAX_SCAN: Duration = Duration::from_millis(8);
+/// Longest pause between two scans.
+pub const MAX_SCAN: Duration = Duration::from_millis(4);
+
+/// A spliced socket's send buffer, in in-flight limits: room for what the
+/// flow control lets the kernel hold, with the kernel's per-buffer overhead.
+pub const SEND_BUFFER_LIMITS: u64 = 4;
+/// Bytes passed up but not yet forwarded, beyond what a receive buffer
+/// holds, in in-flight limits, past which a connection is reset.
+pub const STUCK_LIMITS: u64 = 8;
+
+/// Bytes passed up but not yet forwarded past which a connection is reset:
+/// more than the largest receive buffer (`net.ipv4.tcp_rmem`'s maximum, which
+/// a slow but reading peer may legitimately fill) plus [`STUCK_LIMITS`]
+/// limits.
+pub fn stuck_limit(in_flight_limit: u64) -> u64 {
+    let receive_buffer_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .unwrap_or(32 << 20);
+    receive_buffer_max + STUCK_LIMITS * in_flight_limit
+}
 
 /// How much a destination took: what the flow control and a leg's drain
 /// both measure, from the counters of the destination socket.
@@ -31,8 +64,12 @@ pub struct Delivery {
     destination_fd: RawFd,
     /// `bytes_handed_to_tcp(destination)` when the leg began.
     baseline: u64,
+    /// `tcpi_bytes_acked` of the destination when the leg began.
+    acked_baseline: u64,
     /// Bytes userspace wrote to the destination since.
     written: Cell<u64>,
+    /// Set by the flow control when it gave up on the connection.
+    stuck: Cell<bool>,
 }
 
 impl Delivery {
@@ -42,7 +79,9 @@ impl Delivery {
         Ok(Self {
             destination_fd: destination.as_raw_fd(),
             baseline: socket::bytes_handed_to_tcp(destination)?,
+            acked_baseline: socket::tcp_info(destination)?.tcpi_bytes_acked,
             written: Cell::new(0),
+            stuck: Cell::new(false),
         })
     }
 
@@ -60,6 +99,12 @@ impl Delivery {
         self.written.set(self.written.get() + n);
     }
 
+    /// Whether the flow control gave up on the connection (the leg must
+    /// reset it).
+    pub fn is_stuck(&self) -> bool {
+        self.stuck.get()
+    }
+
     /// Bytes the destination's TCP took since the leg began.
     pub fn handed(&self) -> io::Result<u64> {
         Ok(socket::bytes_handed_to_tcp(self.destination())?.saturating_sub(self.baseline))
@@ -69,6 +114,16 @@ impl Delivery {
     pub fn redirected_taken(&self) -> io::Result<u64> {
         Ok(self.handed()?.saturating_sub(self.written()))
     }
+
+    /// At least how many of the bytes the kernel redirected the
+    /// destination's peer acknowledged (userspace's own bytes are counted as
+    /// acknowledged first, which can only make this smaller).
+    pub fn redirected_acked(&self) -> io::Result<u64> {
+        let acked = socket::tcp_info(self.destination())?.tcpi_bytes_acked;
+        Ok(acked
+            .saturating_sub(self.acked_baseline)
+            .saturating_sub(self.written()))
+    }
 }
 
 /// One watched source.
@@ -76,8 +131,6 @@ struct Watch {
     slot: u32,
     source_fd: RawFd,
     delivery: Rc<Delivery>,
-    /// Redirected bytes the destination was last seen to have taken.
-    taken: Cell<u64>,
     /// Redirected count at the previous scan.
     seen: Cell<u64>,
 }
@@ -95,7 +148,6 @@ impl Watches {
             slot,
             source_fd,
             delivery,
-            taken: Cell::new(0),
             seen: Cell::new(0),
         });
     }
@@ -107,39 +159,49 @@ impl Watches {
     }
 }
 
+/// New credit for a source whose destination's peer acknowledged `acked`
+/// redirected bytes.
+pub(super) fn credit_after(acked: u64, limit: u64) -> u64 {
+    acked + limit
+}
+
 impl Probe {
-    /// One scan: parks the sources whose destination lags by more than the
-    /// limit. Returns whether any source moved much since the last scan.
-    fn scan(&mut self) -> bool {
+    /// One scan: renews the credit of the sources that used more than half
+    /// of it, and gives up on the stuck ones. Returns whether any source
+    /// moved much since the last scan.
+    fn scan(&self) -> bool {
         let limit = self.in_flight_limit();
         let mut moving = false;
-        let mut lagging = Vec::new();
         for watch in &self.watches.list {
-            if !self.is_spliced(watch.slot) {
-                continue;
-            }
-            let redirected = self.stream(watch.slot).redirected;
+            let stream = self.stream(watch.slot);
+            let redirected = stream.redirected;
             moving |= redirected.saturating_sub(watch.seen.replace(redirected)) > limit / 8;
-            if redirected <= watch.taken.get() + limit {
+            let control = self.control(watch.slot);
+            if stream.passed.saturating_sub(control.forwarded) > self.stuck_limit()
+                && !watch.delivery.stuck.replace(true)
+            {
+                // SAFETY: a watch lives no longer than its splice, whose
+                // sockets outlive it.
+                let source = unsafe { BorrowedFd::borrow_raw(watch.source_fd) };
+                tracing::warn!(
+                    passed = stream.passed,
+                    forwarded = control.forwarded,
+                    "resetting a connection whose peer sends without reading: the kernel \
+                     holds what it passed up outside any socket buffer"
+                );
+                // Reset on close, and wake the leg (its reads end).
+                let _ = socket::reset_on_close(source);
+                let _ = socket::shutdown_both(source);
+            }
+            if redirected + limit / 2 <= control.credit {
                 continue;
             }
-            match watch.delivery.redirected_taken() {
-                Ok(taken) => {
-                    watch.taken.set(taken);
-                    if redirected.saturating_sub(taken) > limit {
-                        lagging.push((watch.slot, watch.source_fd));
-                    }
+            // A dead destination: its leg sees the error itself.
+            if let Ok(acked) = watch.delivery.redirected_acked() {
+                let credit = credit_after(acked, limit);
+                if credit > control.credit {
+                    self.set_control(watch.slot, Control { credit, ..control });
                 }
-                // A dead destination: its leg sees the error itself.
-                Err(_) => {}
-            }
-        }
-        for (slot, fd) in lagging {
-            // SAFETY: a watch lives no longer than its splice, whose sockets
-            // outlive it.
-            let fd = unsafe { BorrowedFd::borrow_raw(fd) };
-            if let Err(e) = self.park(slot, fd) {
-                tracing::debug!("parking slot {slot} failed: {e}");
             }
         }
         moving
@@ -151,7 +213,7 @@ pub async fn run(probe: Rc<RefCell<Probe>>) {
     let mut interval = MIN_SCAN;
     loop {
         glommio::timer::sleep(interval).await;
-        let moving = probe.borrow_mut().scan();
+        let moving = probe.borrow().scan();
         interval = if moving {
             MIN_SCAN
         } else {

@@ -3,10 +3,10 @@
 //!
 //! The same loop serves spliced and copied connections. It copies whatever it
 //! can read from the source to the destination: everything, for a copied
-//! connection or a parked source; for a spliced source, nothing (the kernel
-//! forwards its bytes) until the flow control parks it ([`super::flow`]).
-//! While parked, after each write, it puts the source back into the kernel
-//! once nothing waits in it and the destination has room.
+//! connection; for a spliced source, only what the probe passed up (past
+//! the credit, see [`crate::shared`]), after the bytes the kernel redirected
+//! before them reached the destination, and it then tells the probe what it
+//! forwarded so that the kernel can take over again.
 //!
 //! At end of stream it does not forward the FIN at once: bytes the probe
 //! redirected may still wait in the kernel's queue for the destination, and a
@@ -14,18 +14,15 @@
 //! waits until the destination's TCP send queue has taken every byte (the
 //! ones userspace wrote plus the ones the probe redirected), then shuts the
 //! destination down for writing.
-use std::{
-    io,
-    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
-    rc::Rc,
-    time::Duration,
-};
+use std::{io, os::fd::BorrowedFd, rc::Rc, time::Duration};
 
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, future};
+
+use crate::shared::{Control, Stream};
 use thiserror::Error;
 
 use super::{
-    flow::Delivery,
+    flow::{self, Delivery},
     probe::Splice,
     socket::{self, tcp_state},
 };
@@ -41,6 +38,10 @@ const MAX_SEND_PAUSE: Duration = Duration::from_millis(5);
 /// How long a wait for room in the destination may go before the leg checks
 /// again whether its peer half-closed.
 const SEND_WAIT_SLICE: Duration = Duration::from_millis(10);
+/// Bounds of the pause between two looks for passed-up bytes after the
+/// source's end of stream.
+const MIN_PASSED_PAUSE: Duration = Duration::from_micros(100);
+const MAX_PASSED_PAUSE: Duration = Duration::from_millis(50);
 
 /// Why a leg ended early; the connection should then be reset.
 #[derive(Debug, Error)]
@@ -61,15 +62,8 @@ pub struct Spliced<'a> {
 }
 
 impl Spliced<'_> {
-    fn redirected(&self) -> Result<u64, LegError> {
-        let stream = self.splice.stream(self.index).map_err(|e| {
-            if e.kind() == io::ErrorKind::BrokenPipe {
-                LegError::Destination(e)
-            } else {
-                LegError::Probe(e)
-            }
-        })?;
-        Ok(stream.redirected)
+    fn stream(&self) -> Result<Stream, LegError> {
+        self.splice.stream(self.index).map_err(LegError::Probe)
     }
 }
 
@@ -77,14 +71,11 @@ impl Spliced<'_> {
 pub struct Leg<R, W> {
     source: R,
     destination: W,
-    source_fd: RawFd,
     delivery: Rc<Delivery>,
     read: u64,
     buffer: Vec<u8>,
     /// The destination's peer sent FIN (seen once, it stays so).
     destination_half_closed: bool,
-    /// Bytes of the source's stream userspace took since it was last parked.
-    taken_while_parked: u64,
     /// Every byte the kernel redirected before this count is known to be in
     /// the destination's TCP send queue, so userspace may write after it.
     redirected_taken: u64,
@@ -97,12 +88,11 @@ where
 {
     /// Makes a leg. Must happen before anything is written to `destination`
     /// (by userspace or the kernel): it takes the baseline the drain counts
-    /// from. The sockets behind `source` and `destination` must outlive the
-    /// leg. `buffer` is the initial userspace buffer: small for a spliced
-    /// leg (it grows when parked), large for a copied one.
+    /// from. `destination_fd`, the socket behind `destination`, must outlive
+    /// the leg. `buffer` is the initial userspace buffer: small for a spliced
+    /// leg (it grows if the probe passes bytes up), large for a copied one.
     pub fn new(
         source: R,
-        source_fd: BorrowedFd<'_>,
         destination: W,
         destination_fd: BorrowedFd<'_>,
         buffer: usize,
@@ -110,19 +100,12 @@ where
         Ok(Self {
             source,
             destination,
-            source_fd: source_fd.as_raw_fd(),
             delivery: Rc::new(Delivery::new(destination_fd)?),
             read: 0,
             buffer: vec![0; buffer.clamp(1, MAX_BUFFER)],
             destination_half_closed: false,
-            taken_while_parked: 0,
             redirected_taken: 0,
         })
-    }
-
-    fn source_fd(&self) -> BorrowedFd<'_> {
-        // SAFETY: `new`'s contract: the socket outlives the leg.
-        unsafe { BorrowedFd::borrow_raw(self.source_fd) }
     }
 
     /// Bytes userspace read from the source.
@@ -151,25 +134,42 @@ where
     /// destination took every byte, and shuts the destination down for
     /// writing. `spliced` is the source's place in the probe, if it has one.
     pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
+        let spliced = spliced.filter(|s| s.splice.is_spliced(s.index));
         if let Some(spliced) = spliced {
-            spliced.splice.watch(spliced.index, Rc::clone(&self.delivery));
+            spliced
+                .splice
+                .watch(spliced.index, Rc::clone(&self.delivery));
         }
+        let mut pause = MIN_PASSED_PAUSE;
         loop {
-            let n = match self.source.read(&mut self.buffer).await {
-                Ok(0) => break,
+            let read = self.source.read(&mut self.buffer).await;
+            if self.delivery.is_stuck() {
+                return Err(LegError::Source(io::Error::other(
+                    "the peer sent too far ahead of what it read back; connection reset",
+                )));
+            }
+            let n = match read {
+                Ok(0) => match spliced {
+                    // End of stream, unless bytes the probe passed up are
+                    // still on their way to the receive queue (queued
+                    // behind bytes waiting to leave through the same
+                    // socket).
+                    Some(spliced) if spliced.stream()?.passed > self.read => {
+                        glommio::timer::sleep(pause).await;
+                        pause = (pause * 2).min(MAX_PASSED_PAUSE);
+                        continue;
+                    }
+                    _ => break,
+                },
                 Ok(n) => n,
                 Err(e) if retry(&e) => continue,
                 Err(e) => return Err(LegError::Source(e)),
             };
             self.read += n as u64;
-            let parked = spliced.filter(|s| !s.splice.is_spliced(s.index));
             if let Some(spliced) = spliced {
-                if parked.is_some() {
-                    self.taken_while_parked += n as u64;
-                }
-                // The kernel may have redirected bytes that come before
-                // these: they must reach the destination first.
-                let redirected = spliced.redirected()?;
+                // Bytes the kernel redirected before these must reach the
+                // destination first.
+                let redirected = spliced.stream()?.redirected;
                 self.wait_redirected_taken(redirected).await?;
             }
             let full = n == self.buffer.len();
@@ -181,16 +181,31 @@ where
             )
             .await?;
             if full && self.buffer.len() < MAX_BUFFER {
-                self.buffer.resize((self.buffer.len() * 4).min(MAX_BUFFER), 0);
+                self.buffer
+                    .resize((self.buffer.len() * 4).min(MAX_BUFFER), 0);
             }
-            if let Some(parked) = parked {
-                self.maybe_unpark(parked)?;
+            if let Some(spliced) = spliced {
+                // Everything read from a spliced source was passed up: the
+                // probe redirects again once this catches up with it.
+                let acked = self
+                    .delivery
+                    .redirected_acked()
+                    .map_err(LegError::Destination)?;
+                let limit = spliced.splice.in_flight_limit();
+                let control = spliced.splice.control(spliced.index);
+                spliced.splice.set_control(
+                    spliced.index,
+                    Control {
+                        credit: control.credit.max(flow::credit_after(acked, limit)),
+                        forwarded: self.read,
+                    },
+                );
             }
         }
         // End of stream: the source's bytes all went through (no verdict
         // runs any more), so the redirected count is final.
         let redirected = match spliced {
-            Some(spliced) => spliced.redirected()?,
+            Some(spliced) => spliced.stream()?.redirected,
             None => 0,
         };
         self.wait_handed_to_tcp(self.delivery.written() + redirected)
@@ -199,29 +214,6 @@ where
             .close()
             .await
             .map_err(LegError::Destination)
-    }
-
-    /// Puts a parked source back into the kernel once nothing waits in it
-    /// and the destination has room again.
-    fn maybe_unpark(&mut self, spliced: Spliced<'_>) -> Result<(), LegError> {
-        let waiting = socket::bytes_readable(self.source_fd()).map_err(LegError::Source)?;
-        if waiting > 0 {
-            return Ok(());
-        }
-        let unsent = socket::tcp_info(self.delivery.destination())
-            .map_err(LegError::Destination)?
-            .tcpi_notsent_bytes;
-        if u64::from(unsent) >= spliced.splice.in_flight_limit() / 4 {
-            return Ok(());
-        }
-        if spliced
-            .splice
-            .unpark(spliced.index, self.taken_while_parked)
-            .map_err(LegError::Probe)?
-        {
-            self.taken_while_parked = 0;
-        }
-        Ok(())
     }
 
     /// Waits until the destination's TCP took the first `redirected` bytes

@@ -20,6 +20,8 @@ pub struct KernelTotals {
     pub passed_bytes: u64,
     pub passed_skbs: u64,
     pub redirect_failures: u64,
+    pub credit_exhausted: u64,
+    pub resumed: u64,
     pub trimmed: u64,
     pub trimmed_bytes: u64,
     pub broken: u64,
@@ -34,6 +36,8 @@ impl AddAssign for KernelTotals {
         self.passed_bytes += other.passed_bytes;
         self.passed_skbs += other.passed_skbs;
         self.redirect_failures += other.redirect_failures;
+        self.credit_exhausted += other.credit_exhausted;
+        self.resumed += other.resumed;
         self.trimmed += other.trimmed;
         self.trimmed_bytes += other.trimmed_bytes;
         self.broken += other.broken;
@@ -85,6 +89,8 @@ impl KernelView {
             passed_bytes: counter(Counter::PassedBytes)?,
             passed_skbs: counter(Counter::PassedSkbs)?,
             redirect_failures: counter(Counter::RedirectFailures)?,
+            credit_exhausted: counter(Counter::CreditExhausted)?,
+            resumed: counter(Counter::Resumed)?,
             trimmed: counter(Counter::Trimmed)?,
             trimmed_bytes: counter(Counter::TrimmedBytes)?,
             broken: counter(Counter::Broken)?,

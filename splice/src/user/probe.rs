@@ -3,12 +3,7 @@
 //!
 //! Each executor (core) loads its own copy, so nothing here is shared between
 //! threads: the probe lives in an `Rc<RefCell<_>>` on its executor.
-use std::{
-    cell::RefCell,
-    io,
-    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
-    rc::Rc,
-};
+use std::{cell::RefCell, io, os::fd::BorrowedFd, rc::Rc};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -19,14 +14,14 @@ use thiserror::Error;
 
 use super::{
     capabilities::{self, MissingCapabilities},
-    flow::{Delivery, Watches},
+    flow::{self, Delivery, SEND_BUFFER_LIMITS, Watches},
     kernel_view::KernelView,
     socket,
-    streams::StreamTable,
+    streams::MappedArray,
 };
 use crate::shared::{
-    COUNTERS_MAP, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP, SocketCookie, Stream,
-    stream_flags,
+    CONTROL_MAP, COUNTERS_MAP, Control, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP,
+    SocketCookie, Stream, stream_flags,
 };
 
 /// Why a probe could not be loaded and attached.
@@ -39,7 +34,9 @@ pub enum LoadError {
          CONFIG_NET_SOCK_MSG); use --mode copy on this kernel"
     )]
     KernelLacksSockmap(&'static str),
-    #[error("the kernel verifier rejected probe program `{program}` ({io_error}); verifier log:\n{verifier_log}")]
+    #[error(
+        "the kernel verifier rejected probe program `{program}` ({io_error}); verifier log:\n{verifier_log}"
+    )]
     Rejected {
         program: String,
         io_error: io::Error,
@@ -110,8 +107,8 @@ pub struct ProbeConfig {
     /// Sockets per probe (slots in each SockMap).
     pub capacity: u32,
     /// Bytes of one direction the kernel may hold for a destination that has
-    /// not taken them yet before the source is parked (see
-    /// [`crate::shared`]).
+    /// not taken them yet: the credit the flow control keeps ahead of the
+    /// destination (see [`crate::shared`]).
     pub in_flight_limit: u64,
 }
 
@@ -122,17 +119,16 @@ pub struct Probe {
     held: SockMap<MapData>,
     spliced: SockMap<MapData>,
     routes: HashMap<MapData, SocketCookie, Route>,
-    // Keeps the map of `streams` open.
+    // Keep the maps behind `streams` and `control` open.
     _streams_map: Array<MapData, Stream>,
-    streams: StreamTable,
-    /// Whether each slot's socket is in `SPLICED` now.
-    in_spliced: Vec<bool>,
+    _control_map: Array<MapData, Control>,
+    streams: MappedArray<Stream>,
+    control: MappedArray<Control>,
     pub(super) watches: Watches,
     view: KernelView,
     free_slots: Vec<u32>,
     config: ProbeConfig,
-    parks: u64,
-    unparks: u64,
+    stuck_limit: u64,
 }
 
 impl Probe {
@@ -147,14 +143,16 @@ impl Probe {
             .map_max_entries(SPLICED_MAP, config.capacity)
             .map_max_entries(ROUTES_MAP, config.capacity)
             .map_max_entries(STREAMS_MAP, config.capacity)
+            .map_max_entries(CONTROL_MAP, config.capacity)
             .load(object)
             .map_err(load_error)?;
         let held: SockMap<MapData> = take_map(&mut ebpf, HELD_MAP)?;
         let spliced: SockMap<MapData> = take_map(&mut ebpf, SPLICED_MAP)?;
         let routes: HashMap<MapData, SocketCookie, Route> = take_map(&mut ebpf, ROUTES_MAP)?;
         let streams_map: Array<MapData, Stream> = take_map(&mut ebpf, STREAMS_MAP)?;
-        let streams = StreamTable::map(aya::maps::IterableMap::map(&streams_map), config.capacity)
-            .map_err(|e| LoadError::while_doing("mapping the streams into memory", e))?;
+        let control_map: Array<MapData, Control> = take_map(&mut ebpf, CONTROL_MAP)?;
+        let streams = map_array(&streams_map, config.capacity)?;
+        let control = map_array(&control_map, config.capacity)?;
         let view = KernelView::new(
             &routes,
             ebpf.map(COUNTERS_MAP)
@@ -178,15 +176,15 @@ impl Probe {
             spliced,
             routes,
             _streams_map: streams_map,
+            _control_map: control_map,
             streams,
-            in_spliced: vec![false; config.capacity as usize],
+            control,
             watches: Watches::default(),
             view,
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
+            stuck_limit: flow::stuck_limit(config.in_flight_limit),
             config,
-            parks: 0,
-            unparks: 0,
         })
     }
 
@@ -205,14 +203,14 @@ impl Probe {
         self.config.capacity
     }
 
-    /// Times a socket was parked, and put back, since the load.
-    pub fn parks(&self) -> (u64, u64) {
-        (self.parks, self.unparks)
-    }
-
     /// See [`ProbeConfig::in_flight_limit`].
     pub fn in_flight_limit(&self) -> u64 {
         self.config.in_flight_limit
+    }
+
+    /// See [`flow::stuck_limit`].
+    pub(super) fn stuck_limit(&self) -> u64 {
+        self.stuck_limit
     }
 
     /// The stream of the socket in `slot` (no system call).
@@ -220,35 +218,13 @@ impl Probe {
         self.streams.get(slot)
     }
 
-    pub(super) fn is_spliced(&self, slot: u32) -> bool {
-        self.in_spliced[slot as usize]
+    /// The control of the socket in `slot`, and setting it (no system call).
+    pub(super) fn control(&self, slot: u32) -> Control {
+        self.control.get(slot)
     }
 
-    /// Puts the socket in `slot` into `SPLICED`.
-    fn splice_slot(&mut self, slot: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
-        self.spliced.set(slot, &fd, 0).map_err(map_io_error)?;
-        self.in_spliced[slot as usize] = true;
-        // Bytes that reached the receive queue before the insert wait there
-        // until the next segment unless the kernel is nudged.
-        socket::kick_receive_queue(fd)
-    }
-
-    /// Takes the socket in `slot` out of `SPLICED`: its incoming bytes stay in
-    /// its receive queue for userspace (the bytes already redirected to its
-    /// peer, and those queued for its own egress, still go out).
-    pub(super) fn park(&mut self, slot: u32, fd: BorrowedFd<'_>) -> io::Result<()> {
-        if !std::mem::replace(&mut self.in_spliced[slot as usize], false) {
-            return Ok(());
-        }
-        self.parks += 1;
-        match self.spliced.clear_index(&slot) {
-            // Gone already: the kernel drops a closed socket from its maps.
-            Ok(()) | Err(MapError::KeyNotFound) => {}
-            Err(e) => return Err(map_io_error(e)),
-        }
-        // Taking the socket's lock (any setsockopt does) waits for a verdict
-        // still running on it, so its stream counts are final from here.
-        socket::kick_receive_queue(fd)
+    pub(super) fn set_control(&self, slot: u32, control: Control) {
+        self.control.set(slot, control);
     }
 }
 
@@ -280,6 +256,14 @@ fn attach(ebpf: &mut Ebpf, name: &str, map: &SockMap<MapData>) -> Result<(), Loa
         .attach(map.fd())
         .map_err(|e| LoadError::while_doing(&format!("attaching program `{name}`"), e))?;
     Ok(())
+}
+
+fn map_array<T: Copy + aya::Pod>(
+    array: &Array<MapData, T>,
+    slots: u32,
+) -> Result<MappedArray<T>, LoadError> {
+    MappedArray::map(aya::maps::IterableMap::map(array), slots)
+        .map_err(|e| LoadError::while_doing("mapping the stream state into memory", e))
 }
 
 fn take_map<T>(ebpf: &mut Ebpf, name: &str) -> Result<T, LoadError>
@@ -321,10 +305,12 @@ pub struct Member<'a> {
 
 /// One socket of a [`Splice`].
 struct Entry {
-    fd: RawFd,
+    fd: std::os::fd::RawFd,
     slot: u32,
     cookie: SocketCookie,
     held: bool,
+    /// In `SPLICED`: the kernel forwards its incoming bytes.
+    spliced: bool,
 }
 
 /// Sockets held in a probe with their routes. Dropping it removes the routes
@@ -339,22 +325,23 @@ pub struct Splice {
 impl Splice {
     /// Inserts each member's socket with a route to its peer's egress, in
     /// three steps: every socket into `HELD` (so that any of them can be
-    /// redirected to), the routes and streams, then every socket into
-    /// `SPLICED` (from then on the kernel forwards its incoming bytes).
+    /// redirected to), the routes, streams and credits, then every socket
+    /// into `SPLICED` (from then on the kernel forwards its incoming bytes).
     /// Userspace may have read from the sockets before: each stream starts
     /// at the socket's next unread byte.
     ///
     /// Fails, holding nothing, if any socket cannot be held. A socket that
-    /// cannot enter `SPLICED` (its peer's FIN arrived meanwhile) stays
-    /// parked: userspace forwards its bytes, like a parked socket's.
+    /// cannot enter `SPLICED` (its peer's FIN arrived meanwhile) stays out
+    /// ([`Splice::is_spliced`]): userspace forwards its bytes itself.
     pub fn insert(probe: &Rc<RefCell<Probe>>, members: &[Member<'_>]) -> Result<Self, InsertError> {
         let mut entries = Vec::with_capacity(members.len());
         for member in members {
             entries.push(Entry {
-                fd: member.socket.as_raw_fd(),
+                fd: std::os::fd::AsRawFd::as_raw_fd(&member.socket),
                 slot: 0,
                 cookie: socket::cookie(member.socket).map_err(InsertError::Kernel)?,
                 held: false,
+                spliced: false,
             });
         }
         let next_seqs = members
@@ -377,7 +364,10 @@ impl Splice {
             entries,
         };
         let mut p = probe.borrow_mut();
+        let send_buffer = (SEND_BUFFER_LIMITS * p.config.in_flight_limit) as usize;
         for (i, member) in members.iter().enumerate() {
+            // See `flow`: the kernel's redirect queue must always drain.
+            socket::set_send_buffer(member.socket, send_buffer).map_err(InsertError::Kernel)?;
             let entry = &mut splice.entries[i];
             p.held
                 .set(entry.slot, &member.socket, 0)
@@ -393,6 +383,13 @@ impl Splice {
                     ..Stream::default()
                 },
             );
+            p.control.set(
+                own,
+                Control {
+                    credit: p.config.in_flight_limit,
+                    forwarded: 0,
+                },
+            );
             let route = Route {
                 own,
                 peer: splice.entries[member.peer].slot,
@@ -402,54 +399,26 @@ impl Splice {
                 .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
         }
         for (i, member) in members.iter().enumerate() {
-            // Refused means not established any more: it stays parked.
-            let _ = p.splice_slot(splice.entries[i].slot, member.socket);
+            let entry = &mut splice.entries[i];
+            // Refused means not established any more: userspace forwards.
+            if p.spliced.set(entry.slot, &member.socket, 0).is_ok() {
+                entry.spliced = true;
+                // Bytes that reached the receive queue before the insert wait
+                // there until the next segment unless the kernel is nudged.
+                let _ = socket::kick_receive_queue(member.socket);
+            }
         }
         drop(p);
         Ok(splice)
     }
 
-    fn fd(&self, index: usize) -> BorrowedFd<'_> {
-        // SAFETY: `Member::socket`'s contract: the socket outlives us.
-        unsafe { BorrowedFd::borrow_raw(self.entries[index].fd) }
-    }
-
-    /// Whether the kernel forwards `members[index]`'s bytes now.
+    /// Whether the kernel forwards `members[index]`'s bytes.
     pub fn is_spliced(&self, index: usize) -> bool {
-        self.probe.borrow().is_spliced(self.entries[index].slot)
-    }
-
-    /// Takes `members[index]` out of `SPLICED` (see [`Probe::park`]).
-    pub fn park(&self, index: usize) -> io::Result<()> {
-        let entry = &self.entries[index];
-        self.probe.borrow_mut().park(entry.slot, self.fd(index))
-    }
-
-    /// Puts `members[index]` back into `SPLICED` after userspace took `taken`
-    /// bytes of its stream while it was parked. Returns false if the kernel
-    /// refused (the socket is no longer established): it stays parked.
-    pub fn unpark(&self, index: usize, taken: u64) -> io::Result<bool> {
-        let entry = &self.entries[index];
-        let mut probe = self.probe.borrow_mut();
-        if probe.is_spliced(entry.slot) {
-            return Ok(true);
-        }
-        let mut stream = probe.streams.get(entry.slot);
-        // Sequence numbers wrap at 2^32.
-        stream.next_seq = stream.next_seq.wrapping_add(taken as u32);
-        probe.streams.set(entry.slot, stream);
-        match probe.splice_slot(entry.slot, self.fd(index)) {
-            Ok(()) => {
-                probe.unparks += 1;
-                Ok(true)
-            }
-            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.entries[index].spliced
     }
 
     /// The stream of `members[index]` as the probe keeps it; an error once
-    /// the probe gave up on it, or found its destination gone.
+    /// the probe gave up on it.
     pub fn stream(&self, index: usize) -> io::Result<Stream> {
         let stream = self.probe.borrow().stream(self.entries[index].slot);
         if stream.flags & stream_flags::BROKEN != 0 {
@@ -457,17 +426,25 @@ impl Splice {
                 "the probe could not place received bytes in the stream",
             ));
         }
-        if stream.flags & stream_flags::TO_USERSPACE != 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::BrokenPipe,
-                "the destination left the SockMap (closed or reset)",
-            ));
-        }
         Ok(stream)
     }
 
-    /// Lets the probe's flow control park `members[index]` when the
-    /// destination behind `delivery` lags (until the splice drops).
+    /// Reports to the probe that userspace forwarded `forwarded` of the
+    /// bytes it passed up from `members[index]`, and sets how far it may
+    /// redirect.
+    pub fn set_control(&self, index: usize, control: Control) {
+        self.probe
+            .borrow()
+            .set_control(self.entries[index].slot, control);
+    }
+
+    /// The control last set for `members[index]`.
+    pub fn control(&self, index: usize) -> Control {
+        self.probe.borrow().control(self.entries[index].slot)
+    }
+
+    /// Lets the flow control keep credit ahead of the destination behind
+    /// `delivery` for `members[index]` (until the splice drops).
     pub fn watch(&self, index: usize, delivery: Rc<Delivery>) {
         let entry = &self.entries[index];
         self.probe
@@ -490,7 +467,7 @@ impl Drop for Splice {
             // Not found is fine: an insert that failed half-way, or the
             // kernel already dropped a closed socket from its maps.
             let _ = p.routes.remove(&entry.cookie);
-            if std::mem::replace(&mut p.in_spliced[entry.slot as usize], false) {
+            if entry.spliced {
                 let _ = p.spliced.clear_index(&entry.slot);
             }
             if entry.held {

@@ -76,6 +76,15 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// Sets the send buffer to `bytes` (SO_SNDBUFFORCE, which CAP_NET_ADMIN
+/// allows past `net.core.wmem_max`; plain SO_SNDBUF otherwise). The kernel
+/// doubles the value for its bookkeeping.
+pub fn set_send_buffer(fd: BorrowedFd<'_>, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes))
+}
+
 /// The socket's `TCP_INFO`.
 pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
     getsockopt::<libc::tcp_info>(fd, libc::IPPROTO_TCP, libc::TCP_INFO)
@@ -158,6 +167,16 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
         l_linger: 0,
     };
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
+}
+
+/// `shutdown(SHUT_RDWR)`: wakes every reader and writer of the socket.
+pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
+    // SAFETY: plain syscall on a valid descriptor.
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The pending socket error (`SO_ERROR`), cleared by reading it.

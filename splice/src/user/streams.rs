@@ -1,6 +1,7 @@
-//! The probe's `STREAMS` array mapped into memory, so that userspace reads
-//! (and, for a parked socket, writes) a socket's [`Stream`] without a system
-//! call: the flow control checks every spliced source often.
+//! The probe's `STREAMS` and `CONTROL` arrays mapped into memory, so that
+//! userspace reads a socket's [`crate::shared::Stream`] and writes its
+//! [`crate::shared::Control`] without a system call: the flow control
+//! touches every spliced source often.
 use std::{
     io,
     os::fd::{AsFd as _, AsRawFd as _},
@@ -9,22 +10,19 @@ use std::{
 
 use aya::maps::MapData;
 
-use crate::shared::Stream;
-
-/// `STREAMS`, mapped.
-pub struct StreamTable {
-    values: NonNull<Stream>,
+/// A `BPF_F_MMAPABLE` array of `T`, mapped.
+pub struct MappedArray<T> {
+    values: NonNull<T>,
     slots: u32,
     mapped_len: usize,
 }
 
-impl StreamTable {
-    /// Maps the `slots` values of `map` (a `BPF_F_MMAPABLE` array of
-    /// [`Stream`]).
+impl<T: Copy> MappedArray<T> {
+    /// Maps the `slots` values of `map`.
     pub fn map(map: &MapData, slots: u32) -> io::Result<Self> {
         // SAFETY: sysconf has no preconditions.
         let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
-        let mapped_len = (slots as usize * size_of::<Stream>()).div_ceil(page) * page;
+        let mapped_len = (slots as usize * size_of::<T>()).div_ceil(page) * page;
         // SAFETY: a shared read-write mapping of a BPF array fd; the kernel
         // checks the length against the map and the flags it was made with.
         let address = unsafe {
@@ -47,29 +45,28 @@ impl StreamTable {
         })
     }
 
-    fn slot(&self, slot: u32) -> *mut Stream {
+    fn slot(&self, slot: u32) -> *mut T {
         assert!(slot < self.slots, "slot {slot} out of {}", self.slots);
         // SAFETY: in bounds, checked above.
         unsafe { self.values.as_ptr().add(slot as usize) }
     }
 
-    /// The stream in `slot`, as the probe last wrote it.
-    pub fn get(&self, slot: u32) -> Stream {
+    /// The value in `slot`.
+    pub fn get(&self, slot: u32) -> T {
         // SAFETY: the mapping lives as long as `self`; the probe may write
         // the slot concurrently, and a volatile read of aligned u32/u64
         // fields sees each field whole (a stale value only delays a check).
         unsafe { ptr::read_volatile(self.slot(slot)) }
     }
 
-    /// Sets the stream in `slot`: only while its socket is out of `SPLICED`
-    /// (the probe does not touch it then).
-    pub fn set(&self, slot: u32, stream: Stream) {
+    /// Sets the value in `slot`: only where userspace is its one writer.
+    pub fn set(&self, slot: u32, value: T) {
         // SAFETY: as in `get`; the caller guarantees no concurrent writer.
-        unsafe { ptr::write_volatile(self.slot(slot), stream) }
+        unsafe { ptr::write_volatile(self.slot(slot), value) }
     }
 }
 
-impl Drop for StreamTable {
+impl<T> Drop for MappedArray<T> {
     fn drop(&mut self) {
         // SAFETY: unmaps exactly what `map` mapped.
         unsafe { libc::munmap(self.values.as_ptr().cast(), self.mapped_len) };
