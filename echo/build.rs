@@ -20,6 +20,15 @@ fn main() -> anyhow::Result<()> {
         .manifest_path
         .parent()
         .ok_or_else(|| anyhow!("no parent for {}", probe.manifest_path))?;
+    // The probe's code mostly lives in the shared splice crate.
+    let splice = metadata
+        .packages
+        .iter()
+        .find(|package| package.name.as_str() == "splice")
+        .ok_or_else(|| anyhow!("splice package not found in the workspace"))?;
+    if let Some(dir) = splice.manifest_path.parent() {
+        println!("cargo:rerun-if-changed={dir}");
+    }
     aya_build::build_ebpf(
         [aya_build::Package {
             name: probe.name.as_str(),

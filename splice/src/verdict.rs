@@ -58,6 +58,13 @@ const MAX_TRIM_STEPS: u32 = 128;
 /// once they fill the receive buffer, which rules out the flow control.)
 #[inline(always)]
 pub fn verdict(ctx: &SkBuffContext) -> u32 {
+    // A buffer without payload (the FIN arrived on its own) carries nothing
+    // to forward, and redirecting it breaks the peer: the kernel's redirect
+    // worker takes the 0-byte send for a hard error and sets EPIPE on the
+    // peer socket (measured: echo connections reset at their end).
+    if ctx.len() == 0 {
+        return sk_action::SK_DROP;
+    }
     // SAFETY: the helper only reads the socket of the skb behind `ctx`.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     // SAFETY: userspace writes a route before the socket enters `SPLICED`
