@@ -36,20 +36,29 @@ echo_once "hello from userspace"
 echo_once "echoed by the kernel"
 echo_once "bytes before the insert too"
 
-# 64 MiB through the probe, compared by hash.
+# 64 MiB through the probe, compared by hash, from a client that reads what
+# it sends (never more than 2 MiB ahead of the echo).
 timeout 60 python3 - "$host" "$port" <<'PY'
 import hashlib, os, socket, sys, threading
 data = os.urandom(64 << 20)
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])))
+received = 0
+room = threading.Condition()
 def send():
-    s.sendall(data)
+    for i in range(0, len(data), 1 << 18):
+        with room:
+            room.wait_for(lambda: i - received < 2 << 20)
+        s.sendall(data[i:i + (1 << 18)])
     s.shutdown(socket.SHUT_WR)
 threading.Thread(target=send).start()
-got = hashlib.sha256(); n = 0
+got = hashlib.sha256()
 while chunk := s.recv(1 << 16):
-    got.update(chunk); n += len(chunk)
+    got.update(chunk)
+    with room:
+        received += len(chunk)
+        room.notify()
 sent = hashlib.sha256(data).hexdigest()
-print(f"sent 64 MiB, echoed {n} bytes: sha256 {'equal' if got.hexdigest() == sent else 'DIFFERENT'} ({sent[:16]}...)")
+print(f"sent 64 MiB, echoed {received} bytes: sha256 {'equal' if got.hexdigest() == sent else 'DIFFERENT'} ({sent[:16]}...)")
 PY
 
 kill -USR1 "$server"; sleep 0.3
