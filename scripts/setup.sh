@@ -12,12 +12,13 @@
 #     -Z build-std=core for bpfel-unknown-none);
 #   - bpf-linker 0.13.0 linked against the nightly's own libLLVM 22 (no Debian
 #     package ships LLVM 22; bpf-linker must read the nightly's bitcode);
-#   - Debian packages the tests use (openssl, curl, iproute2, bpftool).
+#   - Debian packages the tests and demo use (openssl, curl, nc, socat,
+#     iproute2, bpftool, setpriv).
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 NIGHTLY=${NIGHTLY:-nightly}
-APT_PACKAGES=(openssl curl iproute2 bpftool procps ${SETUP_APT_EXTRA:-})
+APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux ${SETUP_APT_EXTRA:-})
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

@@ -21,7 +21,7 @@ step "cargo clippy (host)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
 step "cargo clippy (probes, bpfel-unknown-none)"
-for probe in echo-probe; do
+for probe in echo-probe router-probe; do
     CARGO_TARGET_DIR=target/bpf-clippy rustup run nightly cargo clippy --locked -q \
         -p "$probe" --bins --release --target bpfel-unknown-none -Z build-std=core -- -D warnings
 done

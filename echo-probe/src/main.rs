@@ -15,14 +15,7 @@ mod probe {
         splice::verdict::verdict(&ctx)
     }
 
-    #[panic_handler]
-    fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
-        loop {}
-    }
-
-    #[unsafe(link_section = "license")]
-    #[unsafe(no_mangle)]
-    static LICENSE: [u8; 4] = *b"GPL\0";
+    splice::probe_support!();
 }
 
 /// Built for the host only so that `cargo check --workspace` works; the real

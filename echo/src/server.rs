@@ -1,8 +1,7 @@
-//! The echo server: listeners and probes are set up on the main thread (so
-//! that every error comes out before serving starts), then one executor per
-//! core accepts on its own listener and splices into its own probe.
+//! The echo server: listeners are bound on the main thread (so that every
+//! error comes out before serving starts), then one executor per core loads
+//! its own probe, accepts on its own listener and splices into its probe.
 use std::{
-    cell::{Cell, RefCell},
     io::Write as _,
     net::TcpListener as StdListener,
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _},
@@ -14,16 +13,15 @@ use std::{
 use anyhow::{Context as _, bail};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    InsertError, KernelView, Leg, Member, Probe, ProbeConfig, Splice, Spliced,
+    KernelView, Leg, Member, ProbeConfig, Spliced,
     runtime::{self, Ready, Signal},
+    shard::{ProbeSpec, ShardProbe},
     socket,
+    stats::{SpliceStats, add},
 };
 use tracing::{debug, info, warn};
 
-use crate::{
-    Cli, Mode,
-    stats::{Report, ShardStats},
-};
+use crate::{Cli, Mode, stats::Report};
 
 /// The echo probe, built by build.rs.
 static ECHO_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/echo-probe"));
@@ -38,21 +36,13 @@ struct ShardInput {
     core: usize,
     listener: StdListener,
     probe: Option<ProbeSpec>,
-    stats: Arc<ShardStats>,
-}
-
-/// What an executor needs to load its own copy of the probe.
-#[derive(Clone)]
-struct ProbeSpec {
-    object: Arc<Vec<u8>>,
-    config: ProbeConfig,
+    stats: Arc<SpliceStats>,
 }
 
 /// One executor's state, shared by its connection tasks.
 struct Shard {
-    probe: Option<Rc<RefCell<Probe>>>,
-    stats: Arc<ShardStats>,
-    warned_full: Cell<bool>,
+    probe: Option<ShardProbe>,
+    stats: Arc<SpliceStats>,
 }
 
 pub fn run(cli: &Cli) -> anyhow::Result<()> {
@@ -65,7 +55,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
     let listeners = runtime::bind_reuseport(cli.listen, cores)?;
     let local = listeners[0].local_addr()?;
     let probe = probe_spec(cli)?;
-    let stats: Vec<Arc<ShardStats>> = (0..cores).map(|_| Arc::default()).collect();
+    let stats: Vec<Arc<SpliceStats>> = (0..cores).map(|_| Arc::default()).collect();
     let inputs = listeners
         .into_iter()
         .zip(&stats)
@@ -136,45 +126,30 @@ fn probe_spec(cli: &Cli) -> anyhow::Result<Option<ProbeSpec>> {
             capacity: cli.sockmap_capacity,
             in_flight_limit: cli.in_flight_limit,
         },
+        what: "echo probe",
     }))
 }
 
-/// Loads this executor's probe, if the mode wants one.
-fn load_probe(input: &ShardInput) -> Result<Option<(Probe, KernelView)>, String> {
-    let Some(spec) = &input.probe else {
-        return Ok(None);
-    };
-    let core = input.core;
-    let probe = Probe::load(&spec.object, spec.config)
-        .map_err(|e| format!("loading the echo probe for core {core}: {e}"))?;
-    let view = probe
-        .kernel_view()
-        .map_err(|e| format!("opening the probe maps of core {core}: {e}"))?;
-    Ok(Some((probe, view)))
-}
-
 async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
-    let probe = match load_probe(&input) {
-        Ok(Some((probe, view))) => {
-            ready.report(Ok(Some(view)));
-            Some(probe)
-        }
-        Ok(None) => {
+    let probe = match &input.probe {
+        Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats)) {
+            Ok((probe, view)) => {
+                ready.report(Ok(Some(view)));
+                Some(probe)
+            }
+            Err(message) => return ready.report(Err(message)),
+        },
+        None => {
             ready.report(Ok(None));
             None
         }
-        Err(message) => return ready.report(Err(message)),
     };
     // SAFETY: the descriptor comes from a listener we own and hand over.
     let listener = unsafe { TcpListener::from_raw_fd(input.listener.into_raw_fd()) };
     let shard = Rc::new(Shard {
-        probe: probe.map(|probe| Rc::new(RefCell::new(probe))),
+        probe,
         stats: input.stats,
-        warned_full: Cell::new(false),
     });
-    if let Some(probe) = &shard.probe {
-        glommio::spawn_local(splice::user::flow::run(Rc::clone(probe))).detach();
-    }
     loop {
         match listener.accept().await {
             Ok(stream) => {
@@ -191,86 +166,49 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
 
 async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     let stats = &shard.stats;
-    ShardStats::add(&stats.accepted, 1);
-    ShardStats::add(&stats.active, 1);
+    add(&stats.accepted, 1);
+    add(&stats.active, 1);
     let fd = stream.as_raw_fd();
     // SAFETY: `stream` moves into `leg`, which lives until the end of this
     // function, after every use of `socket`.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     let (reader, writer) = futures_lite::io::split(stream);
-    // The leg takes its baseline before the probe can echo anything.
     let buffer = if shard.probe.is_some() {
         SPLICED_BUFFER
     } else {
         COPY_BUFFER
     };
-    let leg = Leg::new(reader, writer, socket, buffer);
-    let mut leg = match leg {
+    // The leg takes its baseline before the probe can echo anything.
+    let mut leg = match Leg::new(reader, writer, socket, buffer) {
         Ok(leg) => leg,
         Err(e) => {
             debug!("cannot serve connection: {e}");
-            ShardStats::add(&stats.resets, 1);
+            add(&stats.resets, 1);
             stats.active.fetch_sub(1, Relaxed);
             return;
         }
     };
-    let splice = shard.try_splice(socket);
+    let splice = match &shard.probe {
+        Some(probe) => {
+            let early = socket::bytes_readable(socket).unwrap_or(0) > 0;
+            probe.splice(&[Member { socket, peer: 0 }], early)
+        }
+        None => {
+            add(&stats.copied, 1);
+            None
+        }
+    };
     let spliced = splice.as_ref().map(|splice| Spliced { splice, index: 0 });
-    let result = leg.run(spliced).await;
-    if let Err(e) = result {
+    if let Err(e) = leg.run(spliced).await {
         debug!("connection reset: {e}");
         let _ = socket::reset_on_close(socket);
-        ShardStats::add(&stats.resets, 1);
+        add(&stats.resets, 1);
     }
     drop(splice);
-    shard.update_slots_gauge();
-    ShardStats::add(&stats.userspace_bytes, leg.bytes_read());
+    if let Some(probe) = &shard.probe {
+        probe.update_slots_gauge();
+    }
+    add(&stats.userspace_bytes, leg.bytes_read());
     drop(leg);
     stats.active.fetch_sub(1, Relaxed);
-}
-
-impl Shard {
-    /// Inserts the socket with a route to itself; `None` means userspace
-    /// echoes this connection.
-    fn try_splice(&self, socket: BorrowedFd<'_>) -> Option<Splice> {
-        let Some(probe) = &self.probe else {
-            ShardStats::add(&self.stats.copied, 1);
-            return None;
-        };
-        let early = socket::bytes_readable(socket).unwrap_or(0) > 0;
-        let member = Member { socket, peer: 0 };
-        match Splice::insert(probe, &[member]) {
-            Ok(splice) => {
-                ShardStats::add(&self.stats.spliced, 1);
-                ShardStats::add(&self.stats.early, u64::from(early));
-                self.update_slots_gauge();
-                Some(splice)
-            }
-            Err(InsertError::Full { capacity }) => {
-                if !self.warned_full.replace(true) {
-                    warn!(
-                        "SockMap full ({capacity} slots on this core): connections are echoed in \
-                         userspace until slots free up (logged once; counted as sockmap_full)"
-                    );
-                }
-                ShardStats::add(&self.stats.sockmap_full, 1);
-                ShardStats::add(&self.stats.copied, 1);
-                None
-            }
-            Err(e) => {
-                debug!("not spliced ({e}): echoing in userspace");
-                ShardStats::add(&self.stats.insert_failed, 1);
-                ShardStats::add(&self.stats.copied, 1);
-                None
-            }
-        }
-    }
-
-    fn update_slots_gauge(&self) {
-        if let Some(probe) = &self.probe {
-            let probe = probe.borrow();
-            let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
-            self.stats.slots_in_use.store(in_use, Relaxed);
-        }
-    }
 }

@@ -8,8 +8,9 @@
 //! - `verdict` (only when compiled for `target_arch = "bpf"`): the maps and the
 //!   stream verdict program body that the probe crates export;
 //! - `user` (feature `user`): loading a probe per core, inserting sockets,
-//!   and the careful drain-then-close that loses no byte.
-#![cfg_attr(not(feature = "user"), no_std)]
+//!   flow control, and the careful drain-then-close that loses no byte;
+//! - `build` (feature `build`): building a probe crate from a build script.
+#![cfg_attr(not(any(feature = "user", feature = "build")), no_std)]
 
 pub mod shared;
 
@@ -18,3 +19,6 @@ pub mod verdict;
 
 #[cfg(feature = "user")]
 pub mod user;
+
+#[cfg(feature = "build")]
+pub mod build;

@@ -194,3 +194,20 @@ fn add(counter: Counter, n: u64) {
         unsafe { *slot += n };
     }
 }
+
+/// The items every probe binary needs besides its program: a panic handler
+/// (the verifier rejects any path that could reach it) and the licence the
+/// kernel requires for the helpers used.
+#[macro_export]
+macro_rules! probe_support {
+    () => {
+        #[panic_handler]
+        fn panic(_info: &core::panic::PanicInfo<'_>) -> ! {
+            loop {}
+        }
+
+        #[unsafe(link_section = "license")]
+        #[unsafe(no_mangle)]
+        static LICENSE: [u8; 4] = *b"GPL\0";
+    };
+}

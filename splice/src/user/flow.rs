@@ -68,8 +68,9 @@ pub struct Delivery {
     acked_baseline: u64,
     /// Bytes userspace wrote to the destination since.
     written: Cell<u64>,
-    /// Set by the flow control when it gave up on the connection.
-    stuck: Cell<bool>,
+    /// Set when the connection is given up (reset): by the flow control, or
+    /// by the server when the other direction failed.
+    abandoned: Cell<bool>,
 }
 
 impl Delivery {
@@ -81,7 +82,7 @@ impl Delivery {
             baseline: socket::bytes_handed_to_tcp(destination)?,
             acked_baseline: socket::tcp_info(destination)?.tcpi_bytes_acked,
             written: Cell::new(0),
-            stuck: Cell::new(false),
+            abandoned: Cell::new(false),
         })
     }
 
@@ -99,10 +100,14 @@ impl Delivery {
         self.written.set(self.written.get() + n);
     }
 
-    /// Whether the flow control gave up on the connection (the leg must
-    /// reset it).
-    pub fn is_stuck(&self) -> bool {
-        self.stuck.get()
+    /// Gives the connection up: the leg stops at its next step with an
+    /// error (the caller resets the sockets).
+    pub fn abandon(&self) {
+        self.abandoned.set(true);
+    }
+
+    pub fn is_abandoned(&self) -> bool {
+        self.abandoned.get()
     }
 
     /// Bytes the destination's TCP took since the leg began.
@@ -178,7 +183,7 @@ impl Probe {
             moving |= redirected.saturating_sub(watch.seen.replace(redirected)) > limit / 8;
             let control = self.control(watch.slot);
             if stream.passed.saturating_sub(control.forwarded) > self.stuck_limit()
-                && !watch.delivery.stuck.replace(true)
+                && !watch.delivery.abandoned.replace(true)
             {
                 // SAFETY: a watch lives no longer than its splice, whose
                 // sockets outlive it.
@@ -191,7 +196,7 @@ impl Probe {
                 );
                 // Reset on close, and wake the leg (its reads end).
                 let _ = socket::reset_on_close(source);
-                let _ = socket::shutdown_both(source);
+                let _ = socket::shutdown_read(source);
             }
             if redirected + limit / 2 <= control.credit {
                 continue;

@@ -108,6 +108,12 @@ where
         })
     }
 
+    /// What this leg delivered to its destination, shared: the caller can
+    /// [`Delivery::abandon`] the leg through it.
+    pub fn delivery(&self) -> Rc<Delivery> {
+        Rc::clone(&self.delivery)
+    }
+
     /// Bytes userspace read from the source.
     pub fn bytes_read(&self) -> u64 {
         self.read
@@ -143,10 +149,8 @@ where
         let mut pause = MIN_PASSED_PAUSE;
         loop {
             let read = self.source.read(&mut self.buffer).await;
-            if self.delivery.is_stuck() {
-                return Err(LegError::Source(io::Error::other(
-                    "the peer sent too far ahead of what it read back; connection reset",
-                )));
+            if self.delivery.is_abandoned() {
+                return Err(abandoned());
             }
             let n = match read {
                 Ok(0) => match spliced {
@@ -244,6 +248,9 @@ where
         let fd = delivery.destination();
         let mut pause = MIN_SEND_PAUSE;
         while !bytes.is_empty() {
+            if delivery.is_abandoned() {
+                return Err(abandoned());
+            }
             let sent = match socket::send_nonblocking(fd, bytes) {
                 Ok(n) => Some(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
@@ -305,6 +312,13 @@ where
             pause = (pause * 2).min(MAX_DRAIN_PAUSE);
         }
     }
+}
+
+fn abandoned() -> LegError {
+    LegError::Source(io::Error::new(
+        io::ErrorKind::ConnectionAborted,
+        "connection given up (reset)",
+    ))
 }
 
 fn peer_half_closed(fd: BorrowedFd<'_>) -> Result<bool, LegError> {

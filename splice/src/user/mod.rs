@@ -12,6 +12,8 @@
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
 //!   bytes handed to TCP, kick, reset);
 //! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
+//! - [`shard`]: an executor's probe as connection tasks use it;
+//! - [`stats`]: the counters of a splicing server and its `stats:` line;
 //! - [`runtime`]: listeners, one pinned executor per core, signals.
 pub mod capabilities;
 pub mod flow;
@@ -19,7 +21,9 @@ pub mod forward;
 pub mod kernel_view;
 pub mod probe;
 pub mod runtime;
+pub mod shard;
 pub mod socket;
+pub mod stats;
 pub mod streams;
 
 pub use forward::{Leg, LegError, Spliced};

@@ -169,10 +169,11 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
     setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
 }
 
-/// `shutdown(SHUT_RDWR)`: wakes every reader and writer of the socket.
-pub fn shutdown_both(fd: BorrowedFd<'_>) -> io::Result<()> {
+/// `shutdown(SHUT_RD)`: wakes the socket's readers (their reads end)
+/// without sending anything to the peer.
+pub fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
     // SAFETY: plain syscall on a valid descriptor.
-    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RDWR) } == 0 {
+    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())

@@ -1,0 +1,4 @@
+//! Builds the router probe into OUT_DIR (see `splice::build`).
+fn main() -> anyhow::Result<()> {
+    splice::build::build_probe("router-probe")
+}

@@ -1,0 +1,609 @@
+//! The router's configuration: a TOML file (`router --config`) or the
+//! `--listen`/`--route` flags, validated before anything starts, with errors
+//! that name the line and field. `router.example.toml` documents every key.
+use std::{fmt, net::SocketAddr, ops::Range, time::Duration};
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// How connections are forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Splice in the kernel where the probe loads; otherwise copy (logged).
+    Auto,
+    /// Splice in the kernel; fail at start if the probe cannot load.
+    Ebpf,
+    /// Copy every byte in userspace (the original article's naive loop).
+    Copy,
+}
+
+/// How a route picks among its backends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Balance {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+}
+
+/// What a route matches on the first packet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Matcher {
+    /// HTTP/1.x `Host` header.
+    Host(Pattern),
+    /// TLS ClientHello server name.
+    Sni(Pattern),
+    /// `ROUTE <name> [token]\r\n` preamble naming this route.
+    Preamble {
+        name: String,
+        token: Option<String>,
+        /// Forward the preamble line too (default: strip it).
+        keep: bool,
+    },
+    /// Anything no earlier route took.
+    Default,
+}
+
+/// A host name: exact, or `*.suffix` (any name ending in `.suffix`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Pattern {
+    Exact(String),
+    Suffix(String),
+}
+
+impl Pattern {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let lower = text.trim_end_matches('.').to_ascii_lowercase();
+        let (suffix, name) = match lower.strip_prefix("*.") {
+            Some(rest) => (true, rest.to_owned()),
+            None => (false, lower),
+        };
+        let valid = !name.is_empty()
+            && name.len() <= 253
+            && name.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+            });
+        if !valid {
+            return Err(format!("`{text}` is not a host name or `*.suffix` pattern"));
+        }
+        Ok(if suffix {
+            Self::Suffix(name)
+        } else {
+            Self::Exact(name)
+        })
+    }
+
+    /// Whether `name` (already lower-cased, without port or final dot)
+    /// matches.
+    pub fn matches(&self, name: &str) -> bool {
+        match self {
+            Self::Exact(exact) => name == exact,
+            Self::Suffix(suffix) => name
+                .strip_suffix(suffix.as_str())
+                .is_some_and(|head| head.len() > 1 && head.ends_with('.')),
+        }
+    }
+}
+
+impl fmt::Display for Pattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Exact(name) => f.write_str(name),
+            Self::Suffix(suffix) => write!(f, "*.{suffix}"),
+        }
+    }
+}
+
+/// One route, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    pub name: String,
+    pub matcher: Matcher,
+    pub backends: Vec<SocketAddr>,
+    pub balance: Balance,
+}
+
+/// The whole configuration, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    pub listen: Vec<SocketAddr>,
+    pub cores: Option<usize>,
+    pub mode: Mode,
+    pub first_packet_timeout: Duration,
+    pub first_packet_max: usize,
+    pub connect_timeout: Duration,
+    pub in_flight_limit: u64,
+    pub sockmap_capacity: u32,
+    pub routes: Vec<Route>,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: Vec::new(),
+            cores: None,
+            mode: Mode::Auto,
+            first_packet_timeout: Duration::from_secs(5),
+            first_packet_max: 16 * 1024,
+            connect_timeout: Duration::from_secs(2),
+            in_flight_limit: 4 << 20,
+            sockmap_capacity: 32 * 1024,
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// A configuration error, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    listen: Vec<Spanned<String>>,
+    cores: Option<Spanned<usize>>,
+    mode: Option<Mode>,
+    first_packet_timeout: Option<Spanned<String>>,
+    first_packet_max: Option<Spanned<usize>>,
+    connect_timeout: Option<Spanned<String>>,
+    in_flight_limit: Option<Spanned<u64>>,
+    sockmap_capacity: Option<Spanned<u32>>,
+    #[serde(default)]
+    route: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: Spanned<String>,
+    host: Option<Spanned<String>>,
+    sni: Option<Spanned<String>>,
+    preamble: Option<Spanned<String>>,
+    token: Option<Spanned<String>>,
+    #[serde(default)]
+    keep_preamble: bool,
+    #[serde(default)]
+    default: bool,
+    #[serde(default)]
+    backends: Vec<Spanned<String>>,
+    #[serde(default)]
+    balance: Balance,
+}
+
+/// Where a span starts, as `line N`.
+struct Source<'a>(&'a str);
+
+impl Source<'_> {
+    fn at(&self, span: Range<usize>) -> String {
+        let line = self.0[..span.start.min(self.0.len())].matches('\n').count() + 1;
+        format!("line {line}")
+    }
+}
+
+impl Config {
+    /// Parses and validates a TOML configuration; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        let raw: RawConfig = toml::from_str(text)
+            .map_err(|e| ConfigError(format!("{origin}: {}", e.to_string().trim_end())))?;
+        let source = Source(text);
+        let fail = |span: Range<usize>, field: &str, message: String| {
+            ConfigError(format!("{origin}: {}: {field}: {message}", source.at(span)))
+        };
+        let mut config = Config::default();
+        for addr in &raw.listen {
+            config
+                .listen
+                .push(parse_addr(addr.get_ref()).map_err(|m| fail(addr.span(), "listen", m))?);
+        }
+        if let Some(cores) = &raw.cores {
+            if *cores.get_ref() == 0 {
+                return Err(fail(cores.span(), "cores", "must be at least 1".into()));
+            }
+            config.cores = Some(*cores.get_ref());
+        }
+        if let Some(mode) = raw.mode {
+            config.mode = mode;
+        }
+        if let Some(timeout) = &raw.first_packet_timeout {
+            config.first_packet_timeout = parse_duration(timeout.get_ref())
+                .map_err(|m| fail(timeout.span(), "first_packet_timeout", m))?;
+        }
+        if let Some(max) = &raw.first_packet_max {
+            if !(64..=1 << 20).contains(max.get_ref()) {
+                return Err(fail(
+                    max.span(),
+                    "first_packet_max",
+                    "must be between 64 and 1048576 bytes".into(),
+                ));
+            }
+            config.first_packet_max = *max.get_ref();
+        }
+        if let Some(timeout) = &raw.connect_timeout {
+            config.connect_timeout = parse_duration(timeout.get_ref())
+                .map_err(|m| fail(timeout.span(), "connect_timeout", m))?;
+        }
+        if let Some(limit) = &raw.in_flight_limit {
+            if *limit.get_ref() < 64 * 1024 {
+                return Err(fail(
+                    limit.span(),
+                    "in_flight_limit",
+                    "must be at least 65536 bytes".into(),
+                ));
+            }
+            config.in_flight_limit = *limit.get_ref();
+        }
+        if let Some(capacity) = &raw.sockmap_capacity {
+            if *capacity.get_ref() < 2 {
+                return Err(fail(
+                    capacity.span(),
+                    "sockmap_capacity",
+                    "must be at least 2 (a connection takes two slots)".into(),
+                ));
+            }
+            config.sockmap_capacity = *capacity.get_ref();
+        }
+        for (i, spanned) in raw.route.iter().enumerate() {
+            let route = spanned.get_ref();
+            let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
+            let matchers = [
+                route.host.is_some(),
+                route.sni.is_some(),
+                route.preamble.is_some(),
+                route.default,
+            ]
+            .iter()
+            .filter(|set| **set)
+            .count();
+            if matchers != 1 {
+                return Err(fail(
+                    spanned.span(),
+                    &format!("route[{i}] ({})", route.name.get_ref()),
+                    "needs exactly one of `host`, `sni`, `preamble` or `default = true`".into(),
+                ));
+            }
+            let pattern = |value: &Spanned<String>, name: &str| {
+                Pattern::parse(value.get_ref()).map_err(|m| fail(value.span(), &field(name), m))
+            };
+            let matcher = if let Some(host) = &route.host {
+                Matcher::Host(pattern(host, "host")?)
+            } else if let Some(sni) = &route.sni {
+                Matcher::Sni(pattern(sni, "sni")?)
+            } else if let Some(name) = &route.preamble {
+                validate_route_name(name.get_ref())
+                    .map_err(|m| fail(name.span(), &field("preamble"), m))?;
+                if let Some(token) = &route.token {
+                    validate_token(token.get_ref())
+                        .map_err(|m| fail(token.span(), &field("token"), m))?;
+                }
+                Matcher::Preamble {
+                    name: name.get_ref().clone(),
+                    token: route.token.as_ref().map(|t| t.get_ref().clone()),
+                    keep: route.keep_preamble,
+                }
+            } else {
+                Matcher::Default
+            };
+            if let Some(token) = &route.token
+                && !matches!(matcher, Matcher::Preamble { .. })
+            {
+                return Err(fail(
+                    token.span(),
+                    &field("token"),
+                    "only a `preamble` route takes a token".into(),
+                ));
+            }
+            let backends = route
+                .backends
+                .iter()
+                .map(|b| parse_addr(b.get_ref()).map_err(|m| fail(b.span(), &field("backends"), m)))
+                .collect::<Result<Vec<_>, _>>()?;
+            config.routes.push(Route {
+                name: route.name.get_ref().clone(),
+                matcher,
+                backends,
+                balance: route.balance,
+            });
+            config.validate_route(i).map_err(|m| {
+                fail(
+                    spanned.span(),
+                    &format!("route[{i}] ({})", route.name.get_ref()),
+                    m,
+                )
+            })?;
+        }
+        config
+            .validate()
+            .map_err(|m| ConfigError(format!("{origin}: {m}")))?;
+        Ok(config)
+    }
+
+    fn validate_route(&self, index: usize) -> Result<(), String> {
+        let route = &self.routes[index];
+        if route.backends.is_empty() {
+            return Err("`backends` must list at least one address".into());
+        }
+        if self.routes[..index].iter().any(|r| r.name == route.name) {
+            return Err(format!("route name `{}` is used twice", route.name));
+        }
+        if self.routes[..index]
+            .iter()
+            .any(|r| r.matcher == Matcher::Default)
+        {
+            return Err(
+                "comes after the `default` route, which takes everything: move `default` last"
+                    .into(),
+            );
+        }
+        if let Matcher::Preamble { name, .. } = &route.matcher {
+            let taken = self.routes[..index].iter().any(
+                |r| matches!(&r.matcher, Matcher::Preamble { name: other, .. } if other == name),
+            );
+            if taken {
+                return Err(format!("preamble name `{name}` is used twice"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks what concerns the whole configuration.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.listen.is_empty() {
+            return Err("no `listen` address".into());
+        }
+        if self.routes.is_empty() {
+            return Err("no route: add a `[[route]]` (or `--route`)".into());
+        }
+        Ok(())
+    }
+
+    /// Adds a route given as `--route` (`host:NAME=ADDR[,ADDR...]`,
+    /// `sni:NAME=...`, `preamble:NAME[:TOKEN]=...`, `default=...`).
+    pub fn add_route_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
+        let fail = |m: String| ConfigError(format!("--route {spec}: {m}"));
+        let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
+            fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
+        })?;
+        let backends = addrs
+            .split(',')
+            .map(|a| parse_addr(a.trim()).map_err(&fail))
+            .collect::<Result<Vec<_>, _>>()?;
+        let (matcher, name) = match matcher.split_once(':') {
+            None if matcher == "default" => (Matcher::Default, "default".to_owned()),
+            Some(("host", host)) => (
+                Matcher::Host(Pattern::parse(host).map_err(&fail)?),
+                host.to_owned(),
+            ),
+            Some(("sni", host)) => (
+                Matcher::Sni(Pattern::parse(host).map_err(&fail)?),
+                host.to_owned(),
+            ),
+            Some(("preamble", rest)) => {
+                let (name, token) = match rest.split_once(':') {
+                    Some((name, token)) => (name, Some(token.to_owned())),
+                    None => (rest, None),
+                };
+                validate_route_name(name).map_err(&fail)?;
+                if let Some(token) = &token {
+                    validate_token(token).map_err(&fail)?;
+                }
+                (
+                    Matcher::Preamble {
+                        name: name.to_owned(),
+                        token,
+                        keep: false,
+                    },
+                    name.to_owned(),
+                )
+            }
+            _ => {
+                return Err(fail(
+                    "kind must be host:, sni:, preamble: or default".into(),
+                ));
+            }
+        };
+        self.routes.push(Route {
+            name: format!("{}#{}", name, self.routes.len()),
+            matcher,
+            backends,
+            balance: Balance::RoundRobin,
+        });
+        self.validate_route(self.routes.len() - 1).map_err(fail)
+    }
+}
+
+/// Parses an `IP:port` (IPv6 in brackets) or `localhost:port`.
+pub fn parse_addr(text: &str) -> Result<SocketAddr, String> {
+    if let Some(port) = text.strip_prefix("localhost:") {
+        let port: u16 = port.parse().map_err(|_| format!("`{text}`: bad port"))?;
+        return Ok(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    text.parse()
+        .map_err(|_| format!("`{text}` is not an IP:port address (IPv6 as [addr]:port)"))
+}
+
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (e.g. \"5s\", \"250ms\")"))?;
+    if duration.is_zero() {
+        return Err("must be more than 0".into());
+    }
+    Ok(duration)
+}
+
+/// Preamble route names: 1 to 64 of `[A-Za-z0-9._-]`.
+pub fn validate_route_name(name: &str) -> Result<(), String> {
+    let ok = (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a route name (1 to 64 of A-Z a-z 0-9 . _ -)"
+        ))
+    }
+}
+
+/// Preamble tokens: 1 to 256 printable ASCII characters, no space.
+pub fn validate_token(token: &str) -> Result<(), String> {
+    let ok = (1..=256).contains(&token.len()) && token.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err("a token is 1 to 256 printable ASCII characters without spaces".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+listen = ["127.0.0.1:8080", "[::1]:8080"]
+mode = "copy"
+first_packet_timeout = "250ms"
+
+[[route]]
+name = "api"
+host = "api.example.com"
+backends = ["127.0.0.1:9001", "127.0.0.1:9002"]
+balance = "least-connections"
+
+[[route]]
+name = "tls"
+sni = "*.example.com"
+backends = ["127.0.0.1:9443"]
+
+[[route]]
+name = "db"
+preamble = "db"
+token = "s3cret"
+backends = ["127.0.0.1:5432"]
+
+[[route]]
+name = "rest"
+default = true
+backends = ["127.0.0.1:9000"]
+"#;
+
+    #[test]
+    fn a_full_configuration_parses() {
+        let config = Config::from_toml(GOOD, "test.toml").unwrap();
+        assert_eq!(config.listen.len(), 2);
+        assert_eq!(config.mode, Mode::Copy);
+        assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
+        assert_eq!(config.routes.len(), 4);
+        assert_eq!(config.routes[0].balance, Balance::LeastConnections);
+        assert_eq!(
+            config.routes[1].matcher,
+            Matcher::Sni(Pattern::Suffix("example.com".into()))
+        );
+        assert_eq!(
+            config.routes[2].matcher,
+            Matcher::Preamble {
+                name: "db".into(),
+                token: Some("s3cret".into()),
+                keep: false
+            }
+        );
+    }
+
+    fn error(text: &str) -> String {
+        Config::from_toml(text, "t.toml").unwrap_err().0
+    }
+
+    #[test]
+    fn errors_name_the_line_and_field() {
+        let e = error(
+            "listen = [\"127.0.0.1:1\"]\n[[route]]\nname = \"a\"\nhost = \"bad host!\"\nbackends = [\"127.0.0.1:2\"]\n",
+        );
+        assert!(e.contains("line 4: route[0] (a).host"), "{e}");
+        let e = error(
+            "listen = [\"127.0.0.1:1\"]\n[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = [\"nowhere\"]\n",
+        );
+        assert!(
+            e.contains("line 5: route[0] (a).backends: `nowhere` is not an IP:port"),
+            "{e}"
+        );
+        let e = error(
+            "listen = [\"127.0.0.1:1\"]\n\n[[route]]\nname = \"a\"\nbackends = [\"127.0.0.1:2\"]\n",
+        );
+        assert!(
+            e.contains("line 3: route[0] (a): needs exactly one of"),
+            "{e}"
+        );
+        let e = error("listen = [\"127.0.0.1:1\"]\nfirst_packet_timeout = \"soon\"\n");
+        assert!(e.contains("line 2: first_packet_timeout"), "{e}");
+        let e = error("listen = [\"127.0.0.1:1\"]\nunknown = 1\n");
+        assert!(e.contains("line 2") && e.contains("unknown"), "{e}");
+    }
+
+    #[test]
+    fn semantic_mistakes_are_refused() {
+        let base = "listen = [\"127.0.0.1:1\"]\n";
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"d\"\ndefault = true\nbackends = [\"127.0.0.1:2\"]\n[[route]]\nname = \"x\"\nhost = \"x.y\"\nbackends = [\"127.0.0.1:3\"]\n"
+        ));
+        assert!(e.contains("comes after the `default` route"), "{e}");
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = []\n"
+        ));
+        assert!(
+            e.contains("`backends` must list at least one address"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\nhost = \"a.b\"\ntoken = \"t\"\nbackends = [\"127.0.0.1:2\"]\n"
+        ));
+        assert!(e.contains("only a `preamble` route takes a token"), "{e}");
+        let e = error("[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = [\"127.0.0.1:2\"]\n");
+        assert!(e.contains("no `listen` address"), "{e}");
+    }
+
+    #[test]
+    fn route_flags_build_routes() {
+        let mut config = Config::default();
+        config.add_route_flag("host:a.test=127.0.0.1:9001").unwrap();
+        config
+            .add_route_flag("sni:b.test=127.0.0.1:9002,127.0.0.1:9003")
+            .unwrap();
+        config.add_route_flag("preamble:db:tok=[::1]:5432").unwrap();
+        config.add_route_flag("default=127.0.0.1:9004").unwrap();
+        assert_eq!(config.routes[1].backends.len(), 2);
+        assert!(
+            matches!(&config.routes[2].matcher, Matcher::Preamble { token: Some(t), .. } if t == "tok")
+        );
+        assert!(config.add_route_flag("host:x=127.0.0.1:1").is_err());
+        let e = config.add_route_flag("tcp:x=1.2.3.4:5").unwrap_err().0;
+        assert!(e.contains("kind must be"), "{e}");
+    }
+
+    #[test]
+    fn patterns_match_exactly_or_by_suffix() {
+        let exact = Pattern::parse("A.Test.").unwrap();
+        assert!(exact.matches("a.test"));
+        assert!(!exact.matches("b.a.test"));
+        let suffix = Pattern::parse("*.example.com").unwrap();
+        assert!(suffix.matches("www.example.com"));
+        assert!(suffix.matches("a.b.example.com"));
+        assert!(!suffix.matches("example.com"));
+        assert!(!suffix.matches("badexample.com"));
+        assert!(Pattern::parse("*").is_err());
+        assert!(Pattern::parse("a..b").is_err());
+    }
+}

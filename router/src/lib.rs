@@ -1,0 +1,20 @@
+//! The router: a thread-per-core L4 router that reads each TCP connection's
+//! first packet (TLS SNI, HTTP `Host`, or a preamble), picks a backend, and
+//! splices the two sockets inside the kernel with eBPF.
+//!
+//! - [`config`]: the configuration (TOML or flags), validated;
+//! - [`sniff`]: what a first packet says;
+//! - [`routes`]: which route it takes, or why it is refused;
+//! - [`refuse`]: what a refused client receives;
+//! - [`backends`]: picking and connecting to a route's backends;
+//! - [`server`]: the executors, the listeners and each connection's life;
+//! - [`stats`]: the counters and the `stats:` line;
+//! - [`demo`]: the demo backends of `router --demo`.
+pub mod backends;
+pub mod config;
+pub mod demo;
+pub mod refuse;
+pub mod routes;
+pub mod server;
+pub mod sniff;
+pub mod stats;

@@ -1,0 +1,156 @@
+//! `router`: a thread-per-core TCP router. It reads each connection's first
+//! packet (TLS SNI, HTTP `Host`, or a `ROUTE name [token]` preamble), picks a
+//! backend, and splices the two sockets inside the kernel with eBPF.
+use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use router::{
+    config::{Config, Mode, parse_addr},
+    demo, server,
+};
+use tracing_subscriber::EnvFilter;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "router",
+    version,
+    about = "Thread-per-core L4 router: routes TCP connections on their first packet \
+             (TLS SNI, HTTP Host, preamble) and splices them inside the kernel with eBPF",
+    after_help = "Examples:\n  \
+        router --demo                                 # demo backends + routes, prints commands to try\n  \
+        router --config router.toml                   # see router.example.toml\n  \
+        router --config router.toml --check-config    # validate and exit\n  \
+        router --listen 127.0.0.1:8080 --route host:a.test=127.0.0.1:9001 \\\n      \
+        --route sni:b.test=127.0.0.1:9002,127.0.0.1:9003 --route default=127.0.0.1:9004\n  \
+        router ... --route preamble:db:s3cret=127.0.0.1:5432   # clients send \"ROUTE db s3cret\\r\\n\" first\n  \
+        kill -USR1 <pid>                              # print counters now"
+)]
+struct Cli {
+    /// TOML configuration file (see router.example.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Validate the configuration, print a summary, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Address to listen on (repeatable; adds to the file's `listen`).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    listen: Vec<SocketAddr>,
+    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...
+    /// (repeatable; tried after the file's routes, in order).
+    #[arg(long, value_name = "SPEC")]
+    route: Vec<String>,
+    /// Executors, one pinned per core [default: all online cores].
+    #[arg(long)]
+    cores: Option<usize>,
+    /// auto: splice in the kernel where the probe loads, else copy (logged);
+    /// ebpf: splice or fail; copy: always copy in userspace.
+    #[arg(long, value_enum)]
+    mode: Option<Mode>,
+    /// Print a `stats:` line every --stats-interval seconds, and at exit.
+    #[arg(long)]
+    stats: bool,
+    /// Seconds between two --stats lines.
+    #[arg(long, default_value_t = 1.0)]
+    stats_interval: f64,
+    /// Run the demo: two demo backends and an embedded configuration.
+    #[arg(long)]
+    demo: bool,
+    /// Log filter (error, warn, info, debug, trace, or a tracing filter);
+    /// RUST_LOG works too.
+    #[arg(long, value_name = "FILTER")]
+    log: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = cli
+        .log
+        .clone()
+        .map(EnvFilter::new)
+        .or_else(|| EnvFilter::try_from_default_env().ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("router: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    if !(0.01..=86400.0).contains(&cli.stats_interval) {
+        anyhow::bail!("--stats-interval: give seconds between 0.01 and 86400");
+    }
+    let mut demo_backends = None;
+    let mut config = if cli.demo {
+        let backends = demo::start().context("starting the demo backends")?;
+        let config = backends.config();
+        demo_backends = Some(backends);
+        config
+    } else if let Some(path) = &cli.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::from_toml(&text, &path.display().to_string())?
+    } else {
+        Config::default()
+    };
+    config.listen.extend(&cli.listen);
+    for spec in &cli.route {
+        config.add_route_flag(spec)?;
+    }
+    if let Some(cores) = cli.cores {
+        anyhow::ensure!(cores > 0, "--cores must be at least 1");
+        config.cores = Some(cores);
+    }
+    if let Some(mode) = cli.mode {
+        config.mode = mode;
+    }
+    config
+        .validate()
+        .map_err(|e| anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"))?;
+    if cli.check_config {
+        println!("configuration ok: {}", summary(&config));
+        return Ok(());
+    }
+    let options = server::RunOptions {
+        stats_interval: cli
+            .stats
+            .then(|| Duration::from_secs_f64(cli.stats_interval)),
+        on_ready: Box::new(move |bound| {
+            println!(
+                "router: listening on {}",
+                bound
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            if let Some(backends) = &demo_backends {
+                println!("{}", backends.instructions(bound[0]));
+            }
+            let _ = std::io::stdout().flush();
+        }),
+    };
+    server::run(config, options)
+}
+
+fn summary(config: &Config) -> String {
+    let routes: Vec<String> = config
+        .routes
+        .iter()
+        .map(|r| format!("{} -> {} backend(s)", r.name, r.backends.len()))
+        .collect();
+    format!(
+        "{} listener(s), {} route(s): {}",
+        config.listen.len(),
+        config.routes.len(),
+        routes.join(", ")
+    )
+}

@@ -1,0 +1,451 @@
+//! The router's executors and each connection's life, the six steps of the
+//! design: listen (one SO_REUSEPORT listener per address and core), accept,
+//! read the first packet, decide, connect, forward (splice the two sockets in
+//! the kernel, or copy in userspace).
+use std::{
+    io::Write as _,
+    net::{SocketAddr, TcpListener as StdListener},
+    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _, RawFd},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
+use glommio::net::{TcpListener, TcpStream};
+use splice::user::{
+    KernelView, Leg, LegError, Member, ProbeConfig, Spliced,
+    runtime::{self, Ready, Signal},
+    shard::{ProbeSpec, ShardProbe},
+    socket,
+    stats::add,
+};
+use tracing::{debug, info, warn};
+
+use crate::{
+    backends::Pools,
+    config::{Config, Mode},
+    refuse,
+    routes::{self, Refusal},
+    sniff::{self, FirstPacket, Protocol, Sniff},
+    stats::{Report, RouterStats},
+};
+
+/// The router probe, built by build.rs.
+static ROUTER_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router-probe"));
+
+/// Initial userspace buffer of a spliced direction (grows if the probe
+/// passes bytes up), and of a copied one.
+const SPLICED_BUFFER: usize = 256;
+const COPY_BUFFER: usize = 16 * 1024;
+/// Bytes read per call while reading the first packet.
+const FIRST_READ: usize = 4096;
+
+/// Called once every executor serves, with the bound addresses.
+pub type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
+
+/// How `run` reports.
+pub struct RunOptions {
+    /// Print a `stats:` line every interval (and at exit).
+    pub stats_interval: Option<Duration>,
+    pub on_ready: OnReady,
+}
+
+/// What the main thread hands to one executor.
+struct ShardInput {
+    core: usize,
+    listeners: Vec<StdListener>,
+    config: Arc<Config>,
+    probe: Option<ProbeSpec>,
+    stats: Arc<RouterStats>,
+}
+
+/// One executor's state, shared by its connection tasks.
+struct Shard {
+    config: Arc<Config>,
+    pools: Pools,
+    probe: Option<ShardProbe>,
+    stats: Arc<RouterStats>,
+}
+
+/// Runs the router until SIGINT/SIGTERM.
+pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    runtime::raise_open_files_limit();
+    let online = runtime::online_cores();
+    let cores = config.cores.unwrap_or(online);
+    if cores > online {
+        bail!("cores = {cores}: this machine has {online} online cores (use 1 to {online})");
+    }
+    let mut per_core: Vec<Vec<StdListener>> = (0..cores).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for addr in &config.listen {
+        let listeners = runtime::bind_reuseport(*addr, cores)?;
+        bound.push(listeners[0].local_addr()?);
+        for (core, listener) in listeners.into_iter().enumerate() {
+            per_core[core].push(listener);
+        }
+    }
+    let probe = probe_spec(&config)?;
+    let config = Arc::new(config);
+    let stats: Vec<Arc<RouterStats>> = (0..cores).map(|_| Arc::default()).collect();
+    let inputs = per_core
+        .into_iter()
+        .zip(&stats)
+        .enumerate()
+        .map(|(core, (listeners, stats))| ShardInput {
+            core,
+            listeners,
+            config: Arc::clone(&config),
+            probe: probe.clone(),
+            stats: Arc::clone(stats),
+        })
+        .collect();
+    let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
+    let kernel: Vec<KernelView> = views.into_iter().flatten().collect();
+    let mode = if kernel.len() == cores {
+        "ebpf"
+    } else if kernel.is_empty() {
+        "copy"
+    } else {
+        "mixed"
+    };
+    info!(?bound, mode, cores, "serving");
+    (options.on_ready)(&bound);
+
+    let report = Report {
+        mode,
+        shards: &stats,
+        kernel: &kernel,
+    };
+    let print = |line: String| {
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+    };
+    let interval = options.stats_interval.unwrap_or(Duration::from_secs(3600));
+    loop {
+        match runtime::wait_for_signal(interval) {
+            Some(Signal::Stop) => break,
+            Some(Signal::Report) => print(report.line()),
+            Some(Signal::Reload) => info!("SIGHUP: reloading is not supported yet; ignored"),
+            None if options.stats_interval.is_some() => print(report.line()),
+            None => {}
+        }
+    }
+    if options.stats_interval.is_some() {
+        print(report.line());
+    }
+    Ok(())
+}
+
+fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {
+    match config.mode {
+        Mode::Copy => return Ok(None),
+        // Fail with the clearest message before starting anything.
+        Mode::Ebpf => splice::user::capabilities::check()?,
+        Mode::Auto => {
+            if let Err(e) = splice::user::capabilities::check() {
+                warn!("{e}; forwarding in userspace (--mode copy)");
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(ProbeSpec {
+        object: Arc::new(ROUTER_PROBE.to_vec()),
+        config: ProbeConfig {
+            capacity: config.sockmap_capacity,
+            in_flight_limit: config.in_flight_limit,
+        },
+        what: "router probe",
+    }))
+}
+
+async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
+    let probe = match &input.probe {
+        Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats.splice)) {
+            Ok((probe, view)) => {
+                ready.report(Ok(Some(view)));
+                Some(probe)
+            }
+            Err(message) if input.config.mode == Mode::Auto => {
+                warn!("{message}; this core forwards in userspace");
+                ready.report(Ok(None));
+                None
+            }
+            Err(message) => return ready.report(Err(message)),
+        },
+        None => {
+            ready.report(Ok(None));
+            None
+        }
+    };
+    let shard = Rc::new(Shard {
+        pools: Pools::new(&input.config.routes),
+        config: input.config,
+        probe,
+        stats: input.stats,
+    });
+    for listener in input.listeners {
+        // SAFETY: the descriptor comes from a listener we own and hand over.
+        let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(async move {
+            loop {
+                match listener.accept().await {
+                    Ok(stream) => {
+                        glommio::spawn_local(serve(stream, Rc::clone(&shard))).detach();
+                    }
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        warn!("accept failed: {e}");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    // The executor lives as long as this task: forever.
+    future::pending::<()>().await;
+}
+
+async fn serve(mut client: TcpStream, shard: Rc<Shard>) {
+    let stats = &shard.stats;
+    add(&stats.splice.accepted, 1);
+    add(&stats.splice.active, 1);
+    let peer = client.peer_addr().ok();
+    match route(&mut client, &shard).await {
+        Ok((first, decision)) => {
+            add(&stats.routed, 1);
+            forward(client, &shard, first, decision).await;
+        }
+        Err((protocol, refusal)) => {
+            add(stats.refused(refusal), 1);
+            info!(
+                client = ?peer,
+                reason = refusal.name(),
+                "refused connection"
+            );
+            let response = refuse::response(protocol, refusal);
+            if !response.is_empty() {
+                let _ = client.write_all(&response).await;
+            }
+            let _ = client.close().await;
+        }
+    }
+    stats.splice.active.fetch_sub(1, Relaxed);
+}
+
+/// Reads the first packet and picks the route; on refusal, says in which
+/// protocol to answer.
+async fn route(
+    client: &mut TcpStream,
+    shard: &Shard,
+) -> Result<(Vec<u8>, routes::Decision), (Protocol, Refusal)> {
+    let config = &shard.config;
+    let deadline = Instant::now() + config.first_packet_timeout;
+    let max = config.first_packet_max;
+    let mut bytes = Vec::with_capacity(FIRST_READ);
+    let first = loop {
+        match sniff::sniff(&bytes, max) {
+            Sniff::Done(first) => break first,
+            Sniff::Invalid(protocol, why) => {
+                debug!("invalid first packet: {why}");
+                return Err((protocol, Refusal::Invalid));
+            }
+            Sniff::NeedMore => {}
+        }
+        if bytes.len() >= max {
+            return Err((sniff::guess(&bytes), Refusal::TooLarge));
+        }
+        let old = bytes.len();
+        bytes.resize((old + FIRST_READ).min(max), 0);
+        let left = deadline.saturating_duration_since(Instant::now());
+        let read = async { Some(client.read(&mut bytes[old..]).await) };
+        let timeout = async {
+            glommio::timer::sleep(left).await;
+            None
+        };
+        match future::or(read, timeout).await {
+            Some(Ok(0)) | Some(Err(_)) => {
+                // Closed (or reset) before saying where to go.
+                bytes.truncate(old);
+                return Err((sniff::guess(&bytes), Refusal::Invalid));
+            }
+            Some(Ok(n)) => bytes.truncate(old + n),
+            None => {
+                bytes.truncate(old);
+                return Err((sniff::guess(&bytes), Refusal::Timeout));
+            }
+        }
+    };
+    let decision =
+        routes::decide(&config.routes, &first).map_err(|refusal| (first.protocol(), refusal))?;
+    if let FirstPacket::Tls { sni } = &first {
+        debug!(?sni, route = config.routes[decision.route].name, "routed");
+    }
+    Ok((bytes, decision))
+}
+
+/// Connects the route's backend, sends it the first packet, and forwards
+/// both directions until both ended.
+async fn forward(client: TcpStream, shard: &Shard, first: Vec<u8>, decision: routes::Decision) {
+    let stats = &shard.stats;
+    let route = &shard.config.routes[decision.route];
+    let (connected, failures) = shard
+        .pools
+        .connect(decision.route, shard.config.connect_timeout)
+        .await;
+    for (addr, error) in &failures {
+        add(&stats.backend_failures, 1);
+        warn!(route = route.name, backend = %addr, "backend connection failed: {error}");
+    }
+    let protocol = sniff::guess(&first);
+    let Some(backend) = connected else {
+        add(stats.refused(Refusal::Unavailable), 1);
+        info!(
+            route = route.name,
+            reason = "unavailable",
+            "refused connection: no backend answered"
+        );
+        let mut client = client;
+        let _ = client
+            .write_all(&refuse::response(protocol, Refusal::Unavailable))
+            .await;
+        let _ = client.close().await;
+        return;
+    };
+    let _guard = backend.guard;
+    let client_fd = client.as_raw_fd();
+    let backend_fd = backend.stream.as_raw_fd();
+    // Latency over batching: a proxy forwards small writes as they come.
+    let _ = client.set_nodelay(true);
+    let _ = backend.stream.set_nodelay(true);
+    // SAFETY: the streams move into the legs below, which live until the
+    // end of this function, after every use of these descriptors.
+    let (client_socket, backend_socket) = unsafe {
+        (
+            BorrowedFd::borrow_raw(client_fd),
+            BorrowedFd::borrow_raw(backend_fd),
+        )
+    };
+    let buffer = if shard.probe.is_some() {
+        SPLICED_BUFFER
+    } else {
+        COPY_BUFFER
+    };
+    let (client_reader, client_writer) = futures_lite::io::split(client);
+    let (backend_reader, backend_writer) = futures_lite::io::split(backend.stream);
+    // Legs take their baselines before anything is written to either side.
+    let legs = Leg::new(client_reader, backend_writer, backend_socket, buffer).and_then(|up| {
+        Ok((
+            up,
+            Leg::new(backend_reader, client_writer, client_socket, buffer)?,
+        ))
+    });
+    let (mut up, mut down) = match legs {
+        Ok(legs) => legs,
+        Err(e) => {
+            debug!("cannot forward: {e}");
+            add(&stats.splice.resets, 1);
+            reset_on_close([client_fd, backend_fd]);
+            return;
+        }
+    };
+    if let Err(e) = up.write(&first[decision.skip.min(first.len())..]).await {
+        debug!("sending the first packet failed: {e}");
+        add(&stats.splice.resets, 1);
+        reset_on_close([client_fd, backend_fd]);
+        return;
+    }
+    drop(first);
+    let splice = match &shard.probe {
+        Some(probe) => {
+            let early = socket::bytes_readable(client_socket).unwrap_or(0) > 0
+                || socket::bytes_readable(backend_socket).unwrap_or(0) > 0;
+            let members = [
+                Member {
+                    socket: client_socket,
+                    peer: 1,
+                },
+                Member {
+                    socket: backend_socket,
+                    peer: 0,
+                },
+            ];
+            probe.splice(&members, early)
+        }
+        None => {
+            add(&stats.splice.copied, 1);
+            None
+        }
+    };
+    let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
+    let reset = Reset {
+        sockets: [client_fd, backend_fd],
+        legs: [up.delivery(), down.delivery()],
+    };
+    let (up_result, down_result) = future::zip(
+        run_leg(&mut up, spliced(0), &reset),
+        run_leg(&mut down, spliced(1), &reset),
+    )
+    .await;
+    if up_result.is_err() || down_result.is_err() {
+        add(&stats.splice.resets, 1);
+    }
+    drop(splice);
+    if let Some(probe) = &shard.probe {
+        probe.update_slots_gauge();
+    }
+    add(
+        &stats.splice.userspace_bytes,
+        up.bytes_read() + down.bytes_read(),
+    );
+}
+
+/// A connection's two sockets and legs, to reset when a direction fails.
+struct Reset {
+    sockets: [RawFd; 2],
+    legs: [Rc<splice::user::flow::Delivery>; 2],
+}
+
+impl Reset {
+    /// Passes a reset on: both legs stop, both sockets send RST when closed,
+    /// and blocked reads wake up now (without sending the peers anything).
+    fn now(&self) {
+        for leg in &self.legs {
+            leg.abandon();
+        }
+        reset_on_close(self.sockets);
+        for fd in self.sockets {
+            // SAFETY: both sockets outlive every caller (see `forward`).
+            let _ = socket::shutdown_read(unsafe { BorrowedFd::borrow_raw(fd) });
+        }
+    }
+}
+
+/// Runs one direction; if it fails, resets the connection, which also ends
+/// the other direction.
+async fn run_leg<R, W>(
+    leg: &mut Leg<R, W>,
+    spliced: Option<Spliced<'_>>,
+    reset: &Reset,
+) -> Result<(), LegError>
+where
+    R: futures_lite::AsyncRead + Unpin,
+    W: futures_lite::AsyncWrite + Unpin,
+{
+    let result = leg.run(spliced).await;
+    if let Err(e) = &result {
+        debug!("connection reset: {e}");
+        reset.now();
+    }
+    result
+}
+
+fn reset_on_close(sockets: [RawFd; 2]) {
+    for fd in sockets {
+        // SAFETY: both sockets outlive every caller (see `forward`).
+        let _ = socket::reset_on_close(unsafe { BorrowedFd::borrow_raw(fd) });
+    }
+}

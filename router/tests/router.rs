@@ -1,0 +1,461 @@
+//! Specification of `router`, tested against the real kernel with real
+//! clients (curl, openssl) and backends (openssl s_server, Rust threads):
+//! every routing test runs in `ebpf` and in `copy` mode.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr},
+    process::Command,
+    sync::mpsc,
+    thread,
+    time::{Duration, Instant},
+};
+
+use testkit::{
+    Server, Stats,
+    backends::{self, Backend},
+    clients::{self, exchange_then_close},
+    data::Rng,
+    privileges::require_bpf,
+    tls::{TlsBackend, s_client},
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_router");
+
+fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--mode".into(),
+        mode.into(),
+    ];
+    for route in routes {
+        args.push("--route".into());
+        args.push(route.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(BIN, &args)
+}
+
+/// Runs `test` in both modes (the ebpf one only where BPF is allowed).
+fn both_modes(name: &str, test: impl Fn(&str)) {
+    test("copy");
+    if require_bpf(name) {
+        test("ebpf");
+    }
+}
+
+fn idle(stats: &Stats) -> bool {
+    stats.get("active") == 0
+}
+
+fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Sends `bytes`, half-closes, and returns everything received.
+fn send(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    clients::send_and_receive(addr, bytes.to_vec()).expect("client I/O")
+}
+
+#[test]
+fn http_host_routes_to_its_backend_and_the_rest_to_default() {
+    both_modes("host_routing", |mode| {
+        let (a, other) = (Backend::named("a"), Backend::named("other"));
+        let routes = [
+            format!("host:a.test={}", a.addr),
+            format!("host:*.wild.test={}", other.addr),
+            format!("default={}", other.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        let url = format!("http://{}/", router.addr);
+        assert_eq!(curl(&["-H", "Host: a.test", &url]), "a\n", "{mode}");
+        assert_eq!(curl(&["-H", "Host: A.TEST:80", &url]), "a\n", "{mode}");
+        assert_eq!(
+            curl(&["-H", "Host: x.wild.test", &url]),
+            "other\n",
+            "{mode}"
+        );
+        assert_eq!(
+            curl(&["-H", "Host: unknown.test", &url]),
+            "other\n",
+            "{mode}"
+        );
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("routed"), 4, "{mode}: {stats:?}");
+        if mode == "ebpf" {
+            // A backend that answered and closed before the splice cannot be
+            // inserted (the kernel refuses a socket that got FIN): userspace
+            // forwards that connection.
+            assert_eq!(
+                stats.get("spliced") + stats.get("insert_failed"),
+                4,
+                "{stats:?}"
+            );
+            assert!(stats.get("kernel_redirected_bytes") > 0, "{stats:?}");
+        } else {
+            assert_eq!(stats.get("copied"), 4, "{stats:?}");
+        }
+    });
+}
+
+#[test]
+fn tls_sni_routes_to_its_backend_without_terminating_tls() {
+    both_modes("sni_routing", |mode| {
+        let (b, c) = (TlsBackend::start("b.test"), TlsBackend::start("c.test"));
+        let routes = [
+            format!("sni:b.test={}", b.addr),
+            format!("sni:*.c.test={}", c.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        let to_b = s_client(router.addr, Some("b.test"));
+        assert!(
+            to_b.contains("CN = b.test") || to_b.contains("CN=b.test"),
+            "{mode}: {to_b}"
+        );
+        let to_c = s_client(router.addr, Some("www.c.test"));
+        assert!(
+            to_c.contains("CN = c.test") || to_c.contains("CN=c.test"),
+            "{mode}: {to_c}"
+        );
+        // A whole HTTPS exchange through the splice (s_server -www answers).
+        let port = router.addr.port();
+        let page = curl(&[
+            "-k",
+            "--resolve",
+            &format!("b.test:{port}:127.0.0.1"),
+            &format!("https://b.test:{port}/"),
+        ]);
+        assert!(page.contains("s_server"), "{mode}: {page}");
+        // No route for an unknown name and no default: a TLS alert.
+        let refused = s_client(router.addr, Some("nope.test"));
+        assert!(
+            refused.to_lowercase().contains("unrecognized name"),
+            "{mode}: {refused}"
+        );
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("routed"), 3, "{mode}: {stats:?}");
+        assert_eq!(stats.get("refused_no_route"), 1, "{mode}: {stats:?}");
+    });
+}
+
+#[test]
+fn a_preamble_routes_after_its_token_is_checked_and_is_stripped() {
+    both_modes("preamble", |mode| {
+        let db = Backend::named("db");
+        let routes = [
+            format!("preamble:db:s3cret={}", db.addr),
+            format!("preamble:open={}", db.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        let reply = send(router.addr, b"ROUTE db s3cret\r\nhello");
+        assert_eq!(
+            reply,
+            b"db:hello",
+            "{mode}: {}",
+            String::from_utf8_lossy(&reply)
+        );
+        let reply = send(router.addr, b"ROUTE open\r\nplain");
+        assert_eq!(reply, b"db:plain", "{mode}");
+        let contacted = db.accepted();
+        assert_eq!(
+            send(router.addr, b"ROUTE db wrong\r\nhello"),
+            b"ERR unauthorized\r\n"
+        );
+        assert_eq!(
+            send(router.addr, b"ROUTE db\r\nhello"),
+            b"ERR unauthorized\r\n"
+        );
+        assert_eq!(
+            send(router.addr, b"ROUTE nope\r\nhello"),
+            b"ERR no route\r\n"
+        );
+        assert_eq!(
+            send(router.addr, b"ROUTE a b c\r\n"),
+            b"ERR bad preamble\r\n"
+        );
+        assert_eq!(
+            db.accepted(),
+            contacted,
+            "{mode}: a refused client reached the backend"
+        );
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_unauthorized"), 2, "{mode}: {stats:?}");
+        assert_eq!(stats.get("refused_no_route"), 1, "{mode}: {stats:?}");
+        assert_eq!(stats.get("refused_invalid"), 1, "{mode}: {stats:?}");
+    });
+}
+
+#[test]
+fn without_a_default_route_unmatched_clients_are_refused_in_their_protocol() {
+    both_modes("no_route", |mode| {
+        let a = Backend::named("a");
+        let mut router = start(mode, &[format!("host:a.test={}", a.addr)], &[]);
+        let response = String::from_utf8(send(
+            router.addr,
+            b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n",
+        ))
+        .unwrap();
+        assert!(
+            response.starts_with("HTTP/1.1 421 Misdirected Request\r\n"),
+            "{mode}: {response}"
+        );
+        // Unknown protocol: closed without a word.
+        assert_eq!(send(router.addr, b"\x00\x01\x02binary"), b"");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_no_route"), 2, "{mode}: {stats:?}");
+        assert_eq!(a.accepted(), 0);
+    });
+}
+
+#[test]
+fn a_dead_backend_is_skipped_and_all_dead_is_refused_cleanly() {
+    both_modes("backends_down", |mode| {
+        let alive = Backend::named("alive");
+        let dead = backends::closed_port();
+        let routes = [
+            format!("host:a.test={dead},{}", alive.addr),
+            format!("host:down.test={}", backends::closed_port()),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        let url = format!("http://{}/", router.addr);
+        for _ in 0..4 {
+            assert_eq!(curl(&["-H", "Host: a.test", &url]), "alive\n", "{mode}");
+        }
+        let refused = curl(&["-i", "-H", "Host: down.test", &url]);
+        assert!(
+            refused.starts_with("HTTP/1.1 502 Bad Gateway"),
+            "{mode}: {refused}"
+        );
+        // And the router keeps serving.
+        assert_eq!(curl(&["-H", "Host: a.test", &url]), "alive\n", "{mode}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_unavailable"), 1, "{mode}: {stats:?}");
+        assert!(stats.get("backend_failures") >= 3, "{mode}: {stats:?}");
+        assert_eq!(stats.get("routed"), 6, "{mode}: {stats:?}");
+    });
+}
+
+/// 256 MiB each way on one connection, both sides sending at once and
+/// closing as soon as they are done: every byte arrives (SHA-256).
+#[test]
+fn two_hundred_fifty_six_mib_each_way_arrive_intact() {
+    both_modes("bulk", |mode| {
+        const SIZE: usize = 256 << 20;
+        let (reports, received) = mpsc::channel();
+        let backend = Backend::bulk(SIZE, 2, reports);
+        let mut router = start(mode, &[format!("preamble:bulk={}", backend.addr)], &[]);
+        let stream = clients::connect(router.addr).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let sender = thread::spawn(move || {
+            writer.write_all(b"ROUTE bulk\r\n").unwrap();
+            backends::write_stream(&mut writer, SIZE, 1).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let (got, hash) = backends::hash_until_eof(&stream).expect("download");
+        sender.join().unwrap();
+        assert_eq!(got, SIZE as u64, "{mode}: backend -> client bytes");
+        assert!(
+            hash == backends::stream_hash(SIZE, 2),
+            "{mode}: download corrupted"
+        );
+        let (up, up_hash) = received
+            .recv_timeout(Duration::from_secs(60))
+            .expect("backend report");
+        assert_eq!(up, SIZE as u64, "{mode}: client -> backend bytes");
+        assert!(
+            up_hash == backends::stream_hash(SIZE, 1),
+            "{mode}: upload corrupted"
+        );
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("resets"), 0, "{mode}: {stats:?}");
+        if mode == "ebpf" {
+            assert_eq!(stats.get("kernel_broken"), 0, "{stats:?}");
+        }
+    });
+}
+
+/// 100 concurrent connections with random sizes through an echo backend.
+#[test]
+fn a_hundred_concurrent_connections_get_their_bytes_back() {
+    both_modes("concurrent", |mode| {
+        let echo = Backend::echo();
+        let mut router = start(mode, &[format!("default={}", echo.addr)], &[]);
+        let addr = router.addr;
+        let clients: Vec<_> = (0..100u64)
+            .map(|i| {
+                thread::spawn(move || {
+                    let mut rng = Rng::new(100 + i);
+                    let size = rng.range(1, 2 << 20) as usize;
+                    // A first byte that is no known protocol: default route.
+                    let mut payload = vec![0u8];
+                    payload.extend(rng.bytes(size));
+                    let echoed = exchange_then_close(addr, payload.clone())
+                        .map_err(|e| format!("client {i}: {e}"))?;
+                    if echoed != payload {
+                        return Err(format!("client {i}: echo differs"));
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        let failures: Vec<String> = clients
+            .into_iter()
+            .filter_map(|c| c.join().unwrap().err())
+            .collect();
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert!(failures.is_empty(), "{mode}: {failures:?} {stats:?}");
+        assert_eq!(stats.get("routed"), 100, "{mode}: {stats:?}");
+        assert_eq!(stats.get("resets"), 0, "{mode}: {stats:?}");
+    });
+}
+
+/// Bytes the client sends right after the first packet (while the router
+/// connects and splices) arrive, in order, at once.
+#[test]
+fn bytes_sent_while_the_router_connects_arrive_in_order() {
+    both_modes("early_bytes", |mode| {
+        let echo = Backend::echo();
+        let mut router = start(mode, &[format!("preamble:echo={}", echo.addr)], &[]);
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream.write_all(b"ROUTE echo\r\nfirst-").unwrap();
+        stream.write_all(b"second-").unwrap();
+        stream.write_all(b"third").unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        let mut echoed = [0u8; 18];
+        let started = Instant::now();
+        stream.read_exact(&mut echoed).expect("echo within 1 s");
+        assert!(started.elapsed() < Duration::from_secs(1));
+        assert_eq!(&echoed, b"first-second-third", "{mode}");
+        drop(stream);
+        router.wait_stats(idle, Duration::from_secs(10));
+    });
+}
+
+/// Half-close: after the client's FIN the backend still sends, and the
+/// client still receives everything; a reset passes on as a reset.
+#[test]
+fn half_close_keeps_the_other_direction_and_a_reset_passes_on() {
+    both_modes("close", |mode| {
+        let echo = Backend::echo();
+        let (reports, outcomes) = mpsc::channel();
+        let watcher = Backend::watcher(reports);
+        let routes = [
+            format!("preamble:echo={}", echo.addr),
+            format!("preamble:watch={}", watcher.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        // The echo backend answers after the client's FIN.
+        let mut payload = b"ROUTE echo\r\n".to_vec();
+        let body = Rng::new(9).bytes(8 << 20);
+        payload.extend_from_slice(&body);
+        let echoed = send(router.addr, &payload);
+        assert!(
+            echoed == body,
+            "{mode}: echo after half-close differs ({} bytes)",
+            echoed.len()
+        );
+        // A client reset reaches the backend as a reset.
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream.write_all(b"ROUTE watch\r\nsome bytes").unwrap();
+        thread::sleep(Duration::from_millis(200));
+        let socket = socket2::SockRef::from(&stream);
+        socket.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(stream);
+        let outcome = outcomes
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the backend saw its connection end");
+        assert_eq!(outcome, Err(std::io::ErrorKind::ConnectionReset), "{mode}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("resets"), 1, "{mode}: {stats:?}");
+    });
+}
+
+/// After every connection closed, the maps hold nothing and the router has
+/// the descriptors it started with.
+#[test]
+fn closed_connections_leave_no_route_slot_or_descriptor() {
+    if !require_bpf("cleanup") {
+        return;
+    }
+    let echo = Backend::echo();
+    let mut router = start("ebpf", &[format!("default={}", echo.addr)], &[]);
+    let fds_before = router.fd_count();
+    for i in 0..500u32 {
+        let mut payload = vec![0u8];
+        payload.extend_from_slice(format!("connection {i}").as_bytes());
+        let echoed = exchange_then_close(router.addr, payload.clone()).unwrap();
+        assert_eq!(echoed, payload);
+    }
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("spliced"), 500, "{stats:?}");
+    assert_eq!(stats.get("routes"), 0, "{stats:?}");
+    assert_eq!(stats.get("slots_in_use"), 0, "{stats:?}");
+    assert_eq!(router.fd_count(), fds_before, "descriptors leaked");
+}
+
+#[test]
+fn check_config_validates_and_reports_errors_with_their_line() {
+    let dir = std::env::temp_dir().join(format!("router-config-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(
+        &good,
+        "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"127.0.0.1:9001\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["--config", good.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(String::from_utf8_lossy(&output.stdout).contains("configuration ok"));
+    let bad = dir.join("bad.toml");
+    std::fs::write(
+        &bad,
+        "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"nowhere:1\"]\n",
+    )
+    .unwrap();
+    let output = Command::new(BIN)
+        .args(["--config", bad.to_str().unwrap(), "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 5: route[0] (a).backends"), "{stderr}");
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../router.example.toml");
+    let output = Command::new(BIN)
+        .args(["--config", example, "--check-config"])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "router.example.toml: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn ipv6_listeners_and_backends_work() {
+    let echo = testkit::backends::Backend::echo();
+    // An IPv6 listener routing to an IPv4 backend, in copy mode.
+    let args = [
+        "--listen",
+        "[::1]:0",
+        "--mode",
+        "copy",
+        "--route",
+        &format!("default={}", echo.addr),
+    ];
+    let router = Server::start(BIN, &args);
+    assert!(router.addr.is_ipv6());
+    let echoed = exchange_then_close(router.addr, b"\x00v6".to_vec()).unwrap();
+    assert_eq!(echoed, b"\x00v6");
+}

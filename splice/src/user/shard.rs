@@ -1,0 +1,96 @@
+//! One executor's probe, as a server's connection tasks use it: loaded on
+//! the executor (so that its maps are that core's own), with its flow
+//! control running, and a [`ShardProbe::splice`] that counts and logs
+//! what happens to each insert.
+use std::{
+    cell::{Cell, RefCell},
+    rc::Rc,
+    sync::{Arc, atomic::Ordering::Relaxed},
+};
+
+use super::{
+    InsertError, KernelView, Member, Probe, ProbeConfig, Splice, flow,
+    stats::{SpliceStats, add},
+};
+
+/// What an executor needs to load its own copy of a probe.
+#[derive(Clone)]
+pub struct ProbeSpec {
+    pub object: Arc<Vec<u8>>,
+    pub config: ProbeConfig,
+    /// What the probe is, in error messages ("echo probe").
+    pub what: &'static str,
+}
+
+/// An executor's loaded probe.
+pub struct ShardProbe {
+    probe: Rc<RefCell<Probe>>,
+    stats: Arc<SpliceStats>,
+    warned_full: Cell<bool>,
+}
+
+impl ShardProbe {
+    /// Loads the probe on this executor and starts its flow control.
+    /// Returns it with a view on its maps for the main thread.
+    pub fn load(
+        spec: &ProbeSpec,
+        core: usize,
+        stats: Arc<SpliceStats>,
+    ) -> Result<(Self, KernelView), String> {
+        let probe = Probe::load(&spec.object, spec.config)
+            .map_err(|e| format!("loading the {} for core {core}: {e}", spec.what))?;
+        let view = probe
+            .kernel_view()
+            .map_err(|e| format!("opening the probe maps of core {core}: {e}"))?;
+        let probe = Rc::new(RefCell::new(probe));
+        glommio::spawn_local(flow::run(Rc::clone(&probe))).detach();
+        Ok((
+            Self {
+                probe,
+                stats,
+                warned_full: Cell::new(false),
+            },
+            view,
+        ))
+    }
+
+    /// Splices `members`, or says (in the counters and, once, in the log)
+    /// why userspace forwards this connection instead.
+    pub fn splice(&self, members: &[Member<'_>], early: bool) -> Option<Splice> {
+        let result = Splice::insert(&self.probe, members);
+        let splice = match result {
+            Ok(splice) => {
+                add(&self.stats.spliced, 1);
+                add(&self.stats.early, u64::from(early));
+                Some(splice)
+            }
+            Err(InsertError::Full { capacity }) => {
+                if !self.warned_full.replace(true) {
+                    tracing::warn!(
+                        "SockMap full ({capacity} slots on this core): connections are forwarded \
+                         in userspace until slots free up (logged once; counted as sockmap_full)"
+                    );
+                }
+                add(&self.stats.sockmap_full, 1);
+                None
+            }
+            Err(e) => {
+                tracing::debug!("not spliced ({e}): forwarding in userspace");
+                add(&self.stats.insert_failed, 1);
+                None
+            }
+        };
+        if splice.is_none() {
+            add(&self.stats.copied, 1);
+        }
+        self.update_slots_gauge();
+        splice
+    }
+
+    /// Records the slots in use (call after a splice drops too).
+    pub fn update_slots_gauge(&self) {
+        let probe = self.probe.borrow();
+        let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
+        self.stats.slots_in_use.store(in_use, Relaxed);
+    }
+}

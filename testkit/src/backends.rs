@@ -1,0 +1,172 @@
+//! Backends for router tests, each a thread on a loopback port of its own
+//! that stops with the test process.
+use std::{
+    io::{self, Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+        mpsc,
+    },
+    thread,
+    time::Duration,
+};
+
+use sha2::{Digest, Sha256};
+
+use crate::data::Rng;
+
+/// A backend listening on loopback.
+pub struct Backend {
+    pub addr: SocketAddr,
+    accepted: Arc<AtomicUsize>,
+}
+
+fn spawn(handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Backend {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a backend");
+    let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = Arc::clone(&accepted);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let handle = handle.clone();
+            thread::spawn(move || handle(stream));
+        }
+    });
+    Backend { addr, accepted }
+}
+
+impl Backend {
+    /// Connections it accepted so far.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+
+    /// Reads until its connection ends and reports how: `Ok(bytes)` at end
+    /// of stream, `Err(kind)` on an error such as a reset.
+    pub fn watcher(reports: mpsc::Sender<Result<u64, io::ErrorKind>>) -> Self {
+        spawn(move |mut stream| {
+            let mut total = 0u64;
+            let mut buffer = [0u8; 65536];
+            let outcome = loop {
+                match stream.read(&mut buffer) {
+                    Ok(0) => break Ok(total),
+                    Ok(n) => total += n as u64,
+                    Err(e) => break Err(e.kind()),
+                }
+            };
+            let _ = reports.send(outcome);
+        })
+    }
+
+    /// Sends back every byte it receives, and FIN after the client's FIN.
+    pub fn echo() -> Self {
+        spawn(|mut stream| {
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let _ = io::copy(&mut stream, &mut writer);
+            let _ = writer.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Says who it is: to an HTTP request, a `200` whose body is
+    /// `name\n`; to anything else, `name:` then an echo of the stream.
+    pub fn named(name: &'static str) -> Self {
+        spawn(move |mut stream| {
+            let mut first = [0u8; 4096];
+            let Ok(n) = stream.read(&mut first) else {
+                return;
+            };
+            if n == 0 {
+                return;
+            }
+            if first[..n].starts_with(b"GET ") || first[..n].starts_with(b"POST ") {
+                let body = format!("{name}\n");
+                let _ = write!(
+                    stream,
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                return;
+            }
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let _ = writer.write_all(format!("{name}:").as_bytes());
+            let _ = writer.write_all(&first[..n]);
+            let _ = io::copy(&mut stream, &mut writer);
+            let _ = writer.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Sends `size` bytes of the stream seeded with `seed` while reading
+    /// whatever comes until the client's FIN, then reports (on `reports`)
+    /// how many bytes came and their SHA-256, and closes.
+    pub fn bulk(size: usize, seed: u64, reports: mpsc::Sender<(u64, [u8; 32])>) -> Self {
+        spawn(move |stream| {
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let sender = thread::spawn(move || {
+                let _ = write_stream(&mut writer, size, seed);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+            let report = hash_until_eof(stream);
+            let _ = sender.join();
+            if let Ok(report) = report {
+                let _ = reports.send(report);
+            }
+        })
+    }
+}
+
+/// Writes `size` bytes of the stream seeded with `seed`.
+pub fn write_stream(writer: &mut impl Write, size: usize, seed: u64) -> io::Result<()> {
+    let mut rng = Rng::new(seed);
+    let mut left = size;
+    while left > 0 {
+        let chunk = rng.bytes(left.min(1 << 20));
+        writer.write_all(&chunk)?;
+        left -= chunk.len();
+    }
+    Ok(())
+}
+
+/// SHA-256 of the stream seeded with `seed`, `size` bytes long.
+pub fn stream_hash(size: usize, seed: u64) -> [u8; 32] {
+    let mut hasher = Sha256::new();
+    let mut rng = Rng::new(seed);
+    let mut left = size;
+    while left > 0 {
+        let chunk = rng.bytes(left.min(1 << 20));
+        hasher.update(&chunk);
+        left -= chunk.len();
+    }
+    hasher.finalize().into()
+}
+
+/// Reads until end of stream; returns the byte count and SHA-256.
+pub fn hash_until_eof(mut reader: impl Read) -> io::Result<(u64, [u8; 32])> {
+    let mut hasher = Sha256::new();
+    let mut total = 0u64;
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        let n = reader.read(&mut buffer)?;
+        if n == 0 {
+            return Ok((total, hasher.finalize().into()));
+        }
+        hasher.update(&buffer[..n]);
+        total += n as u64;
+    }
+}
+
+/// A port on loopback nobody listens on (bound, then closed).
+pub fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    thread::sleep(Duration::from_millis(10));
+    addr
+}
