@@ -1,12 +1,18 @@
-//! The demo of `router --demo`: two small backends started in-process and a
+//! The demo of `router --demo`: small backends it starts itself and a
 //! configuration routing to them, with the commands a user can paste.
 //!
-//! - backend A, plain HTTP on an ephemeral port, answers `backend A: <request line>`;
-//! - backend B, an echo server: what a client sends comes back.
+//! - backend A, plain HTTP (a thread), answers `backend A: <request line>`;
+//! - backend B, TLS: `openssl s_server -www` with a self-signed certificate
+//!   for `b.test` (the router does not terminate TLS: B does);
+//! - backend C, an echo server (a thread), for the preamble route.
 use std::{
-    io::{Read, Write},
+    io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
+    os::unix::process::CommandExt as _,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
     thread,
+    time::{Duration, Instant},
 };
 
 use crate::config::{Config, Route};
@@ -14,20 +20,95 @@ use crate::config::{Config, Route};
 /// The running demo backends.
 pub struct DemoBackends {
     http: SocketAddr,
+    tls: SocketAddr,
     echo: SocketAddr,
+    tls_server: Child,
+    dir: PathBuf,
 }
 
-/// Starts the demo backends on loopback (each on its own thread).
-pub fn start() -> std::io::Result<DemoBackends> {
+impl Drop for DemoBackends {
+    fn drop(&mut self) {
+        let _ = self.tls_server.kill();
+        let _ = self.tls_server.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Starts the demo backends on loopback.
+pub fn start() -> io::Result<DemoBackends> {
     let http = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let echo = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+    let dir = std::env::temp_dir().join(format!("router-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let (tls_server, tls) = start_tls_backend(&dir)?;
     let backends = DemoBackends {
         http: http.local_addr()?,
+        tls,
         echo: echo.local_addr()?,
+        tls_server,
+        dir,
     };
     thread::spawn(move || serve(http, answer_http));
     thread::spawn(move || serve(echo, echo_back));
     Ok(backends)
+}
+
+/// `openssl s_server -www` for `b.test`, stopped with the router.
+fn start_tls_backend(dir: &std::path::Path) -> io::Result<(Child, SocketAddr)> {
+    let (key, cert) = (dir.join("b.test.key"), dir.join("b.test.pem"));
+    let status = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "7",
+        ])
+        .args(["-subj", "/CN=b.test"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| {
+            io::Error::other(format!(
+                "running openssl (install it: apt-get install openssl): {e}"
+            ))
+        })?;
+    if !status.success() {
+        return Err(io::Error::other(
+            "openssl req failed to make the demo certificate",
+        ));
+    }
+    let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port();
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut command = Command::new("openssl");
+    command
+        .args(["s_server", "-www", "-quiet", "-accept", &addr.to_string()])
+        .arg("-cert")
+        .arg(&cert)
+        .arg("-key")
+        .arg(&key)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: prctl is async-signal-safe; it makes the kernel stop the
+    // server when the router exits, however it exits.
+    unsafe {
+        command.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
+            Ok(())
+        });
+    }
+    let child = command.spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        if Instant::now() > deadline {
+            return Err(io::Error::other("openssl s_server did not start"));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok((child, addr))
 }
 
 fn serve(listener: TcpListener, handle: fn(TcpStream)) {
@@ -66,7 +147,8 @@ fn echo_back(mut stream: TcpStream) {
 
 impl DemoBackends {
     /// The demo configuration: `a.test` (HTTP Host) and anything unknown to
-    /// backend A; `b.test` (TLS SNI) and the `echo` preamble to backend B.
+    /// backend A; `b.test` (TLS SNI) to backend B; the `echo` preamble
+    /// (token `demo-token`) to backend C.
     pub fn config(&self) -> Config {
         let mut config = Config::default();
         config
@@ -74,7 +156,7 @@ impl DemoBackends {
             .push(SocketAddr::from((Ipv4Addr::LOCALHOST, 8080)));
         let specs = [
             format!("host:a.test={}", self.http),
-            format!("sni:b.test={}", self.echo),
+            format!("sni:b.test={}", self.tls),
             format!("preamble:echo:demo-token={}", self.echo),
             format!("default={}", self.http),
         ];
@@ -93,16 +175,19 @@ impl DemoBackends {
     pub fn instructions(&self, router: SocketAddr) -> String {
         let port = router.port();
         format!(
-            "\nDemo backends: A (HTTP) on {http}, B (echo) on {echo}. Try:\n\
-             \n  curl -s -H 'Host: a.test' http://{router}/hello             # Host -> backend A\
-             \n  curl -s http://{router}/                                     # no route -> default (backend A)\
-             \n  openssl s_client -connect {router} -servername b.test -quiet </dev/null \\\
-             \n      | head -c 5 | xxd                                       # SNI b.test -> backend B echoes the ClientHello\
-             \n  printf 'ROUTE echo demo-token\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}   # preamble -> B echoes \"hello\"\
-             \n  printf 'ROUTE echo wrong\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}        # bad token -> \"ERR unauthorized\"\
-             \n\nkill -USR1 <router pid> prints counters (userspace_bytes stays 0 for spliced bytes).\n",
+            "\nDemo backends: A (HTTP) {http}, B (TLS, openssl s_server) {tls}, C (echo) {echo}.\n\
+             Try, in another terminal:\n\
+             \n  curl -s -H 'Host: a.test' http://127.0.0.1:{port}/hello      # Host a.test -> A\
+             \n  curl -s http://127.0.0.1:{port}/other                        # no match -> default -> A\
+             \n  curl -sk --resolve b.test:{port}:127.0.0.1 https://b.test:{port}/ | head -3   # SNI b.test -> B\
+             \n  openssl s_client -connect 127.0.0.1:{port} -servername b.test </dev/null 2>/dev/null | grep subject\
+             \n  printf 'ROUTE echo demo-token\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}  # preamble -> C echoes hello\
+             \n  printf 'ROUTE echo wrong\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}       # bad token -> ERR unauthorized\
+             \n  kill -USR1 {pid}   # counters: spliced bytes show as kernel_redirected_bytes\n",
             http = self.http,
+            tls = self.tls,
             echo = self.echo,
+            pid = std::process::id(),
         )
     }
 }
