@@ -112,9 +112,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if let Some(mode) = cli.mode {
         config.mode = mode;
     }
-    config
-        .validate()
-        .map_err(|e| anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"))?;
+    config.validate().map_err(|e| match &cli.config {
+        Some(path) if !cli.demo => anyhow::anyhow!("{}: {e}", path.display()),
+        _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),
+    })?;
     if cli.check_config {
         println!("configuration ok: {}", summary(&config));
         return Ok(());

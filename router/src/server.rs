@@ -227,13 +227,40 @@ async fn serve(mut client: TcpStream, shard: Rc<Shard>) {
                 "refused connection"
             );
             let response = refuse::response(protocol, refusal);
-            if !response.is_empty() {
-                let _ = client.write_all(&response).await;
-            }
-            let _ = client.close().await;
+            answer_then_close(client, &response).await;
         }
     }
     stats.splice.active.fetch_sub(1, Relaxed);
+}
+
+/// How long, and how much, a refused client may still send after its
+/// answer: closing with unread bytes would reset the connection and the
+/// client could lose the answer (nginx's `lingering_close`, bounded).
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Sends `answer` and a FIN, then reads and discards what the client still
+/// sends (bounded) so that the close does not reset the connection.
+async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
+    if !answer.is_empty() && client.write_all(answer).await.is_err() {
+        return;
+    }
+    if client.shutdown(std::net::Shutdown::Write).await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 16 * 1024];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let give_up = glommio::timer::sleep(LINGER_TIME);
+    future::or(drain, give_up).await;
+    let _ = client.close().await;
 }
 
 /// Reads the first packet and picks the route; on refusal, says in which
@@ -253,6 +280,7 @@ async fn route(
                 debug!("invalid first packet: {why}");
                 return Err((protocol, Refusal::Invalid));
             }
+            Sniff::TooLarge(protocol) => return Err((protocol, Refusal::TooLarge)),
             Sniff::NeedMore => {}
         }
         if bytes.len() >= max {

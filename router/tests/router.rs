@@ -401,6 +401,67 @@ fn closed_connections_leave_no_route_slot_or_descriptor() {
     assert_eq!(router.fd_count(), fds_before, "descriptors leaked");
 }
 
+/// The first packet has a deadline and a size limit (set in a config file):
+/// silent and slow clients are closed when it passes, oversized heads are
+/// refused, and the backend never hears of either.
+#[test]
+fn slow_silent_and_oversized_first_packets_are_refused() {
+    let a = Backend::named("a");
+    let dir = std::env::temp_dir().join(format!("router-limits-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("limits.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "first_packet_timeout = \"400ms\"\nfirst_packet_max = 1024\n\
+             [[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"{}\"]\n",
+            a.addr
+        ),
+    )
+    .unwrap();
+    let mut router = start("copy", &[], &["--config", config.to_str().unwrap()]);
+
+    // Silent: closed after the deadline, not before.
+    let started = Instant::now();
+    let mut silent = clients::connect(router.addr).unwrap();
+    let mut answer = Vec::new();
+    silent.read_to_end(&mut answer).unwrap();
+    let waited = started.elapsed();
+    assert_eq!(answer, b"");
+    assert!(
+        (Duration::from_millis(350)..Duration::from_secs(3)).contains(&waited),
+        "closed after {waited:?}"
+    );
+
+    // Slow: half a request head, then nothing; HTTP is answered in HTTP.
+    let mut slow = clients::connect(router.addr).unwrap();
+    slow.write_all(b"GET / HTTP/1.1\r\nHost: a.te").unwrap();
+    let mut answer = String::new();
+    slow.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+        "{answer}"
+    );
+
+    // Oversized: a head that never ends within the limit.
+    let mut head = b"GET / HTTP/1.1\r\nHost: a.test\r\nX-Filler: ".to_vec();
+    head.resize(4096, b'x');
+    let answer = String::from_utf8(send(router.addr, &head)).unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{answer}"
+    );
+
+    // A well-behaved client still gets through.
+    let url = format!("http://{}/", router.addr);
+    assert_eq!(curl(&["-H", "Host: a.test", &url]), "a\n");
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("refused_timeout"), 2, "{stats:?}");
+    assert_eq!(stats.get("refused_too_large"), 1, "{stats:?}");
+    assert_eq!(a.accepted(), 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn check_config_validates_and_reports_errors_with_their_line() {
     let dir = std::env::temp_dir().join(format!("router-config-{}", std::process::id()));
