@@ -101,6 +101,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Config::default()
     };
+    if cli.demo && !cli.listen.is_empty() {
+        // The demo's own address gives way to the one asked for.
+        config.listen.clear();
+    }
     config.listen.extend(&cli.listen);
     for spec in &cli.route {
         config.add_route_flag(spec)?;
