@@ -174,15 +174,21 @@ impl DemoBackends {
     /// What to paste to see the routes work.
     pub fn instructions(&self, router: SocketAddr) -> String {
         let port = router.port();
+        let ip = router.ip();
+        // In URLs and `-connect`, an IPv6 address goes in brackets.
+        let host = match ip {
+            std::net::IpAddr::V4(_) => ip.to_string(),
+            std::net::IpAddr::V6(_) => format!("[{ip}]"),
+        };
         format!(
             "\nDemo backends: A (HTTP) {http}, B (TLS, openssl s_server) {tls}, C (echo) {echo}.\n\
              Try, in another terminal:\n\
-             \n  curl -s -H 'Host: a.test' http://127.0.0.1:{port}/hello      # Host a.test -> A\
-             \n  curl -s http://127.0.0.1:{port}/other                        # no match -> default -> A\
-             \n  curl -sk --resolve b.test:{port}:127.0.0.1 https://b.test:{port}/ | head -3   # SNI b.test -> B\
-             \n  openssl s_client -connect 127.0.0.1:{port} -servername b.test </dev/null 2>/dev/null | grep subject\
-             \n  printf 'ROUTE echo demo-token\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}  # preamble -> C echoes hello\
-             \n  printf 'ROUTE echo wrong\\r\\nhello\\n' | nc -q1 127.0.0.1 {port}       # bad token -> ERR unauthorized\
+             \n  curl -s -H 'Host: a.test' http://{host}:{port}/hello      # Host a.test -> A\
+             \n  curl -s http://{host}:{port}/other                        # no match -> default -> A\
+             \n  curl -sk --resolve b.test:{port}:{host} https://b.test:{port}/ | head -3   # SNI b.test -> B\
+             \n  openssl s_client -connect {host}:{port} -servername b.test </dev/null 2>/dev/null | grep subject\
+             \n  printf 'ROUTE echo demo-token\\r\\nhello\\n' | nc -q1 {ip} {port}  # preamble -> C echoes hello\
+             \n  printf 'ROUTE echo wrong\\r\\nhello\\n' | nc -q1 {ip} {port}       # bad token -> ERR unauthorized\
              \n  kill -USR1 {pid}   # counters: spliced bytes show as kernel_redirected_bytes\n",
             http = self.http,
             tls = self.tls,

@@ -92,7 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let mut config = if cli.demo {
         let backends = demo::start().context("starting the demo backends")?;
         let config = backends.config();
-        demo_backends = Some(backends);
+        demo_backends = Some(std::sync::Arc::new(backends));
         config
     } else if let Some(path) = &cli.config {
         let text =
@@ -124,6 +124,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         println!("configuration ok: {}", summary(&config));
         return Ok(());
     }
+    // The demo backends live as long as the router (the callback only
+    // borrows them to print the instructions).
+    let demo_for_ready = demo_backends.clone();
     let options = server::RunOptions {
         stats_interval: cli
             .stats
@@ -137,13 +140,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            if let Some(backends) = &demo_backends {
+            if let Some(backends) = &demo_for_ready {
                 println!("{}", backends.instructions(bound[0]));
             }
             let _ = std::io::stdout().flush();
         }),
     };
-    server::run(config, options)
+    let result = server::run(config, options);
+    drop(demo_backends);
+    result
 }
 
 fn summary(config: &Config) -> String {

@@ -462,6 +462,33 @@ fn slow_silent_and_oversized_first_packets_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `router --demo` starts its own backends and routes what its printed
+/// instructions promise: Host a.test to A, SNI b.test to the TLS backend B,
+/// the `echo` preamble with its token to C.
+#[test]
+fn the_demo_routes_as_its_instructions_say() {
+    both_modes("demo", |mode| {
+        let mut router = Server::start(BIN, &["--demo", "--listen", "127.0.0.1:0", "--mode", mode]);
+        let instructions = router.next_line(|l| l.contains("kill -USR1"), Duration::from_secs(5));
+        assert!(instructions.contains(&router.pid().to_string()));
+        let url = format!("http://{}/hello", router.addr);
+        assert_eq!(
+            curl(&["-H", "Host: a.test", &url]),
+            "backend A: GET /hello HTTP/1.1\n",
+            "{mode}"
+        );
+        let tls = s_client(router.addr, Some("b.test"));
+        assert!(tls.contains("subject=CN = b.test"), "{mode}: {tls}");
+        let echoed = send(router.addr, b"ROUTE echo demo-token\r\nhello\n");
+        assert_eq!(echoed, b"hello\n", "{mode}");
+        let refused = send(router.addr, b"ROUTE echo wrong\r\nhello\n");
+        assert!(refused.starts_with(b"ERR "), "{mode}: {refused:?}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("routed"), 3, "{mode}: {stats:?}");
+        assert_eq!(stats.get("refused_unauthorized"), 1, "{mode}: {stats:?}");
+    });
+}
+
 #[test]
 fn check_config_validates_and_reports_errors_with_their_line() {
     let dir = std::env::temp_dir().join(format!("router-config-{}", std::process::id()));
