@@ -53,7 +53,8 @@ struct Cli {
     /// Seconds between two --stats lines.
     #[arg(long, default_value_t = 1.0)]
     stats_interval: f64,
-    /// Run the demo: two demo backends and an embedded configuration.
+    /// Run the demo: start three demo backends (HTTP, TLS, echo) and route to
+    /// them with an embedded configuration; prints commands to try.
     #[arg(long)]
     demo: bool,
     /// Log filter (error, warn, info, debug, trace, or a tracing filter);
