@@ -50,10 +50,11 @@ pub struct Cli {
     /// in userspace (logged once, counted as sockmap_full).
     #[arg(long, default_value_t = 16384, value_parser = clap::value_parser!(u32).range(1..))]
     pub sockmap_capacity: u32,
-    /// Bytes per connection the kernel may hold queued for a client that is
-    /// slower to read than to send; past that, userspace echoes with TCP
-    /// flow control until the client catches up.
-    #[arg(long, default_value_t = 4 << 20, value_parser = clap::value_parser!(u64).range(65536..))]
+    /// Most bytes per connection the kernel may hold queued for a client
+    /// that is slower to read than to send (the window starts at 4 MiB and
+    /// grows up to this while the client keeps up); past the window,
+    /// userspace echoes with TCP flow control until the client catches up.
+    #[arg(long, default_value_t = 64 << 20, value_parser = clap::value_parser!(u64).range(65536..))]
     pub in_flight_limit: u64,
     /// Load this probe object (ELF) instead of the built-in echo probe.
     #[arg(long, value_name = "PATH")]

@@ -131,7 +131,7 @@ impl Default for Config {
             first_packet_timeout: Duration::from_secs(5),
             first_packet_max: 16 * 1024,
             connect_timeout: Duration::from_secs(2),
-            in_flight_limit: 4 << 20,
+            in_flight_limit: 64 << 20,
             sockmap_capacity: 32 * 1024,
             routes: Vec::new(),
         }

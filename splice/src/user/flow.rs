@@ -1,6 +1,15 @@
 //! Flow control for spliced sockets (see [`crate::shared`]): one task per
-//! executor keeps every spliced source's credit a fixed amount (the
-//! in-flight limit) ahead of what its destination's peer acknowledged.
+//! executor keeps every spliced source's credit a window ahead of what its
+//! destination's peer acknowledged.
+//!
+//! The window starts at [`INITIAL_WINDOW`] and doubles, up to the in-flight
+//! limit, each time a source ran out of credit while its destination kept
+//! up (less than half a window unacknowledged): the scan, not the
+//! destination, was too slow for that stream, as TCP's receive-buffer
+//! autotuning reasons. A destination that does not keep up never grows its
+//! window, so what the kernel holds for it stays small. (Measured with
+//! iperf3 over loopback, one stream: a fixed 4 MiB window let ~95% of the
+//! bytes take the userspace path at 10 Gbit/s.)
 //!
 //! Counting from acknowledged bytes (not bytes merely queued in the
 //! destination socket) bounds everything the kernel holds for a direction,
@@ -36,26 +45,32 @@ use super::{probe::Probe, socket};
 use crate::shared::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
+/// A direction's window when it is spliced.
+pub const INITIAL_WINDOW: u64 = 4 << 20;
 /// Longest pause between two scans.
 pub const MAX_SCAN: Duration = Duration::from_millis(4);
 
-/// A spliced socket's send buffer, in in-flight limits: room for what the
-/// flow control lets the kernel hold, with the kernel's per-buffer overhead.
+/// A spliced socket's send buffer, in windows of the direction that sends
+/// into it: room for what the flow control lets the kernel hold, with the
+/// kernel's per-buffer overhead.
 pub const SEND_BUFFER_LIMITS: u64 = 4;
 /// Bytes passed up but not yet forwarded, beyond what a receive buffer
-/// holds, in in-flight limits, past which a connection is reset.
+/// holds, in windows, past which a connection is reset.
 pub const STUCK_LIMITS: u64 = 8;
 
-/// Bytes passed up but not yet forwarded past which a connection is reset:
-/// more than the largest receive buffer (`net.ipv4.tcp_rmem`'s maximum, which
-/// a slow but reading peer may legitimately fill) plus [`STUCK_LIMITS`]
-/// limits.
-pub fn stuck_limit(in_flight_limit: u64) -> u64 {
-    let receive_buffer_max = std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+/// `net.ipv4.tcp_rmem`'s maximum: what a slow but reading peer may
+/// legitimately leave in a receive buffer.
+pub fn receive_buffer_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
         .ok()
         .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .unwrap_or(32 << 20);
-    receive_buffer_max + STUCK_LIMITS * in_flight_limit
+        .unwrap_or(32 << 20)
+}
+
+/// Bytes passed up but not yet forwarded past which a connection is reset:
+/// more than the largest receive buffer plus [`STUCK_LIMITS`] windows.
+pub fn stuck_limit(receive_buffer_max: u64, window: u64) -> u64 {
+    receive_buffer_max + STUCK_LIMITS * window
 }
 
 /// How much a destination took: what the flow control and a leg's drain
@@ -138,6 +153,8 @@ struct Watch {
     delivery: Rc<Delivery>,
     /// Redirected count at the previous scan.
     seen: Cell<u64>,
+    /// Passed-up count when the credit was last renewed.
+    passed: Cell<u64>,
 }
 
 /// The watched sources of one probe.
@@ -154,6 +171,7 @@ impl Watches {
             source_fd,
             delivery,
             seen: Cell::new(0),
+            passed: Cell::new(0),
         });
     }
 
@@ -172,17 +190,20 @@ pub(super) fn credit_after(acked: u64, limit: u64) -> u64 {
 
 impl Probe {
     /// One scan: renews the credit of the sources that used more than half
-    /// of it, and gives up on the stuck ones. Returns whether any source
-    /// moved much since the last scan.
+    /// of it (growing the window of those that ran out while their
+    /// destination kept up), and gives up on the stuck ones. Returns whether
+    /// any source moved much since the last scan.
     fn scan(&self) -> bool {
         let limit = self.in_flight_limit();
         let mut moving = false;
         for watch in &self.watches.list {
             let stream = self.stream(watch.slot);
             let redirected = stream.redirected;
-            moving |= redirected.saturating_sub(watch.seen.replace(redirected)) > limit / 8;
+            let mut window = self.window(watch.slot);
+            moving |= redirected.saturating_sub(watch.seen.replace(redirected)) > window / 8;
             let control = self.control(watch.slot);
-            if stream.passed.saturating_sub(control.forwarded) > self.stuck_limit()
+            if stream.passed.saturating_sub(control.forwarded)
+                > stuck_limit(self.receive_buffer_max(), window)
                 && !watch.delivery.abandoned.replace(true)
             {
                 // SAFETY: a watch lives no longer than its splice, whose
@@ -198,15 +219,27 @@ impl Probe {
                 let _ = socket::reset_on_close(source);
                 let _ = socket::shutdown_read(source);
             }
-            if redirected + limit / 2 <= control.credit {
+            if redirected + window / 2 <= control.credit {
                 continue;
             }
             // A dead destination: its leg sees the error itself.
-            if let Ok(acked) = watch.delivery.redirected_acked() {
-                let credit = credit_after(acked, limit);
-                if credit > control.credit {
-                    self.set_control(watch.slot, Control { credit, ..control });
+            let Ok(acked) = watch.delivery.redirected_acked() else {
+                continue;
+            };
+            let ran_out = stream.passed > watch.passed.replace(stream.passed);
+            if ran_out && window < limit && redirected.saturating_sub(acked) < window / 2 {
+                window = (window * 2).min(limit);
+                // Room in the destination for the larger window, first.
+                let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
+                if socket::set_send_buffer(watch.delivery.destination(), send_buffer).is_ok() {
+                    self.set_window(watch.slot, window);
+                } else {
+                    window = self.window(watch.slot);
                 }
+            }
+            let credit = credit_after(acked, window);
+            if credit > control.credit {
+                self.set_control(watch.slot, Control { credit, ..control });
             }
         }
         moving

@@ -195,12 +195,12 @@ where
                     .delivery
                     .redirected_acked()
                     .map_err(LegError::Destination)?;
-                let limit = spliced.splice.in_flight_limit();
+                let window = spliced.splice.window(spliced.index);
                 let control = spliced.splice.control(spliced.index);
                 spliced.splice.set_control(
                     spliced.index,
                     Control {
-                        credit: control.credit.max(flow::credit_after(acked, limit)),
+                        credit: control.credit.max(flow::credit_after(acked, window)),
                         forwarded: self.read,
                     },
                 );

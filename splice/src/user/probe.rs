@@ -3,7 +3,12 @@
 //!
 //! Each executor (core) loads its own copy, so nothing here is shared between
 //! threads: the probe lives in an `Rc<RefCell<_>>` on its executor.
-use std::{cell::RefCell, io, os::fd::BorrowedFd, rc::Rc};
+use std::{
+    cell::{Cell, RefCell},
+    io,
+    os::fd::BorrowedFd,
+    rc::Rc,
+};
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -106,9 +111,11 @@ pub enum InsertError {
 pub struct ProbeConfig {
     /// Sockets per probe (slots in each SockMap).
     pub capacity: u32,
-    /// Bytes of one direction the kernel may hold for a destination that has
-    /// not taken them yet: the credit the flow control keeps ahead of the
-    /// destination (see [`crate::shared`]).
+    /// Most bytes of one direction the kernel may hold for a destination
+    /// that has not taken them yet: the ceiling of the window the flow
+    /// control keeps ahead of the destination (see [`crate::shared`] and
+    /// [`flow`]; each direction starts at [`flow::INITIAL_WINDOW`] or this,
+    /// whichever is smaller).
     pub in_flight_limit: u64,
 }
 
@@ -127,8 +134,10 @@ pub struct Probe {
     pub(super) watches: Watches,
     view: KernelView,
     free_slots: Vec<u32>,
+    /// Per slot: the credit the flow control keeps ahead of its destination.
+    windows: Vec<Cell<u64>>,
     config: ProbeConfig,
-    stuck_limit: u64,
+    receive_buffer_max: u64,
 }
 
 impl Probe {
@@ -183,7 +192,8 @@ impl Probe {
             view,
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
-            stuck_limit: flow::stuck_limit(config.in_flight_limit),
+            windows: (0..config.capacity).map(|_| Cell::new(0)).collect(),
+            receive_buffer_max: flow::receive_buffer_max(),
             config,
         })
     }
@@ -208,9 +218,18 @@ impl Probe {
         self.config.in_flight_limit
     }
 
-    /// See [`flow::stuck_limit`].
-    pub(super) fn stuck_limit(&self) -> u64 {
-        self.stuck_limit
+    /// The largest receive buffer TCP gives a socket (see [`flow`]).
+    pub(super) fn receive_buffer_max(&self) -> u64 {
+        self.receive_buffer_max
+    }
+
+    /// The window of the socket in `slot`, and setting it.
+    pub(super) fn window(&self, slot: u32) -> u64 {
+        self.windows[slot as usize].get()
+    }
+
+    pub(super) fn set_window(&self, slot: u32, window: u64) {
+        self.windows[slot as usize].set(window);
     }
 
     /// The stream of the socket in `slot` (no system call).
@@ -364,7 +383,8 @@ impl Splice {
             entries,
         };
         let mut p = probe.borrow_mut();
-        let send_buffer = (SEND_BUFFER_LIMITS * p.config.in_flight_limit) as usize;
+        let window = flow::INITIAL_WINDOW.min(p.config.in_flight_limit);
+        let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
         for (i, member) in members.iter().enumerate() {
             // See `flow`: the kernel's redirect queue must always drain.
             socket::set_send_buffer(member.socket, send_buffer).map_err(InsertError::Kernel)?;
@@ -383,10 +403,11 @@ impl Splice {
                     ..Stream::default()
                 },
             );
+            p.set_window(own, window);
             p.control.set(
                 own,
                 Control {
-                    credit: p.config.in_flight_limit,
+                    credit: window,
                     forwarded: 0,
                 },
             );
@@ -453,9 +474,10 @@ impl Splice {
             .add(entry.slot, entry.fd, delivery);
     }
 
-    /// See [`ProbeConfig::in_flight_limit`].
-    pub fn in_flight_limit(&self) -> u64 {
-        self.probe.borrow().config.in_flight_limit
+    /// The credit the flow control keeps ahead of the destination of
+    /// `members[index]` (see [`flow`]).
+    pub fn window(&self, index: usize) -> u64 {
+        self.probe.borrow().window(self.entries[index].slot)
     }
 }
 
