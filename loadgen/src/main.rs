@@ -1,23 +1,21 @@
-//! `loadgen`: drives a TCP server over loopback for the benchmark scripts and
-//! prints one `key=value` result line.
+//! `loadgen`: drives TCP servers and proxies over loopback for the benchmark
+//! scripts and prints one `key=value` result line per run.
 //!
-//! `loadgen echo --addr A --connections N --seconds S`: N connections each
-//! stream fixed-size chunks to an echo server for S seconds while reading the
-//! echo back, never more than `--window` bytes ahead of what came back (a
-//! client that reads what it sends); reports the echoed bytes per second.
-use std::{
-    io::{Read, Write},
-    net::{Shutdown, SocketAddr, TcpStream},
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
-    },
-    thread,
-    time::{Duration, Instant},
-};
+//! - `echo`: stream to an echo server, count the bytes echoed back.
+//! - `serve`: a backend that answers each connection's first bytes with a
+//!   fixed reply (a stand-in TLS server, or the idle side of held connections).
+//! - `connect`: new connections per second, each sending a first packet that
+//!   a router must route (a ClientHello naming `--sni`, or `--first` text).
+//! - `hold`: open N connections through a proxy, each routed and answered
+//!   once, and keep them idle until stdin closes.
+mod connect;
+mod echo;
+mod hold;
+mod serve;
 
-use anyhow::{Context as _, bail};
-use clap::{Parser, Subcommand};
+use std::{net::SocketAddr, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
 #[command(name = "loadgen", about = "Load generator for the benchmark scripts")]
@@ -43,6 +41,65 @@ enum Workload {
         #[arg(long, default_value_t = 4 << 20)]
         window: u64,
     },
+    /// Serve: read each connection's first bytes, answer `--reply`, then
+    /// either close (`--close`) or read until the client closes.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+        #[arg(long, default_value = "ok\n")]
+        reply: String,
+        /// Close right after replying (the server closes first, as an HTTP
+        /// server answering `Connection: close` does).
+        #[arg(long)]
+        close: bool,
+    },
+    /// Open connections in a loop, each sending a first packet and reading
+    /// the reply to its end; report connections per second.
+    Connect {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[command(flatten)]
+        first: FirstPacket,
+        /// Connections in flight at once.
+        #[arg(long, default_value_t = 16)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
+    },
+    /// Hold N idle connections, each routed and answered once, until stdin
+    /// closes (or `--seconds` pass).
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[command(flatten)]
+        first: FirstPacket,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 600.0)]
+        seconds: f64,
+    },
+}
+
+/// What each connection sends first.
+#[derive(Debug, Args)]
+#[group(required = true, multiple = false)]
+struct FirstPacket {
+    /// A TLS ClientHello naming this server.
+    #[arg(long)]
+    sni: Option<String>,
+    /// This text (`\r` and `\n` escapes are understood).
+    #[arg(long)]
+    first: Option<String>,
+}
+
+impl FirstPacket {
+    fn bytes(&self) -> Vec<u8> {
+        match (&self.sni, &self.first) {
+            (Some(name), _) => testkit::tls::client_hello(Some(name)),
+            (None, Some(text)) => text.replace("\\r", "\r").replace("\\n", "\n").into_bytes(),
+            (None, None) => unreachable!("clap requires one of --sni and --first"),
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -53,90 +110,39 @@ fn main() -> anyhow::Result<()> {
             seconds,
             chunk,
             window,
-        } => echo(
+        } => echo::echo(
             addr,
             connections,
             Duration::from_secs_f64(seconds),
             chunk,
             window,
         ),
+        Workload::Serve {
+            listen,
+            reply,
+            close,
+        } => serve::serve(listen, reply.into_bytes(), close),
+        Workload::Connect {
+            addr,
+            first,
+            concurrency,
+            seconds,
+        } => connect::connect(
+            addr,
+            first.bytes(),
+            concurrency,
+            Duration::from_secs_f64(seconds),
+        ),
+        Workload::Hold {
+            addr,
+            first,
+            connections,
+            seconds,
+        } => hold::hold(
+            addr,
+            first.bytes(),
+            connections,
+            Duration::from_secs_f64(seconds),
+        ),
     }
-}
-
-fn echo(
-    addr: SocketAddr,
-    connections: usize,
-    duration: Duration,
-    chunk: usize,
-    window: u64,
-) -> anyhow::Result<()> {
-    if connections == 0 || chunk == 0 || window < chunk as u64 {
-        bail!("--connections and --chunk must be at least 1, --window at least --chunk");
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let echoed = Arc::new(AtomicU64::new(0));
-    let mut threads = Vec::new();
-    for _ in 0..connections {
-        let stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut writer = stream.try_clone()?;
-        let stop_writing = Arc::clone(&stop);
-        let received = Arc::new(AtomicU64::new(0));
-        let received_by_reader = Arc::clone(&received);
-        threads.push(thread::spawn(move || -> std::io::Result<u64> {
-            let data = vec![0x5au8; chunk];
-            let mut sent = 0u64;
-            while !stop_writing.load(Relaxed) {
-                if sent - received.load(Relaxed) + chunk as u64 > window {
-                    thread::sleep(Duration::from_micros(50));
-                    continue;
-                }
-                writer.write_all(&data)?;
-                sent += chunk as u64;
-            }
-            writer.shutdown(Shutdown::Write)?;
-            Ok(sent)
-        }));
-        let counter = Arc::clone(&echoed);
-        let mut reader = stream;
-        threads.push(thread::spawn(move || -> std::io::Result<u64> {
-            let mut buffer = vec![0u8; 256 * 1024];
-            let mut total = 0u64;
-            loop {
-                let n = reader.read(&mut buffer)?;
-                if n == 0 {
-                    return Ok(total);
-                }
-                total += n as u64;
-                received_by_reader.store(total, Relaxed);
-                counter.fetch_add(n as u64, Relaxed);
-            }
-        }));
-    }
-    // Measure a window that starts after a short warm-up.
-    let warmup = Duration::from_millis(300);
-    thread::sleep(warmup);
-    let start_bytes = echoed.load(Relaxed);
-    let start = Instant::now();
-    thread::sleep(duration);
-    let bytes = echoed.load(Relaxed) - start_bytes;
-    let elapsed = start.elapsed().as_secs_f64();
-    stop.store(true, Relaxed);
-    let mut sent = 0;
-    let mut received = 0;
-    for (i, t) in threads.into_iter().enumerate() {
-        let n = t
-            .join()
-            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
-            .context("client I/O")?;
-        if i % 2 == 0 { sent += n } else { received += n }
-    }
-    if sent != received {
-        bail!("sent {sent} bytes but {received} came back");
-    }
-    println!(
-        "workload=echo connections={connections} seconds={elapsed:.2} bytes={bytes} gbit_per_s={:.3}",
-        bytes as f64 * 8.0 / elapsed / 1e9
-    );
-    Ok(())
 }

@@ -109,3 +109,36 @@ pub fn s_client(addr: SocketAddr, server_name: Option<&str>) -> String {
         String::from_utf8_lossy(&output.stderr)
     )
 }
+
+/// A minimal TLS 1.3 ClientHello record, naming `sni` if given: what a
+/// router sees first from a TLS client (the tests' and load generator's
+/// stand-in for `openssl s_client -servername NAME`).
+pub fn client_hello(sni: Option<&str>) -> Vec<u8> {
+    let mut extensions = Vec::new();
+    if let Some(name) = sni {
+        let name = name.as_bytes();
+        let mut list = vec![0u8];
+        list.extend_from_slice(&(name.len() as u16).to_be_bytes());
+        list.extend_from_slice(name);
+        extensions.extend_from_slice(&0u16.to_be_bytes());
+        extensions.extend_from_slice(&((list.len() + 2) as u16).to_be_bytes());
+        extensions.extend_from_slice(&(list.len() as u16).to_be_bytes());
+        extensions.extend_from_slice(&list);
+    }
+    // supported_versions: TLS 1.3
+    extensions.extend_from_slice(&[0x00, 0x2b, 0x00, 0x03, 0x02, 0x03, 0x04]);
+    let mut body = vec![3, 3];
+    body.extend_from_slice(&[7u8; 32]);
+    body.push(0);
+    body.extend_from_slice(&[0, 2, 0x13, 0x01]);
+    body.extend_from_slice(&[1, 0]);
+    body.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    body.extend_from_slice(&extensions);
+    let mut handshake = vec![1];
+    handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+    handshake.extend_from_slice(&body);
+    let mut record = vec![0x16, 3, 1];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
