@@ -28,4 +28,4 @@ systemctl stop haproxy nginx 2>/dev/null || true
 cargo build --release --locked -q -p router -p loadgen
 # Proxies hold two descriptors per connection: use the whole hard limit.
 ulimit -n "$(ulimit -Hn)"
-exec python3 scripts/bench.py --command "scripts/bench.sh $*" "$@"
+exec /usr/bin/python3 scripts/bench.py --command "scripts/bench.sh $*" "$@"

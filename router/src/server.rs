@@ -214,7 +214,10 @@ async fn serve(mut client: TcpStream, shard: Rc<Shard>) {
     add(&stats.splice.accepted, 1);
     add(&stats.splice.active, 1);
     let peer = client.peer_addr().ok();
-    match route(&mut client, &shard).await {
+    // Boxed, as the backend connect below: a task is as large as its
+    // largest state, and these short-lived ones would otherwise set the
+    // size of every long-lived spliced connection.
+    match Box::pin(route(&mut client, &shard)).await {
         Ok((first, decision)) => {
             add(&stats.routed, 1);
             forward(client, &shard, first, decision).await;
@@ -249,7 +252,9 @@ async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
         return;
     }
     let drain = async {
-        let mut sink = [0u8; 16 * 1024];
+        // On the heap: an array here would make every connection's task
+        // (its future holds every state) 16 KiB larger.
+        let mut sink = vec![0u8; 16 * 1024];
         let mut drained = 0;
         while drained < LINGER_BYTES {
             match client.read(&mut sink).await {
@@ -320,10 +325,12 @@ async fn route(
 async fn forward(client: TcpStream, shard: &Shard, first: Vec<u8>, decision: routes::Decision) {
     let stats = &shard.stats;
     let route = &shard.config.routes[decision.route];
-    let (connected, failures) = shard
-        .pools
-        .connect(decision.route, shard.config.connect_timeout)
-        .await;
+    let (connected, failures) = Box::pin(
+        shard
+            .pools
+            .connect(decision.route, shard.config.connect_timeout),
+    )
+    .await;
     for (addr, error) in &failures {
         add(&stats.backend_failures, 1);
         warn!(route = route.name, backend = %addr, "backend connection failed: {error}");
