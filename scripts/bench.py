@@ -574,6 +574,12 @@ def main():
     finally:
         bench.procs.stop_all()
     report(bench, out, args.command)
+    failed = [r for r in bench.results if "failed" in r]
+    if failed:
+        print(f"\nbench: {len(failed)} runs failed (logs kept in {bench.workdir}):", file=sys.stderr)
+        for r in failed:
+            print(f"  {r['workload']} {r['contender']} rep {r['rep'] + 1}: {r['failed']}", file=sys.stderr)
+        sys.exit(1)
     shutil.rmtree(bench.workdir, ignore_errors=True)
 
 
