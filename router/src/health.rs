@@ -11,7 +11,7 @@ use std::{
     fmt::Display,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Weak,
         atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
     },
     time::Instant,
@@ -150,12 +150,14 @@ impl Health {
     }
 
     /// Starts one task per checked backend on the calling glommio executor;
-    /// they run as long as it does.
+    /// they run as long as it does and this `Health` is in use (a
+    /// configuration reload that replaces it ends them).
     pub fn spawn_checks(self: &Arc<Self>) {
         for (route, backends) in self.routes.iter().enumerate() {
             for (index, backend) in backends.iter().enumerate() {
                 if backend.checked() {
-                    glommio::spawn_local(check_forever(Arc::clone(self), route, index)).detach();
+                    glommio::spawn_local(check_forever(Arc::downgrade(self), route, index))
+                        .detach();
                 }
             }
         }
@@ -163,11 +165,15 @@ impl Health {
 }
 
 /// Connects to one backend every `interval` (a check that took longer
-/// starts the next at once), and closes each check connection right away.
-async fn check_forever(health: Arc<Health>, route: usize, index: usize) {
-    let backend = health.backend(route, index);
-    let Some(check) = backend.check else { return };
+/// starts the next at once), and closes each check connection right away;
+/// stops once nothing else holds the `Health`.
+async fn check_forever(health: Weak<Health>, route: usize, index: usize) {
     loop {
+        let Some(health) = health.upgrade() else {
+            return;
+        };
+        let backend = health.backend(route, index);
+        let Some(check) = backend.check else { return };
         let started = Instant::now();
         match TcpStream::connect_timeout(backend.addr, check.timeout).await {
             Ok(mut stream) => {
@@ -176,6 +182,7 @@ async fn check_forever(health: Arc<Health>, route: usize, index: usize) {
             }
             Err(e) => backend.failed(&format_args!("health check: {e}")),
         }
+        drop(health);
         glommio::timer::sleep(check.interval.saturating_sub(started.elapsed())).await;
     }
 }

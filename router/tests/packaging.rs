@@ -55,7 +55,10 @@ fn systemd_accepts_the_unit_and_rates_it_well_confined() {
         .expect("systemd-analyze (scripts/setup.sh installs systemd)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Unknown keys are only warned about: any message is a failure.
-    assert!(output.status.success() && stderr.trim().is_empty(), "{stderr}");
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
 
     // The overall exposure (0 = fully confined, 10 = not at all); the
     // capabilities the probe needs and the network cost about 2.
@@ -68,7 +71,10 @@ fn systemd_accepts_the_unit_and_rates_it_well_confined() {
     assert!(output.status.success(), "{report}");
     let score = report
         .lines()
-        .find_map(|line| line.split("Overall exposure level for router.service: ").nth(1))
+        .find_map(|line| {
+            line.split("Overall exposure level for router.service: ")
+                .nth(1)
+        })
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|score| score.parse::<f64>().ok())
         .unwrap_or_else(|| panic!("no exposure level in: {report}"));
