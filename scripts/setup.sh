@@ -13,12 +13,15 @@
 #   - bpf-linker 0.13.0 linked against the nightly's own libLLVM 22 (no Debian
 #     package ships LLVM 22; bpf-linker must read the nightly's bitcode);
 #   - Debian packages the tests and demo use (openssl, curl, nc, socat,
-#     iproute2, bpftool, setpriv).
+#     iproute2, bpftool, setpriv; nginx, a backend that reads the PROXY
+#     protocol; systemd's systemd-analyze, which checks the service unit).
+#     Installing nginx starts no server where no init system runs
+#     (invoke-rc.d then refuses); the tests run their own on loopback.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 NIGHTLY=${NIGHTLY:-nightly}
-APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux ${SETUP_APT_EXTRA:-})
+APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux nginx systemd ${SETUP_APT_EXTRA:-})
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -87,7 +90,8 @@ kernel_config() {
     fi
 }
 
-# Capability bits from /proc/self/status: CAP_NET_ADMIN=12, CAP_BPF=39.
+# Capability bits from /proc/self/status: CAP_NET_ADMIN=12, CAP_PERFMON=38,
+# CAP_BPF=39 (without CAP_PERFMON the verifier rejects the probes).
 has_cap() {
     local eff
     eff=$(awk '/^CapEff:/ {print $2}' /proc/self/status)
@@ -108,6 +112,7 @@ check_kernel() {
     fi
     has_cap 12 || problems+=("missing capability CAP_NET_ADMIN (run as root or grant it)")
     has_cap 39 || problems+=("missing capability CAP_BPF (run as root or grant it)")
+    has_cap 38 || problems+=("missing capability CAP_PERFMON (run as root or grant it)")
     if [ ${#problems[@]} -gt 0 ]; then
         printf 'setup: kernel/permission problem: %s\n' "${problems[@]}" >&2
         return 1

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The project's test command: sets up the machine (idempotent), then runs
 # every check: formatting, clippy (host code and the probes' bpf code), and
-# all tests, kernel tests included. Needs root (or CAP_BPF + CAP_NET_ADMIN);
-# with CI=true a kernel test fails instead of skipping when it cannot run.
+# all tests, kernel tests included. Needs root (or CAP_BPF + CAP_NET_ADMIN +
+# CAP_PERFMON); with CI=true a kernel test fails instead of skipping when it
+# cannot run.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -- echo         # extra arguments go to `cargo test`

@@ -1,11 +1,15 @@
-//! A route's backends, per executor: which to try first (round-robin or
-//! least-connections, counted on this core only: no cross-core locks), and
-//! connecting with a timeout, trying the next one on failure.
-use std::{cell::Cell, io, net::SocketAddr, time::Duration};
+//! A route's backends, per executor: which to try first (healthy ones by
+//! round-robin or least-connections, counted on this core only: no
+//! cross-core locks; then those marked down), and connecting with a
+//! timeout, trying the next one on failure.
+use std::{cell::Cell, io, net::SocketAddr, sync::Arc, time::Duration};
 
 use glommio::net::TcpStream;
 
-use crate::config::{Balance, Route};
+use crate::{
+    config::{Balance, Route},
+    health::Health,
+};
 
 struct Pool {
     backends: Vec<SocketAddr>,
@@ -18,6 +22,7 @@ struct Pool {
 /// The backends of every route, for one executor.
 pub struct Pools {
     pools: Vec<Pool>,
+    health: Arc<Health>,
 }
 
 /// A backend connection.
@@ -40,8 +45,9 @@ impl Drop for ActiveGuard<'_> {
 }
 
 impl Pools {
-    pub fn new(routes: &[Route]) -> Self {
+    pub fn new(routes: &[Route], health: Arc<Health>) -> Self {
         Self {
+            health,
             pools: routes
                 .iter()
                 .map(|route| Pool {
@@ -54,17 +60,28 @@ impl Pools {
         }
     }
 
-    /// The order in which to try `route`'s backends.
+    /// The order in which to try `route`'s backends: the healthy ones,
+    /// then those marked down (tried only if no healthy one accepts: when
+    /// the whole pool is down, a backend that came back before its checks
+    /// noticed still gets the connection instead of a refusal).
     fn order(&self, route: usize) -> Vec<usize> {
         let pool = &self.pools[route];
-        let count = pool.backends.len();
-        let start = pool.next.get() % count;
-        pool.next.set(start + 1);
-        let mut order: Vec<usize> = (0..count).map(|i| (start + i) % count).collect();
-        if pool.balance == Balance::LeastConnections {
-            // Stable: ties keep the round-robin order.
-            order.sort_by_key(|&i| pool.active[i].get());
+        let turn = pool.next.get();
+        pool.next.set(turn.wrapping_add(1));
+        let (mut order, mut down): (Vec<usize>, Vec<usize>) =
+            (0..pool.backends.len()).partition(|&i| self.health.backend(route, i).healthy());
+        for group in [&mut order, &mut down] {
+            // Rotating over the healthy ones alone keeps their shares equal.
+            if !group.is_empty() {
+                let start = turn % group.len();
+                group.rotate_left(start);
+            }
+            if pool.balance == Balance::LeastConnections {
+                // Stable: ties keep the round-robin order.
+                group.sort_by_key(|&i| pool.active[i].get());
+            }
         }
+        order.append(&mut down);
         order
     }
 
@@ -80,8 +97,10 @@ impl Pools {
         let mut failures = Vec::new();
         for i in self.order(route) {
             let addr = pool.backends[i];
+            let health = self.health.backend(route, i);
             match TcpStream::connect_timeout(addr, timeout).await {
                 Ok(stream) => {
+                    health.connected();
                     pool.active[i].set(pool.active[i].get() + 1);
                     let connected = Connected {
                         stream,
@@ -92,7 +111,10 @@ impl Pools {
                     };
                     return (Some(connected), failures);
                 }
-                Err(e) => failures.push((addr, io::Error::other(e.to_string()))),
+                Err(e) => {
+                    health.failed(&format_args!("client connection: {e}"));
+                    failures.push((addr, io::Error::other(e.to_string())));
+                }
             }
         }
         (None, failures)
@@ -102,7 +124,11 @@ impl Pools {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use crate::config::{Config, HealthCheck};
+
+    fn pools(routes: &[Route]) -> Pools {
+        Pools::new(routes, Health::new(routes))
+    }
 
     #[test]
     fn round_robin_rotates_and_least_connections_prefers_idle() {
@@ -110,15 +136,40 @@ mod tests {
         config
             .add_route_flag("default=127.0.0.1:1,127.0.0.1:2,127.0.0.1:3")
             .unwrap();
-        let pools = Pools::new(&config.routes);
+        let pools = pools(&config.routes);
         assert_eq!(pools.order(0), vec![0, 1, 2]);
         assert_eq!(pools.order(0), vec![1, 2, 0]);
         assert_eq!(pools.order(0), vec![2, 0, 1]);
         let mut routes = config.routes.clone();
         routes[0].balance = Balance::LeastConnections;
-        let pools = Pools::new(&routes);
+        let pools = self::pools(&routes);
         pools.pools[0].active[0].set(5);
         pools.pools[0].active[1].set(1);
         assert_eq!(pools.order(0), vec![2, 1, 0]);
+    }
+
+    #[test]
+    fn backends_marked_down_come_last_and_the_rest_share_evenly() {
+        let mut config = Config {
+            health_check: Some(HealthCheck {
+                fall: 1,
+                ..HealthCheck::default()
+            }),
+            ..Config::default()
+        };
+        config
+            .add_route_flag("default=127.0.0.1:1,127.0.0.1:2,127.0.0.1:3")
+            .unwrap();
+        let pools = pools(&config.routes);
+        pools.health.backend(0, 1).failed(&"refused");
+        let firsts: Vec<usize> = (0..4).map(|_| pools.order(0)[0]).collect();
+        assert_eq!(firsts, vec![0, 2, 0, 2]);
+        assert_eq!(pools.order(0), vec![0, 2, 1]);
+        // All down: all are still tried, in turn.
+        pools.health.backend(0, 0).failed(&"refused");
+        pools.health.backend(0, 2).failed(&"refused");
+        let (first, second) = (pools.order(0), pools.order(0));
+        assert_eq!(first.len(), 3);
+        assert_ne!(first[0], second[0]);
     }
 }

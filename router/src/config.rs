@@ -27,6 +27,53 @@ pub enum Balance {
     LeastConnections,
 }
 
+/// Which PROXY protocol header a route sends its backends before the
+/// client's bytes, so that they see the client's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProxyProtocol {
+    /// The text header: `PROXY TCP4 <client> <router> <port> <port>\r\n`.
+    V1,
+    /// The binary header (12-byte signature, then the addresses).
+    V2,
+}
+
+impl std::str::FromStr for ProxyProtocol {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "v1" => Ok(Self::V1),
+            "v2" => Ok(Self::V2),
+            _ => Err(format!("`{text}`: the PROXY protocol version is v1 or v2")),
+        }
+    }
+}
+
+/// Active health checks of a route's backends: a TCP connect every
+/// `interval`, failed past `timeout`; `fall` failures in a row (checks or
+/// client connections) mark a backend down, `rise` successful checks in a
+/// row mark it up again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub rise: u32,
+    pub fall: u32,
+}
+
+impl Default for HealthCheck {
+    /// HAProxy's defaults (`inter 2s rise 2 fall 3`), with a 1 s timeout.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(2),
+            timeout: Duration::from_secs(1),
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
 /// What a route matches on the first packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Matcher {
@@ -106,6 +153,11 @@ pub struct Route {
     pub matcher: Matcher,
     pub backends: Vec<SocketAddr>,
     pub balance: Balance,
+    /// Send the backend a PROXY protocol header first (default: none).
+    pub proxy_protocol: Option<ProxyProtocol>,
+    /// Check the backends (default: `None`, no checks: every connection
+    /// tries the pool in order).
+    pub health_check: Option<HealthCheck>,
 }
 
 /// The whole configuration, validated.
@@ -119,6 +171,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub in_flight_limit: u64,
     pub sockmap_capacity: u32,
+    /// Health checks of the routes that do not set theirs (`None`: off).
+    pub health_check: Option<HealthCheck>,
     pub routes: Vec<Route>,
 }
 
@@ -133,6 +187,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             in_flight_limit: 64 << 20,
             sockmap_capacity: 32 * 1024,
+            health_check: None,
             routes: Vec::new(),
         }
     }
@@ -162,8 +217,21 @@ struct RawConfig {
     connect_timeout: Option<Spanned<String>>,
     in_flight_limit: Option<Spanned<u64>>,
     sockmap_capacity: Option<Spanned<u32>>,
+    health_check: Option<RawHealthCheck>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+}
+
+/// A `health_check` table: each key overrides the one it is layered on
+/// (the built-in defaults, then the top-level table for a route's).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealthCheck {
+    enabled: Option<bool>,
+    interval: Option<Spanned<String>>,
+    timeout: Option<Spanned<String>>,
+    rise: Option<Spanned<u32>>,
+    fall: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize)]
@@ -182,6 +250,8 @@ struct RawRoute {
     backends: Vec<Spanned<String>>,
     #[serde(default)]
     balance: Balance,
+    proxy_protocol: Option<ProxyProtocol>,
+    health_check: Option<RawHealthCheck>,
 }
 
 /// Where a span starts, as `line N`.
@@ -258,6 +328,16 @@ impl Config {
             }
             config.sockmap_capacity = *capacity.get_ref();
         }
+        // The top-level table is the base of every route's, even when it
+        // leaves checks off by default.
+        let mut health_base = HealthCheck::default();
+        if let Some(table) = &raw.health_check {
+            let (enabled, check) = table
+                .resolve(health_base)
+                .map_err(|(span, key, m)| fail(span, &format!("health_check.{key}"), m))?;
+            health_base = check;
+            config.health_check = enabled.then_some(check);
+        }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -313,11 +393,23 @@ impl Config {
                 .iter()
                 .map(|b| parse_addr(b.get_ref()).map_err(|m| fail(b.span(), &field("backends"), m)))
                 .collect::<Result<Vec<_>, _>>()?;
+            let health_check = match &route.health_check {
+                None => config.health_check,
+                Some(table) => {
+                    let (enabled, check) =
+                        table.resolve(health_base).map_err(|(span, key, m)| {
+                            fail(span, &field(&format!("health_check.{key}")), m)
+                        })?;
+                    enabled.then_some(check)
+                }
+            };
             config.routes.push(Route {
                 name: route.name.get_ref().clone(),
                 matcher,
                 backends,
                 balance: route.balance,
+                proxy_protocol: route.proxy_protocol,
+                health_check,
             });
             config.validate_route(i).map_err(|m| {
                 fail(
@@ -370,16 +462,38 @@ impl Config {
     }
 
     /// Adds a route given as `--route` (`host:NAME=ADDR[,ADDR...]`,
-    /// `sni:NAME=...`, `preamble:NAME[:TOKEN]=...`, `default=...`).
+    /// `sni:NAME=...`, `preamble:NAME[:TOKEN]=...`, `default=...`), with
+    /// options among the addresses: `proxy_protocol=v1|v2`,
+    /// `balance=round-robin|least-connections`.
     pub fn add_route_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
         let fail = |m: String| ConfigError(format!("--route {spec}: {m}"));
         let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
             fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
         })?;
-        let backends = addrs
-            .split(',')
-            .map(|a| parse_addr(a.trim()).map_err(&fail))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut backends = Vec::new();
+        let mut balance = Balance::RoundRobin;
+        let mut proxy_protocol = None;
+        for item in addrs.split(',').map(str::trim) {
+            // An address never holds `=`: an item that does is an option.
+            match item.split_once('=') {
+                None => backends.push(parse_addr(item).map_err(&fail)?),
+                Some(("proxy_protocol", version)) => {
+                    proxy_protocol = Some(version.parse().map_err(&fail)?);
+                }
+                Some(("balance", "round-robin")) => balance = Balance::RoundRobin,
+                Some(("balance", "least-connections")) => balance = Balance::LeastConnections,
+                Some(("balance", other)) => {
+                    return Err(fail(format!(
+                        "`{other}`: balance is round-robin or least-connections"
+                    )));
+                }
+                Some((option, _)) => {
+                    return Err(fail(format!(
+                        "unknown option `{option}` (options: proxy_protocol=v1|v2, balance=...)"
+                    )));
+                }
+            }
+        }
         let (matcher, name) = match matcher.split_once(':') {
             None if matcher == "default" => (Matcher::Default, "default".to_owned()),
             Some(("host", host)) => (
@@ -418,9 +532,43 @@ impl Config {
             name: format!("{}#{}", name, self.routes.len()),
             matcher,
             backends,
-            balance: Balance::RoundRobin,
+            balance,
+            proxy_protocol,
+            health_check: self.health_check,
         });
         self.validate_route(self.routes.len() - 1).map_err(fail)
+    }
+}
+
+impl RawHealthCheck {
+    /// Layers this table over `base`: whether checks are on (`enabled`;
+    /// writing the table turns them on) and their settings; an error names
+    /// the key and where it is.
+    fn resolve(
+        &self,
+        base: HealthCheck,
+    ) -> Result<(bool, HealthCheck), (Range<usize>, &'static str, String)> {
+        let mut check = base;
+        if let Some(interval) = &self.interval {
+            check.interval =
+                parse_duration(interval.get_ref()).map_err(|m| (interval.span(), "interval", m))?;
+        }
+        if let Some(timeout) = &self.timeout {
+            check.timeout =
+                parse_duration(timeout.get_ref()).map_err(|m| (timeout.span(), "timeout", m))?;
+        }
+        for (value, target, key) in [
+            (&self.rise, &mut check.rise, "rise"),
+            (&self.fall, &mut check.fall, "fall"),
+        ] {
+            if let Some(value) = value {
+                if !(1..=100).contains(value.get_ref()) {
+                    return Err((value.span(), key, "must be between 1 and 100".into()));
+                }
+                *target = *value.get_ref();
+            }
+        }
+        Ok((self.enabled.unwrap_or(true), check))
     }
 }
 
@@ -601,6 +749,119 @@ backends = ["127.0.0.1:9000"]
         assert!(config.add_route_flag("host:x=127.0.0.1:1").is_err());
         let e = config.add_route_flag("tcp:x=1.2.3.4:5").unwrap_err().0;
         assert!(e.contains("kind must be"), "{e}");
+    }
+
+    #[test]
+    fn health_checks_layer_route_over_top_level_over_defaults() {
+        let text = r#"
+listen = ["127.0.0.1:1"]
+[health_check]
+interval = "500ms"
+fall = 2
+
+[[route]]
+name = "inherits"
+host = "a.test"
+backends = ["127.0.0.1:2"]
+proxy_protocol = "v2"
+
+[[route]]
+name = "own"
+host = "b.test"
+backends = ["127.0.0.1:3"]
+health_check = { timeout = "100ms", rise = 5 }
+
+[[route]]
+name = "off"
+default = true
+backends = ["127.0.0.1:4"]
+health_check = { enabled = false }
+"#;
+        let config = Config::from_toml(text, "t.toml").unwrap();
+        let top = HealthCheck {
+            interval: Duration::from_millis(500),
+            fall: 2,
+            ..HealthCheck::default()
+        };
+        assert_eq!(config.health_check, Some(top));
+        assert_eq!(config.routes[0].health_check, Some(top));
+        assert_eq!(config.routes[0].proxy_protocol, Some(ProxyProtocol::V2));
+        assert_eq!(
+            config.routes[1].health_check,
+            Some(HealthCheck {
+                timeout: Duration::from_millis(100),
+                rise: 5,
+                ..top
+            })
+        );
+        assert_eq!(config.routes[1].proxy_protocol, None);
+        assert_eq!(config.routes[2].health_check, None);
+        // Without a top-level table, checks are off unless a route asks.
+        let config = Config::from_toml(
+            "[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = [\"127.0.0.1:2\"]\n\
+             [[route]]\nname = \"b\"\nhost = \"b.b\"\nbackends = [\"127.0.0.1:2\"]\n\
+             health_check = {}\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(config.routes[0].health_check, None);
+        assert_eq!(config.routes[1].health_check, Some(HealthCheck::default()));
+    }
+
+    #[test]
+    fn bad_health_checks_and_proxy_versions_name_their_line() {
+        let base = "listen = [\"127.0.0.1:1\"]\n";
+        let e = error(&format!("{base}[health_check]\nrise = 0\n"));
+        assert!(
+            e.contains("line 3: health_check.rise: must be between"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = [\"127.0.0.1:2\"]\n\
+             health_check = {{ interval = \"often\" }}\n"
+        ));
+        assert!(
+            e.contains("line 6: route[0] (a).health_check.interval"),
+            "{e}"
+        );
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\nhost = \"a.b\"\nbackends = [\"127.0.0.1:2\"]\n\
+             proxy_protocol = \"v3\"\n"
+        ));
+        assert!(e.contains("line 6") && e.contains("v3"), "{e}");
+        let e = error(&format!("{base}[health_check]\nintervall = \"1s\"\n"));
+        assert!(e.contains("intervall"), "{e}");
+    }
+
+    #[test]
+    fn route_flags_take_options_among_their_addresses() {
+        let mut config = Config::default();
+        config
+            .add_route_flag("host:a.test=127.0.0.1:1,proxy_protocol=v1,[::1]:2")
+            .unwrap();
+        config
+            .add_route_flag("default=127.0.0.1:3,balance=least-connections,proxy_protocol=v2")
+            .unwrap();
+        assert_eq!(config.routes[0].backends.len(), 2);
+        assert_eq!(config.routes[0].proxy_protocol, Some(ProxyProtocol::V1));
+        assert_eq!(config.routes[0].balance, Balance::RoundRobin);
+        assert_eq!(config.routes[1].proxy_protocol, Some(ProxyProtocol::V2));
+        assert_eq!(config.routes[1].balance, Balance::LeastConnections);
+        let e = config
+            .add_route_flag("host:b=127.0.0.1:1,proxy_protocol=v9")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("v1 or v2"), "{e}");
+        let e = config
+            .add_route_flag("host:b=127.0.0.1:1,weight=2")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("unknown option `weight`"), "{e}");
+        let e = config
+            .add_route_flag("host:b=proxy_protocol=v1")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("at least one address"), "{e}");
     }
 
     #[test]

@@ -7,12 +7,16 @@
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
 //! - [`backends`]: picking and connecting to a route's backends;
+//! - [`health`]: backend health checks and passive ejection;
+//! - [`proxy_protocol`]: the PROXY protocol header sent to backends;
 //! - [`server`]: the executors, the listeners and each connection's life;
 //! - [`stats`]: the counters and the `stats:` line;
 //! - [`demo`]: the demo backends of `router --demo`.
 pub mod backends;
 pub mod config;
 pub mod demo;
+pub mod health;
+pub mod proxy_protocol;
 pub mod refuse;
 pub mod routes;
 pub mod server;

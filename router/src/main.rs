@@ -6,7 +6,7 @@ use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, tim
 use anyhow::Context as _;
 use clap::Parser;
 use router::{
-    config::{Config, Mode, parse_addr},
+    config::{Config, Mode, ProxyProtocol, parse_addr},
     demo, server,
 };
 use tracing_subscriber::EnvFilter;
@@ -24,6 +24,8 @@ use tracing_subscriber::EnvFilter;
         router --listen 127.0.0.1:8080 --route host:a.test=127.0.0.1:9001 \\\n      \
         --route sni:b.test=127.0.0.1:9002,127.0.0.1:9003 --route default=127.0.0.1:9004\n  \
         router ... --route preamble:db:s3cret=127.0.0.1:5432   # clients send \"ROUTE db s3cret\\r\\n\" first\n  \
+        router ... --route host:a.test=127.0.0.1:9001,127.0.0.1:9002,proxy_protocol=v2,balance=least-connections\n  \
+        systemctl reload router                       # packaging/router.service: check, then SIGHUP\n  \
         kill -USR1 <pid>                              # print counters now"
 )]
 struct Cli {
@@ -36,8 +38,9 @@ struct Cli {
     /// Address to listen on (repeatable; adds to the file's `listen`).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     listen: Vec<SocketAddr>,
-    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...
-    /// (repeatable; tried after the file's routes, in order).
+    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...,
+    /// with options among the addresses: proxy_protocol=v1|v2, balance=least-connections
+    /// (repeatable; tried after the file's routes, in order; health checks: config file).
     #[arg(long, value_name = "SPEC")]
     route: Vec<String>,
     /// Executors, one pinned per core [default: all online cores].
@@ -156,7 +159,23 @@ fn summary(config: &Config) -> String {
     let routes: Vec<String> = config
         .routes
         .iter()
-        .map(|r| format!("{} -> {} backend(s)", r.name, r.backends.len()))
+        .map(|r| {
+            let mut line = format!("{} -> {} backend(s)", r.name, r.backends.len());
+            if let Some(version) = r.proxy_protocol {
+                let version = match version {
+                    ProxyProtocol::V1 => "v1",
+                    ProxyProtocol::V2 => "v2",
+                };
+                line.push_str(&format!(" with PROXY protocol {version}"));
+            }
+            if let Some(check) = r.health_check {
+                line.push_str(&format!(
+                    ", checked every {}",
+                    humantime::format_duration(check.interval)
+                ));
+            }
+            line
+        })
         .collect();
     format!(
         "{} listener(s), {} route(s): {}",

@@ -26,7 +26,8 @@ use tracing::{debug, info, warn};
 use crate::{
     backends::Pools,
     config::{Config, Mode},
-    refuse,
+    health::Health,
+    proxy_protocol, refuse,
     routes::{self, Refusal},
     sniff::{self, FirstPacket, Protocol, Sniff},
     stats::{Report, RouterStats},
@@ -59,6 +60,7 @@ struct ShardInput {
     config: Arc<Config>,
     probe: Option<ProbeSpec>,
     stats: Arc<RouterStats>,
+    health: Arc<Health>,
 }
 
 /// One executor's state, shared by its connection tasks.
@@ -87,6 +89,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
     }
     let probe = probe_spec(&config)?;
+    let health = Health::new(&config.routes);
     let config = Arc::new(config);
     let stats: Vec<Arc<RouterStats>> = (0..cores).map(|_| Arc::default()).collect();
     let inputs = per_core
@@ -99,6 +102,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             config: Arc::clone(&config),
             probe: probe.clone(),
             stats: Arc::clone(stats),
+            health: Arc::clone(&health),
         })
         .collect();
     let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
@@ -117,6 +121,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         mode,
         shards: &stats,
         kernel: &kernel,
+        health: &health,
     };
     let print = |line: String| {
         println!("{line}");
@@ -179,8 +184,12 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
             None
         }
     };
+    if input.core == 0 {
+        // One checker for every core: they share its verdicts (atomics).
+        input.health.spawn_checks();
+    }
     let shard = Rc::new(Shard {
-        pools: Pools::new(&input.config.routes),
+        pools: Pools::new(&input.config.routes, input.health),
         config: input.config,
         probe,
         stats: input.stats,
@@ -322,7 +331,7 @@ async fn route(
 
 /// Connects the route's backend, sends it the first packet, and forwards
 /// both directions until both ended.
-async fn forward(client: TcpStream, shard: &Shard, first: Vec<u8>, decision: routes::Decision) {
+async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision: routes::Decision) {
     let stats = &shard.stats;
     let route = &shard.config.routes[decision.route];
     let (connected, failures) = Box::pin(
@@ -351,6 +360,13 @@ async fn forward(client: TcpStream, shard: &Shard, first: Vec<u8>, decision: rou
         return;
     };
     let _guard = backend.guard;
+    // Before any byte of the client, the backend learns who it is.
+    let header = route
+        .proxy_protocol
+        .map(|version| {
+            proxy_protocol::header(version, client.peer_addr().ok(), client.local_addr().ok())
+        })
+        .unwrap_or_default();
     let client_fd = client.as_raw_fd();
     let backend_fd = backend.stream.as_raw_fd();
     // Latency over batching: a proxy forwards small writes as they come.
@@ -387,7 +403,12 @@ async fn forward(client: TcpStream, shard: &Shard, first: Vec<u8>, decision: rou
             return;
         }
     };
-    if let Err(e) = up.write(&first[decision.skip.min(first.len())..]).await {
+    first.drain(..decision.skip.min(first.len()));
+    if !header.is_empty() {
+        // One write, so that the header and the first bytes leave together.
+        first.splice(0..0, header);
+    }
+    if let Err(e) = up.write(&first).await {
         debug!("sending the first packet failed: {e}");
         add(&stats.splice.resets, 1);
         reset_on_close([client_fd, backend_fd]);

@@ -1,6 +1,6 @@
 //! The router's counters per executor and its `stats:` line: the shared
-//! splice counters, refusals by reason, backend failures, then the probes'
-//! in-kernel counters.
+//! splice counters, refusals by reason, backend failures and backends
+//! marked down, then the probes' in-kernel counters.
 use std::{
     fmt::Write as _,
     sync::{
@@ -14,7 +14,7 @@ use splice::user::{
     stats::{self, SpliceStats},
 };
 
-use crate::routes::Refusal;
+use crate::{health::Health, routes::Refusal};
 
 /// One executor's counters.
 #[derive(Debug, Default)]
@@ -43,6 +43,7 @@ pub struct Report<'a> {
     pub mode: &'a str,
     pub shards: &'a [Arc<RouterStats>],
     pub kernel: &'a [KernelView],
+    pub health: &'a Health,
 }
 
 impl Report<'_> {
@@ -62,6 +63,7 @@ impl Report<'_> {
             );
         }
         let _ = write!(line, " backend_failures={}", sum(&|s| &s.backend_failures));
+        let _ = write!(line, " backends_down={}", self.health.down());
         stats::write_kernel(&mut line, self.kernel);
         line
     }

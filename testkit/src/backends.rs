@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -160,6 +160,85 @@ pub fn hash_until_eof(mut reader: impl Read) -> io::Result<(u64, [u8; 32])> {
         hasher.update(&buffer[..n]);
         total += n as u64;
     }
+}
+
+/// A backend that says its name like [`Backend::named`] (to a non-HTTP
+/// stream: `name:` then an echo) and that can go down (its listener closes:
+/// connects are refused) and come back up on the same port.
+pub struct SwitchableBackend {
+    pub addr: SocketAddr,
+    up: Arc<AtomicBool>,
+    /// Listener changes the accept thread made (down or up), to wait for.
+    switched: Arc<AtomicUsize>,
+}
+
+impl SwitchableBackend {
+    pub fn named(name: &'static str) -> Self {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a backend");
+        let addr = listener.local_addr().unwrap();
+        let up = Arc::new(AtomicBool::new(true));
+        let switched = Arc::new(AtomicUsize::new(0));
+        let (wanted, done) = (Arc::clone(&up), Arc::clone(&switched));
+        thread::spawn(move || {
+            let mut listener = Some(listener);
+            loop {
+                match (&listener, wanted.load(Ordering::SeqCst)) {
+                    (Some(_), false) => {
+                        listener = None;
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    (None, true) => {
+                        // std sets SO_REUSEADDR: the port's TIME_WAITs do
+                        // not stand in the way.
+                        listener = Some(TcpListener::bind(addr).expect("re-bind the backend"));
+                        done.fetch_add(1, Ordering::SeqCst);
+                    }
+                    _ => {}
+                }
+                if let Some(open) = &listener {
+                    open.set_nonblocking(true).expect("non-blocking listener");
+                    while let Ok((stream, _)) = open.accept() {
+                        let _ = stream.set_nonblocking(false);
+                        thread::spawn(move || say_name(name, stream));
+                    }
+                }
+                thread::sleep(Duration::from_millis(2));
+            }
+        });
+        Self { addr, up, switched }
+    }
+
+    /// Closes the listener (and returns once it is closed).
+    pub fn down(&self) {
+        self.switch(false);
+    }
+
+    /// Listens again on the same port (and returns once it does).
+    pub fn up(&self) {
+        self.switch(true);
+    }
+
+    fn switch(&self, up: bool) {
+        let before = self.switched.load(Ordering::SeqCst);
+        assert_ne!(
+            self.up.swap(up, Ordering::SeqCst),
+            up,
+            "already in that state"
+        );
+        while self.switched.load(Ordering::SeqCst) == before {
+            thread::sleep(Duration::from_millis(1));
+        }
+    }
+}
+
+/// `name:` then an echo of the stream, FIN after the client's.
+fn say_name(name: &str, mut stream: TcpStream) {
+    let Ok(mut writer) = stream.try_clone() else {
+        return;
+    };
+    let _ = writer.write_all(format!("{name}:").as_bytes());
+    let _ = io::copy(&mut stream, &mut writer);
+    let _ = writer.shutdown(Shutdown::Write);
 }
 
 /// A port on loopback nobody listens on (bound, then closed).

@@ -1,10 +1,12 @@
 //! Helpers for the integration tests of the binaries: start a server as a
 //! child process, read its `stats:` lines, count its descriptors, and drive
-//! clients over loopback with reproducible random data.
+//! clients over loopback with reproducible random data; backends that read
+//! PROXY protocol headers (one in Rust, nginx) or that go down and up.
 pub mod backends;
 pub mod clients;
 pub mod data;
 pub mod privileges;
+pub mod proxy_protocol;
 pub mod server;
 pub mod tls;
 

@@ -4,6 +4,7 @@ use std::{
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     path::PathBuf,
     process::{Child, Command, Stdio},
+    sync::atomic::{AtomicUsize, Ordering},
     thread,
     time::{Duration, Instant},
 };
@@ -15,7 +16,7 @@ pub struct TlsBackend {
     _dir: TempDir,
 }
 
-struct TempDir(PathBuf);
+pub(crate) struct TempDir(pub(crate) PathBuf);
 
 impl Drop for TempDir {
     fn drop(&mut self) {
@@ -23,11 +24,13 @@ impl Drop for TempDir {
     }
 }
 
-fn temp_dir(tag: &str) -> TempDir {
+pub(crate) fn temp_dir(tag: &str) -> TempDir {
+    // A plain name: nginx's configuration takes paths without quoting.
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
     let dir = std::env::temp_dir().join(format!(
-        "testkit-{tag}-{}-{:?}",
+        "testkit-{tag}-{}-{}",
         std::process::id(),
-        Instant::now()
+        NEXT.fetch_add(1, Ordering::Relaxed)
     ));
     std::fs::create_dir_all(&dir).expect("temp dir");
     TempDir(dir)

@@ -47,7 +47,9 @@ pub enum LoadError {
         io_error: io::Error,
         verifier_log: String,
     },
-    #[error("permission denied while {doing}: {io_error} (needs CAP_BPF and CAP_NET_ADMIN)")]
+    #[error(
+        "permission denied while {doing}: {io_error} (needs CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON)"
+    )]
     PermissionDenied { doing: String, io_error: io::Error },
     #[error("loading the probe failed while {doing}: {detail}")]
     Other { doing: String, detail: String },

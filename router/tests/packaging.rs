@@ -1,0 +1,151 @@
+//! `packaging/router.service`: systemd accepts it as written (no unknown key,
+//! every command exists), its sandboxing keeps the exposure score low, and
+//! the capabilities it grants are enough to splice in the kernel as an
+//! unprivileged user (and to listen below port 1024).
+use std::{
+    io::{Read, Write},
+    net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener},
+    path::PathBuf,
+    process::Command,
+    time::Duration,
+};
+
+use testkit::{Server, backends::Backend, clients, privileges::require_bpf};
+
+const BIN: &str = env!("CARGO_BIN_EXE_router");
+const UNIT: &str = include_str!("../../packaging/router.service");
+/// Where the unit expects the binary (`cargo install --root /usr/local`).
+const INSTALLED: &str = "/usr/local/bin/router";
+
+/// A directory of this test process, removed when dropped.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("router-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The unit's values for `key`, in order.
+fn values(key: &str) -> Vec<&'static str> {
+    UNIT.lines()
+        .filter_map(|line| line.strip_prefix(key)?.strip_prefix('='))
+        .collect()
+}
+
+#[test]
+fn systemd_accepts_the_unit_and_rates_it_well_confined() {
+    assert!(UNIT.contains(INSTALLED));
+    let dir = TempDir::new("unit");
+    // verify checks that each command exists: point them at this build.
+    let unit = dir.0.join("router.service");
+    std::fs::write(&unit, UNIT.replace(INSTALLED, BIN)).unwrap();
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (scripts/setup.sh installs systemd)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    // Unknown keys are only warned about: any message is a failure.
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+
+    // The overall exposure (0 = fully confined, 10 = not at all); the
+    // capabilities the probe needs and the network cost about 2.
+    let output = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=25", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{report}");
+    let score = report
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for router.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|score| score.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {report}"));
+    assert!(score <= 2.5, "exposure {score}: {report}");
+
+    for (key, wanted) in [
+        ("NoNewPrivileges", "yes"),
+        ("ProtectSystem", "strict"),
+        ("DynamicUser", "yes"),
+        ("ExecReload", "/bin/kill -HUP $MAINPID"),
+    ] {
+        assert!(values(key).contains(&wanted), "{key}={wanted}");
+    }
+    assert_eq!(
+        values("AmbientCapabilities"),
+        values("CapabilityBoundingSet"),
+        "the bounding set is exactly the ambient set"
+    );
+}
+
+/// A free port below 1024 on loopback.
+fn privileged_port() -> u16 {
+    (900..1024)
+        .find(|port| TcpListener::bind((Ipv4Addr::LOCALHOST, *port)).is_ok())
+        .expect("a free port below 1024")
+}
+
+#[test]
+fn the_unit_s_capabilities_are_enough_to_splice_as_an_unprivileged_user() {
+    if !require_bpf("unit_capabilities (needs root to drop privileges)") {
+        return;
+    }
+    let capabilities: Vec<String> = values("AmbientCapabilities")[0]
+        .split_whitespace()
+        .map(|cap| format!("+{}", cap.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    let set = format!("-all,{}", capabilities.join(","));
+    // A copy that user nobody can reach (the build tree may be in /root).
+    let dir = TempDir::new("unit-caps");
+    let binary = dir.0.join("router");
+    std::fs::copy(BIN, &binary).unwrap();
+    for path in [&dir.0, &binary] {
+        Command::new("chmod").arg("755").arg(path).status().unwrap();
+    }
+    let backend = Backend::echo();
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, privileged_port()));
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(format!("--inh-caps={set}"))
+        .arg(format!("--ambient-caps={set}"))
+        .arg(format!("--bounding-set={set}"))
+        .args(["--no-new-privs", "--"])
+        .arg(&binary)
+        .args(["--listen", &listen.to_string(), "--mode", "ebpf", "--route"])
+        .arg(format!("default={}", backend.addr));
+    let mut router = Server::start_command(&mut command);
+    assert_eq!(router.addr, listen);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", router.pid())).unwrap();
+    assert!(status.contains("Uid:\t65534"), "{status}");
+
+    let mut stream = clients::connect(router.addr).unwrap();
+    stream.write_all(b"\x00first").unwrap();
+    let mut echoed = [0u8; 6];
+    stream.read_exact(&mut echoed).unwrap();
+    stream.write_all(b"second").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest).unwrap();
+    assert_eq!([&echoed[..], &rest].concat(), b"\x00firstsecond");
+    let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+    assert_eq!(stats.get("spliced"), 1, "{stats:?}");
+    assert!(stats.get("kernel_redirected_bytes") >= 12, "{stats:?}");
+}
