@@ -8,13 +8,19 @@
 //! - [`refuse`]: what a refused client receives;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`server`]: the executors, the listeners and each connection's life;
+//! - [`supervise`]: the main thread's signals: report, reload, drain;
+//! - [`reload`]: hot reload of the configuration (SIGHUP);
 //! - [`stats`]: the counters and the `stats:` line;
+//! - [`metrics`]: the Prometheus metrics and their HTTP endpoint;
 //! - [`demo`]: the demo backends of `router --demo`.
 pub mod backends;
 pub mod config;
 pub mod demo;
+pub mod metrics;
 pub mod refuse;
+pub mod reload;
 pub mod routes;
 pub mod server;
 pub mod sniff;
 pub mod stats;
+pub mod supervise;
