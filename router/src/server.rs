@@ -196,9 +196,9 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
     }
     let metrics_listener = match config.metrics {
-        Some(addr) => Some(
-            StdListener::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?,
-        ),
+        Some(addr) => {
+            Some(metrics::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
+        }
         None => None,
     };
     let probe = probe_spec(&config)?;

@@ -313,7 +313,7 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
                 kernel > 0 && kernel <= 2 * sent,
                 "kernel_redirected_bytes {kernel} vs {sent} each way"
             );
-            assert_eq!(m.get("router_kernel_routes"), 0, "{}", m.0);
+            assert_eq!(m.get("router_sockmap_slots_in_use"), 0, "{}", m.0);
         } else {
             assert_eq!(served("copy"), CONNECTIONS as u64, "{}", m.0);
             assert!(!m.0.contains("router_kernel_"), "{}", m.0);
