@@ -736,17 +736,17 @@ fn answer(mut stream: TcpStream, registry: &Registry, lifecycle: &Lifecycle) -> 
     // The query string does not matter (Prometheus may add one).
     let path = path.split('?').next().unwrap_or_default();
     match (method.as_str(), path) {
-        ("GET" | "HEAD", "/metrics") => respond(
+        ("GET", "/metrics") => respond(
             &mut stream,
             200,
             prometheus_text::CONTENT_TYPE,
             &encode(registry),
         ),
-        ("GET" | "HEAD", "/healthz") if lifecycle.draining.load(Relaxed) => {
+        ("GET", "/healthz") if lifecycle.draining.load(Relaxed) => {
             respond(&mut stream, 503, "text/plain", "draining\n")
         }
-        ("GET" | "HEAD", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
-        ("GET" | "HEAD", _) => respond(
+        ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
+        ("GET", _) => respond(
             &mut stream,
             404,
             "text/plain",
