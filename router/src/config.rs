@@ -173,6 +173,10 @@ pub struct Config {
     pub sockmap_capacity: u32,
     /// Health checks of the routes that do not set theirs (`None`: off).
     pub health_check: Option<HealthCheck>,
+    /// Where to serve Prometheus metrics (`GET /metrics`) and `GET /healthz`.
+    pub metrics: Option<SocketAddr>,
+    /// How long a stopping router lets live connections finish.
+    pub drain_timeout: Duration,
     pub routes: Vec<Route>,
 }
 
@@ -188,6 +192,8 @@ impl Default for Config {
             in_flight_limit: 64 << 20,
             sockmap_capacity: 32 * 1024,
             health_check: None,
+            metrics: None,
+            drain_timeout: Duration::from_secs(30),
             routes: Vec::new(),
         }
     }
@@ -218,6 +224,8 @@ struct RawConfig {
     in_flight_limit: Option<Spanned<u64>>,
     sockmap_capacity: Option<Spanned<u32>>,
     health_check: Option<RawHealthCheck>,
+    metrics: Option<Spanned<String>>,
+    drain_timeout: Option<Spanned<String>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
 }
@@ -337,6 +345,14 @@ impl Config {
                 .map_err(|(span, key, m)| fail(span, &format!("health_check.{key}"), m))?;
             health_base = check;
             config.health_check = enabled.then_some(check);
+        }
+        if let Some(addr) = &raw.metrics {
+            config.metrics =
+                Some(parse_addr(addr.get_ref()).map_err(|m| fail(addr.span(), "metrics", m))?);
+        }
+        if let Some(timeout) = &raw.drain_timeout {
+            config.drain_timeout = parse_drain_timeout(timeout.get_ref())
+                .map_err(|m| fail(timeout.span(), "drain_timeout", m))?;
         }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
@@ -591,6 +607,16 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
     Ok(duration)
 }
 
+/// Parses a drain timeout: a duration, where `0s` means "do not wait".
+pub fn parse_drain_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (e.g. \"30s\", \"2m\", \"0s\")"))?;
+    if timeout > Duration::from_secs(24 * 3600) {
+        return Err(format!("`{text}`: at most 24h"));
+    }
+    Ok(timeout)
+}
+
 /// Preamble route names: 1 to 64 of `[A-Za-z0-9._-]`.
 pub fn validate_route_name(name: &str) -> Result<(), String> {
     let ok = (1..=64).contains(&name.len())
@@ -624,6 +650,8 @@ mod tests {
 listen = ["127.0.0.1:8080", "[::1]:8080"]
 mode = "copy"
 first_packet_timeout = "250ms"
+metrics = "127.0.0.1:9100"
+drain_timeout = "0s"
 
 [[route]]
 name = "api"
@@ -654,6 +682,8 @@ backends = ["127.0.0.1:9000"]
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.mode, Mode::Copy);
         assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
+        assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        assert_eq!(config.drain_timeout, Duration::ZERO);
         assert_eq!(config.routes.len(), 4);
         assert_eq!(config.routes[0].balance, Balance::LeastConnections);
         assert_eq!(

@@ -1,13 +1,16 @@
 //! `router`: a thread-per-core TCP router. It reads each connection's first
 //! packet (TLS SNI, HTTP `Host`, or a `ROUTE name [token]` preamble), picks a
 //! backend, and splices the two sockets inside the kernel with eBPF.
-use std::{io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
+use std::{
+    io::Write as _, net::SocketAddr, path::PathBuf, process::ExitCode, sync::Arc, time::Duration,
+};
 
 use anyhow::Context as _;
 use clap::Parser;
 use router::{
-    config::{Config, Mode, ProxyProtocol, parse_addr},
-    demo, server,
+    config::{Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
+    demo::{self, DemoBackends},
+    server,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -25,9 +28,14 @@ use tracing_subscriber::EnvFilter;
         --route sni:b.test=127.0.0.1:9002,127.0.0.1:9003 --route default=127.0.0.1:9004\n  \
         router ... --route preamble:db:s3cret=127.0.0.1:5432   # clients send \"ROUTE db s3cret\\r\\n\" first\n  \
         router ... --route host:a.test=127.0.0.1:9001,127.0.0.1:9002,proxy_protocol=v2,balance=least-connections\n  \
+        router --config router.toml --metrics 127.0.0.1:9100   # curl 127.0.0.1:9100/metrics\n  \
+        router ... --log-level debug                  # one line per closed connection too\n  \
+        kill -USR1 <pid>                              # print counters now\n  \
+        kill -HUP <pid>                               # reload the config file (bad one: kept old)\n  \
         systemctl reload router                       # packaging/router.service: check, then SIGHUP\n  \
-        kill -USR1 <pid>                              # print counters now"
+        kill -TERM <pid>                              # drain (--drain-timeout), again: exit now"
 )]
+#[derive(Clone)]
 struct Cli {
     /// TOML configuration file (see router.example.toml).
     #[arg(long, value_name = "FILE")]
@@ -60,20 +68,33 @@ struct Cli {
     /// them with an embedded configuration; prints commands to try.
     #[arg(long)]
     demo: bool,
-    /// Log filter (error, warn, info, debug, trace, or a tracing filter);
-    /// RUST_LOG works too.
-    #[arg(long, value_name = "FILTER")]
-    log: Option<String>,
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`, `GET /healthz`).
+    #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
+    metrics: Option<SocketAddr>,
+    /// On SIGTERM/SIGINT, how long live connections may go on before the
+    /// router exits (e.g. 30s, 2m, 0s) [default: 30s, or the file's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
+    drain_timeout: Option<Duration>,
+    /// Log level: error, warn, info (default), debug (adds a line per
+    /// closed connection), trace, or a tracing filter such as
+    /// `router=debug`. Takes precedence over RUST_LOG.
+    #[arg(long, alias = "log", value_name = "FILTER")]
+    log_level: Option<String>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = cli
-        .log
-        .clone()
-        .map(EnvFilter::new)
-        .or_else(|| EnvFilter::try_from_default_env().ok())
-        .unwrap_or_else(|| EnvFilter::new("info"));
+    // --log-level, else RUST_LOG, else info.
+    let filter = match &cli.log_level {
+        Some(level) => match EnvFilter::try_new(level) {
+            Ok(filter) => filter,
+            Err(e) => {
+                eprintln!("router: error: --log-level {level}: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+    };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -92,38 +113,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     if !(0.01..=86400.0).contains(&cli.stats_interval) {
         anyhow::bail!("--stats-interval: give seconds between 0.01 and 86400");
     }
-    let mut demo_backends = None;
-    let mut config = if cli.demo {
-        let backends = demo::start().context("starting the demo backends")?;
-        let config = backends.config();
-        demo_backends = Some(std::sync::Arc::new(backends));
-        config
-    } else if let Some(path) = &cli.config {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-        Config::from_toml(&text, &path.display().to_string())?
+    // Before any thread starts (the demo's backends): only the main thread
+    // takes SIGHUP, SIGTERM and the others, whose default would kill us.
+    splice::user::runtime::block_signals().context("blocking signals")?;
+    let demo_backends = if cli.demo {
+        Some(Arc::new(
+            demo::start().context("starting the demo backends")?,
+        ))
     } else {
-        Config::default()
+        None
     };
-    if cli.demo && !cli.listen.is_empty() {
-        // The demo's own address gives way to the one asked for.
-        config.listen.clear();
-    }
-    config.listen.extend(&cli.listen);
-    for spec in &cli.route {
-        config.add_route_flag(spec)?;
-    }
-    if let Some(cores) = cli.cores {
-        anyhow::ensure!(cores > 0, "--cores must be at least 1");
-        config.cores = Some(cores);
-    }
-    if let Some(mode) = cli.mode {
-        config.mode = mode;
-    }
-    config.validate().map_err(|e| match &cli.config {
-        Some(path) if !cli.demo => anyhow::anyhow!("{}: {e}", path.display()),
-        _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),
-    })?;
+    let config = build_config(&cli, demo_backends.as_deref())?;
     if cli.check_config {
         println!("configuration ok: {}", summary(&config));
         return Ok(());
@@ -131,6 +131,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     // The demo backends live as long as the router (the callback only
     // borrows them to print the instructions).
     let demo_for_ready = demo_backends.clone();
+    let demo_for_reload = demo_backends.clone();
+    let reload_cli = cli.clone();
     let options = server::RunOptions {
         stats_interval: cli
             .stats
@@ -149,10 +151,51 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             let _ = std::io::stdout().flush();
         }),
+        reload: Box::new(move || build_config(&reload_cli, demo_for_reload.as_deref())),
     };
     let result = server::run(config, options);
     drop(demo_backends);
     result
+}
+
+/// The configuration: the file's (or the demo's), then the command line's
+/// additions and overrides, validated. Run at start and on every SIGHUP.
+fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config> {
+    let mut config = if let Some(backends) = demo {
+        backends.config()
+    } else if let Some(path) = &cli.config {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        Config::from_toml(&text, &path.display().to_string())?
+    } else {
+        Config::default()
+    };
+    if demo.is_some() && !cli.listen.is_empty() {
+        // The demo's own address gives way to the one asked for.
+        config.listen.clear();
+    }
+    config.listen.extend(&cli.listen);
+    for spec in &cli.route {
+        config.add_route_flag(spec)?;
+    }
+    if let Some(cores) = cli.cores {
+        anyhow::ensure!(cores > 0, "--cores must be at least 1");
+        config.cores = Some(cores);
+    }
+    if let Some(mode) = cli.mode {
+        config.mode = mode;
+    }
+    if let Some(addr) = cli.metrics {
+        config.metrics = Some(addr);
+    }
+    if let Some(timeout) = cli.drain_timeout {
+        config.drain_timeout = timeout;
+    }
+    config.validate().map_err(|e| match &cli.config {
+        Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e}", path.display()),
+        _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),
+    })?;
+    Ok(config)
 }
 
 fn summary(config: &Config) -> String {

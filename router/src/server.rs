@@ -3,20 +3,23 @@
 //! read the first packet, decide, connect, forward (splice the two sockets in
 //! the kernel, or copy in userspace).
 use std::{
-    io::Write as _,
+    cell::RefCell,
     net::{SocketAddr, TcpListener as StdListener},
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _, RawFd},
     rc::Rc,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
-use anyhow::bail;
+use anyhow::{Context as _, bail};
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
     KernelView, Leg, LegError, Member, ProbeConfig, Spliced,
-    runtime::{self, Ready, Signal},
+    runtime::{self, Ready},
     shard::{ProbeSpec, ShardProbe},
     socket,
     stats::add,
@@ -25,12 +28,18 @@ use tracing::{debug, info, warn};
 
 use crate::{
     backends::Pools,
-    config::{Config, Mode},
+    config::{Config, Matcher, Mode},
     health::Health,
+    metrics::{
+        self, BackendCounters, CoreMetrics, KernelViews, Labelled, Lifecycle, RouteCounters,
+        RouterCollector, Served,
+    },
     proxy_protocol, refuse,
+    reload::Published,
     routes::{self, Refusal},
     sniff::{self, FirstPacket, Protocol, Sniff},
-    stats::{Report, RouterStats},
+    stats::RouterStats,
+    supervise::Supervisor,
 };
 
 /// The router probe, built by build.rs.
@@ -46,32 +55,132 @@ const FIRST_READ: usize = 4096;
 /// Called once every executor serves, with the bound addresses.
 pub type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
 
-/// How `run` reports.
+/// Builds the configuration anew for a reload (SIGHUP): re-reads the file
+/// and re-applies the command line, as at start.
+pub type Reloader = Box<dyn FnMut() -> anyhow::Result<Config>>;
+
+/// How `run` reports and reloads.
 pub struct RunOptions {
     /// Print a `stats:` line every interval (and at exit).
     pub stats_interval: Option<Duration>,
     pub on_ready: OnReady,
+    /// Called on SIGHUP.
+    pub reload: Reloader,
 }
 
 /// What the main thread hands to one executor.
 struct ShardInput {
     core: usize,
     listeners: Vec<StdListener>,
-    config: Arc<Config>,
+    published: Arc<Published>,
     probe: Option<ProbeSpec>,
     stats: Arc<RouterStats>,
-    health: Arc<Health>,
+    metrics: Arc<CoreMetrics>,
+    labelled: Arc<Labelled>,
+    lifecycle: Arc<Lifecycle>,
+}
+
+/// One configuration as an executor uses it: the routes' backend pools and
+/// counters. A connection keeps the generation it was accepted under.
+struct Generation {
+    config: Arc<Config>,
+    pools: Pools,
+    /// Per route (same index as `config.routes`).
+    routes: Vec<Arc<RouteCounters>>,
+    /// Per route, per backend (same indices as the route's `backends`).
+    backends: Vec<Vec<Arc<BackendCounters>>>,
+}
+
+impl Generation {
+    fn new(config: Arc<Config>, core: usize, labelled: &Labelled, health: Arc<Health>) -> Self {
+        Self {
+            pools: Pools::new(&config.routes, health),
+            routes: config
+                .routes
+                .iter()
+                .map(|route| labelled.route(core, &route.name))
+                .collect(),
+            backends: config
+                .routes
+                .iter()
+                .map(|route| {
+                    route
+                        .backends
+                        .iter()
+                        .map(|addr| labelled.backend(core, &route.name, *addr))
+                        .collect()
+                })
+                .collect(),
+            config,
+        }
+    }
+
+    fn backend(&self, route: usize, addr: SocketAddr) -> Option<&BackendCounters> {
+        let index = self.config.routes[route]
+            .backends
+            .iter()
+            .position(|a| *a == addr)?;
+        Some(&self.backends[route][index])
+    }
 }
 
 /// One executor's state, shared by its connection tasks.
 struct Shard {
-    config: Arc<Config>,
-    pools: Pools,
+    core: usize,
+    published: Arc<Published>,
+    /// The generation in force, with the published version it was built
+    /// from.
+    current: RefCell<(u64, Rc<Generation>)>,
     probe: Option<ShardProbe>,
     stats: Arc<RouterStats>,
+    metrics: Arc<CoreMetrics>,
+    labelled: Arc<Labelled>,
+    lifecycle: Arc<Lifecycle>,
 }
 
-/// Runs the router until SIGINT/SIGTERM.
+impl Shard {
+    /// The generation for a new connection: rebuilt first if a reload
+    /// published a new configuration (one atomic load otherwise).
+    fn generation(&self) -> Rc<Generation> {
+        let version = self.published.version();
+        let mut current = self.current.borrow_mut();
+        if current.0 != version {
+            let (version, config, health) = self.published.current();
+            if self.core == 0 {
+                // One checker for every core: they share its verdicts.
+                health.spawn_checks();
+            }
+            *current = (
+                version,
+                Rc::new(Generation::new(config, self.core, &self.labelled, health)),
+            );
+            debug!(
+                core = self.core,
+                version, "adopted the reloaded configuration"
+            );
+        }
+        Rc::clone(&current.1)
+    }
+}
+
+/// Adds one to a gauge while it lives.
+struct Held<'a>(&'a AtomicU64);
+
+impl<'a> Held<'a> {
+    fn new(gauge: &'a AtomicU64) -> Self {
+        add(gauge, 1);
+        Self(gauge)
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Runs the router until SIGINT/SIGTERM, then drains (see
+/// [`crate::supervise`]).
 pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     runtime::raise_open_files_limit();
     let online = runtime::online_cores();
@@ -81,28 +190,43 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
     let mut per_core: Vec<Vec<StdListener>> = (0..cores).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
+    // The main thread's copies of the listeners, to close them on stop.
+    let mut listeners = Vec::new();
     for addr in &config.listen {
-        let listeners = runtime::bind_reuseport(*addr, cores)?;
-        bound.push(listeners[0].local_addr()?);
-        for (core, listener) in listeners.into_iter().enumerate() {
+        let copies = runtime::bind_reuseport(*addr, cores)?;
+        bound.push(copies[0].local_addr()?);
+        for (core, listener) in copies.into_iter().enumerate() {
+            listeners.push(listener.try_clone()?);
             per_core[core].push(listener);
         }
     }
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            Some(metrics::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
+        }
+        None => None,
+    };
     let probe = probe_spec(&config)?;
-    let health = Health::new(&config.routes);
     let config = Arc::new(config);
+    let published = Arc::new(Published::new(Arc::clone(&config)));
     let stats: Vec<Arc<RouterStats>> = (0..cores).map(|_| Arc::default()).collect();
+    let core_metrics: Vec<Arc<CoreMetrics>> = (0..cores).map(|_| Arc::default()).collect();
+    let labelled = Arc::new(Labelled::new(cores));
+    labelled.register(&config);
+    let lifecycle = Arc::new(Lifecycle::default());
     let inputs = per_core
         .into_iter()
-        .zip(&stats)
+        .zip(stats.iter().zip(&core_metrics))
         .enumerate()
-        .map(|(core, (listeners, stats))| ShardInput {
+        .map(|(core, (listeners, (stats, metrics)))| ShardInput {
             core,
             listeners,
-            config: Arc::clone(&config),
+            published: Arc::clone(&published),
             probe: probe.clone(),
             stats: Arc::clone(stats),
-            health: Arc::clone(&health),
+            metrics: Arc::clone(metrics),
+            labelled: Arc::clone(&labelled),
+            lifecycle: Arc::clone(&lifecycle),
         })
         .collect();
     let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
@@ -114,32 +238,55 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     } else {
         "mixed"
     };
-    info!(?bound, mode, cores, "serving");
-    (options.on_ready)(&bound);
-
-    let report = Report {
-        mode,
-        shards: &stats,
-        kernel: &kernel,
-        health: &health,
-    };
-    let print = |line: String| {
-        println!("{line}");
-        let _ = std::io::stdout().flush();
-    };
-    let interval = options.stats_interval.unwrap_or(Duration::from_secs(3600));
-    loop {
-        match runtime::wait_for_signal(interval) {
-            Some(Signal::Stop) => break,
-            Some(Signal::Report) => print(report.line()),
-            Some(Signal::Reload) => info!("SIGHUP: reloading is not supported yet; ignored"),
-            None if options.stats_interval.is_some() => print(report.line()),
-            None => {}
+    // After spawn_shards: the thread inherits the blocked signals, which
+    // only the main thread waits for.
+    let labelled_for_reload = Arc::clone(&labelled);
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let collector = RouterCollector {
+                mode,
+                shards: stats.clone(),
+                cores: core_metrics,
+                labelled,
+                kernel: KernelViews(
+                    kernel
+                        .iter()
+                        .map(KernelView::try_clone)
+                        .collect::<Result<_, _>>()
+                        .context("opening the probe maps for the metrics")?,
+                ),
+                lifecycle: Arc::clone(&lifecycle),
+            };
+            metrics::serve(
+                listener,
+                metrics::registry(collector),
+                Arc::clone(&lifecycle),
+            )
+            .context("starting the metrics thread")?;
+            Some(addr)
         }
+        None => None,
+    };
+    info!(?bound, mode, cores, ?metrics_addr, "serving");
+    (options.on_ready)(&bound);
+    if let Some(addr) = metrics_addr {
+        println!("router: metrics on http://{addr}/metrics");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
     }
-    if options.stats_interval.is_some() {
-        print(report.line());
+    Supervisor {
+        mode,
+        stats: &stats,
+        kernel: &kernel,
+        published: &published,
+        lifecycle: &lifecycle,
+        labelled: &labelled_for_reload,
+        listeners,
+        stats_interval: options.stats_interval,
+        reload: options.reload,
+        config,
     }
+    .run();
     Ok(())
 }
 
@@ -166,13 +313,14 @@ fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {
 }
 
 async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
+    let (version, config, health) = input.published.current();
     let probe = match &input.probe {
         Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats.splice)) {
             Ok((probe, view)) => {
                 ready.report(Ok(Some(view)));
                 Some(probe)
             }
-            Err(message) if input.config.mode == Mode::Auto => {
+            Err(message) if config.mode == Mode::Auto => {
                 warn!("{message}; this core forwards in userspace");
                 ready.report(Ok(None));
                 None
@@ -186,13 +334,18 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     };
     if input.core == 0 {
         // One checker for every core: they share its verdicts (atomics).
-        input.health.spawn_checks();
+        health.spawn_checks();
     }
+    let generation = Rc::new(Generation::new(config, input.core, &input.labelled, health));
     let shard = Rc::new(Shard {
-        pools: Pools::new(&input.config.routes, input.health),
-        config: input.config,
+        core: input.core,
+        published: input.published,
+        current: RefCell::new((version, generation)),
         probe,
         stats: input.stats,
+        metrics: input.metrics,
+        labelled: input.labelled,
+        lifecycle: input.lifecycle,
     });
     for listener in input.listeners {
         // SAFETY: the descriptor comes from a listener we own and hand over.
@@ -204,6 +357,9 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
                     Ok(stream) => {
                         glommio::spawn_local(serve(stream, Rc::clone(&shard))).detach();
                     }
+                    // Stopping: the main thread shut the listener down;
+                    // dropping it closes this core's copy.
+                    Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
                     Err(e) => {
                         // Typically EMFILE: back off instead of spinning.
                         warn!("accept failed: {e}");
@@ -218,31 +374,61 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     future::pending::<()>().await;
 }
 
+/// A connection's client, for the logs.
+struct Client(Option<SocketAddr>);
+
+impl std::fmt::Display for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(addr) => write!(f, "{addr}"),
+            None => f.write_str("unknown"),
+        }
+    }
+}
+
 async fn serve(mut client: TcpStream, shard: Rc<Shard>) {
+    let accepted = Instant::now();
     let stats = &shard.stats;
+    let generation = shard.generation();
     add(&stats.splice.accepted, 1);
-    add(&stats.splice.active, 1);
-    let peer = client.peer_addr().ok();
+    let _active = Held::new(&stats.splice.active);
+    let peer = Client(client.peer_addr().ok());
     // Boxed, as the backend connect below: a task is as large as its
     // largest state, and these short-lived ones would otherwise set the
     // size of every long-lived spliced connection.
-    match Box::pin(route(&mut client, &shard)).await {
+    let routed = Box::pin(route(&mut client, &generation)).await;
+    shard.metrics.first_packet.observe(accepted.elapsed());
+    match routed {
         Ok((first, decision)) => {
             add(&stats.routed, 1);
-            forward(client, &shard, first, decision).await;
+            add(&generation.routes[decision.route].routed, 1);
+            forward(
+                client,
+                &shard,
+                &generation,
+                first,
+                decision,
+                &peer,
+                accepted,
+            )
+            .await;
         }
-        Err((protocol, refusal)) => {
-            add(stats.refused(refusal), 1);
+        Err(refused) => {
+            add(stats.refused(refused.reason), 1);
+            let route = refused.route.map(|index| {
+                add(generation.routes[index].refused(refused.reason), 1);
+                generation.config.routes[index].name.as_str()
+            });
             info!(
-                client = ?peer,
-                reason = refusal.name(),
+                client = %peer,
+                reason = refused.reason.name(),
+                route,
                 "refused connection"
             );
-            let response = refuse::response(protocol, refusal);
+            let response = refuse::response(refused.protocol, refused.reason);
             answer_then_close(client, &response).await;
         }
     }
-    stats.splice.active.fetch_sub(1, Relaxed);
 }
 
 /// How long, and how much, a refused client may still send after its
@@ -277,13 +463,31 @@ async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
     let _ = client.close().await;
 }
 
+/// Why a connection is refused, in which protocol to answer, and the route
+/// it named if any (a preamble with a wrong token).
+struct Refused {
+    protocol: Protocol,
+    reason: Refusal,
+    route: Option<usize>,
+}
+
+impl From<(Protocol, Refusal)> for Refused {
+    fn from((protocol, reason): (Protocol, Refusal)) -> Self {
+        Self {
+            protocol,
+            reason,
+            route: None,
+        }
+    }
+}
+
 /// Reads the first packet and picks the route; on refusal, says in which
 /// protocol to answer.
 async fn route(
     client: &mut TcpStream,
-    shard: &Shard,
-) -> Result<(Vec<u8>, routes::Decision), (Protocol, Refusal)> {
-    let config = &shard.config;
+    generation: &Generation,
+) -> Result<(Vec<u8>, routes::Decision), Refused> {
+    let config = &generation.config;
     let deadline = Instant::now() + config.first_packet_timeout;
     let max = config.first_packet_max;
     let mut bytes = Vec::with_capacity(FIRST_READ);
@@ -292,13 +496,13 @@ async fn route(
             Sniff::Done(first) => break first,
             Sniff::Invalid(protocol, why) => {
                 debug!("invalid first packet: {why}");
-                return Err((protocol, Refusal::Invalid));
+                return Err((protocol, Refusal::Invalid).into());
             }
-            Sniff::TooLarge(protocol) => return Err((protocol, Refusal::TooLarge)),
+            Sniff::TooLarge(protocol) => return Err((protocol, Refusal::TooLarge).into()),
             Sniff::NeedMore => {}
         }
         if bytes.len() >= max {
-            return Err((sniff::guess(&bytes), Refusal::TooLarge));
+            return Err((sniff::guess(&bytes), Refusal::TooLarge).into());
         }
         let old = bytes.len();
         bytes.resize((old + FIRST_READ).min(max), 0);
@@ -312,45 +516,74 @@ async fn route(
             Some(Ok(0)) | Some(Err(_)) => {
                 // Closed (or reset) before saying where to go.
                 bytes.truncate(old);
-                return Err((sniff::guess(&bytes), Refusal::Invalid));
+                return Err((sniff::guess(&bytes), Refusal::Invalid).into());
             }
             Some(Ok(n)) => bytes.truncate(old + n),
             None => {
                 bytes.truncate(old);
-                return Err((sniff::guess(&bytes), Refusal::Timeout));
+                return Err((sniff::guess(&bytes), Refusal::Timeout).into());
             }
         }
     };
-    let decision =
-        routes::decide(&config.routes, &first).map_err(|refusal| (first.protocol(), refusal))?;
+    let decision = routes::decide(&config.routes, &first).map_err(|reason| Refused {
+        protocol: first.protocol(),
+        reason,
+        route: named_route(&config.routes, &first),
+    })?;
     if let FirstPacket::Tls { sni } = &first {
         debug!(?sni, route = config.routes[decision.route].name, "routed");
     }
     Ok((bytes, decision))
 }
 
+/// The route a preamble names, if there is one by that name.
+fn named_route(routes: &[crate::config::Route], first: &FirstPacket) -> Option<usize> {
+    let FirstPacket::Preamble { route, .. } = first else {
+        return None;
+    };
+    routes
+        .iter()
+        .position(|r| matches!(&r.matcher, Matcher::Preamble { name, .. } if name == route))
+}
+
 /// Connects the route's backend, sends it the first packet, and forwards
 /// both directions until both ended.
-async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision: routes::Decision) {
+async fn forward(
+    client: TcpStream,
+    shard: &Shard,
+    generation: &Generation,
+    first: Vec<u8>,
+    decision: routes::Decision,
+    peer: &Client,
+    accepted: Instant,
+) {
     let stats = &shard.stats;
-    let route = &shard.config.routes[decision.route];
+    let route = &generation.config.routes[decision.route];
+    let counters = &generation.routes[decision.route];
+    let _route_active = Held::new(&counters.active);
+    let connecting = Instant::now();
     let (connected, failures) = Box::pin(
-        shard
+        generation
             .pools
-            .connect(decision.route, shard.config.connect_timeout),
+            .connect(decision.route, generation.config.connect_timeout),
     )
     .await;
     for (addr, error) in &failures {
         add(&stats.backend_failures, 1);
+        if let Some(backend) = generation.backend(decision.route, *addr) {
+            add(&backend.failures, 1);
+        }
         warn!(route = route.name, backend = %addr, "backend connection failed: {error}");
     }
     let protocol = sniff::guess(&first);
     let Some(backend) = connected else {
         add(stats.refused(Refusal::Unavailable), 1);
+        add(counters.refused(Refusal::Unavailable), 1);
         info!(
+            client = %peer,
+            reason = Refusal::Unavailable.name(),
             route = route.name,
-            reason = "unavailable",
-            "refused connection: no backend answered"
+            "refused connection"
         );
         let mut client = client;
         let _ = client
@@ -359,6 +592,13 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
         let _ = client.close().await;
         return;
     };
+    shard.metrics.backend_connect.observe(connecting.elapsed());
+    let backend_counters = generation.backend(decision.route, backend.addr);
+    if let Some(backend) = backend_counters {
+        add(&backend.connections, 1);
+    }
+    let _backend_active = backend_counters.map(|backend| Held::new(&backend.active));
+    let backend_addr = backend.addr;
     let _guard = backend.guard;
     // Before any byte of the client, the backend learns who it is.
     let header = route
@@ -367,11 +607,72 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
             proxy_protocol::header(version, client.peer_addr().ok(), client.local_addr().ok())
         })
         .unwrap_or_default();
+    let forwarded = splice_or_copy(
+        client,
+        backend.stream,
+        shard,
+        ToBackend {
+            header,
+            first,
+            skip: decision.skip,
+        },
+    )
+    .await;
+    if let Some(served) = forwarded.served {
+        add(counters.served(served), 1);
+    }
+    add(&counters.bytes_to_backend, forwarded.to_backend);
+    add(&counters.bytes_to_client, forwarded.to_client);
+    debug!(
+        client = %peer,
+        route = route.name,
+        backend = %backend_addr,
+        mode = forwarded.served.map_or("none", Served::name),
+        bytes_to_backend = forwarded.to_backend,
+        bytes_to_client = forwarded.to_client,
+        reset = forwarded.reset,
+        duration_ms = accepted.elapsed().as_millis() as u64,
+        "connection closed"
+    );
+}
+
+/// What forwarding a connection did, for the counters and the log.
+#[derive(Debug, Default)]
+struct Forwarded {
+    /// How it was forwarded (`None`: it failed before).
+    served: Option<Served>,
+    /// Bytes delivered to each side: redirected by the kernel plus written
+    /// by userspace (the first packet included).
+    to_backend: u64,
+    to_client: u64,
+    /// Ended by an error (reset passed on).
+    reset: bool,
+}
+
+/// What the backend gets before the splice: the PROXY protocol header (if
+/// any), then the first packet less its first `skip` bytes (a preamble).
+struct ToBackend {
+    header: Vec<u8>,
+    first: Vec<u8>,
+    skip: usize,
+}
+
+/// Sends the backend its first bytes, then splices the two sockets (or
+/// copies, without a probe or when the splice fails) until both directions
+/// ended.
+async fn splice_or_copy(
+    client: TcpStream,
+    backend: TcpStream,
+    shard: &Shard,
+    to_backend: ToBackend,
+) -> Forwarded {
+    let stats = &shard.stats;
+    let mut forwarded = Forwarded::default();
     let client_fd = client.as_raw_fd();
-    let backend_fd = backend.stream.as_raw_fd();
+    let backend_fd = backend.as_raw_fd();
     // Latency over batching: a proxy forwards small writes as they come.
     let _ = client.set_nodelay(true);
-    let _ = backend.stream.set_nodelay(true);
+    let _ = backend.set_nodelay(true);
     // SAFETY: the streams move into the legs below, which live until the
     // end of this function, after every use of these descriptors.
     let (client_socket, backend_socket) = unsafe {
@@ -386,7 +687,7 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
         COPY_BUFFER
     };
     let (client_reader, client_writer) = futures_lite::io::split(client);
-    let (backend_reader, backend_writer) = futures_lite::io::split(backend.stream);
+    let (backend_reader, backend_writer) = futures_lite::io::split(backend);
     // Legs take their baselines before anything is written to either side.
     let legs = Leg::new(client_reader, backend_writer, backend_socket, buffer).and_then(|up| {
         Ok((
@@ -400,10 +701,16 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
             debug!("cannot forward: {e}");
             add(&stats.splice.resets, 1);
             reset_on_close([client_fd, backend_fd]);
-            return;
+            forwarded.reset = true;
+            return forwarded;
         }
     };
-    first.drain(..decision.skip.min(first.len()));
+    let ToBackend {
+        header,
+        mut first,
+        skip,
+    } = to_backend;
+    first.drain(..skip.min(first.len()));
     if !header.is_empty() {
         // One write, so that the header and the first bytes leave together.
         first.splice(0..0, header);
@@ -412,7 +719,9 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
         debug!("sending the first packet failed: {e}");
         add(&stats.splice.resets, 1);
         reset_on_close([client_fd, backend_fd]);
-        return;
+        forwarded.reset = true;
+        forwarded.to_backend = up.bytes_written();
+        return forwarded;
     }
     drop(first);
     let splice = match &shard.probe {
@@ -429,10 +738,17 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
                     peer: 0,
                 },
             ];
-            probe.splice(&members, early)
+            let splice = probe.splice(&members, early);
+            forwarded.served = Some(if splice.is_some() {
+                Served::Ebpf
+            } else {
+                Served::Fallback
+            });
+            splice
         }
         None => {
             add(&stats.splice.copied, 1);
+            forwarded.served = Some(Served::Copy);
             None
         }
     };
@@ -448,7 +764,18 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
     .await;
     if up_result.is_err() || down_result.is_err() {
         add(&stats.splice.resets, 1);
+        forwarded.reset = true;
     }
+    // The probe's per-socket count of what it redirected to the peer (a
+    // stream it gave up on counts only what userspace wrote).
+    let redirected = |index| {
+        splice
+            .as_ref()
+            .and_then(|splice| splice.stream(index).ok())
+            .map_or(0, |stream| stream.redirected)
+    };
+    forwarded.to_backend = up.bytes_written() + redirected(0);
+    forwarded.to_client = down.bytes_written() + redirected(1);
     drop(splice);
     if let Some(probe) = &shard.probe {
         probe.update_slots_gauge();
@@ -457,6 +784,7 @@ async fn forward(client: TcpStream, shard: &Shard, mut first: Vec<u8>, decision:
         &stats.splice.userspace_bytes,
         up.bytes_read() + down.bytes_read(),
     );
+    forwarded
 }
 
 /// A connection's two sockets and legs, to reset when a direction fails.

@@ -183,6 +183,21 @@ impl Server {
             .count()
     }
 
+    /// Waits up to `timeout` for the server to exit; `None` if it still
+    /// runs.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("waiting for the server") {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);

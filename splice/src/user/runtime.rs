@@ -164,7 +164,11 @@ fn handled_signals() -> libc::sigset_t {
     }
 }
 
-fn block_signals() -> io::Result<()> {
+/// Blocks the signals [`wait_for_signal`] waits for in the calling thread
+/// and the threads it starts afterwards (they inherit the mask): call it
+/// before starting any thread, so that none of them takes the signal (whose
+/// default action would end the process).
+pub fn block_signals() -> io::Result<()> {
     let set = handled_signals();
     // SAFETY: `set` is initialised; the old mask is not wanted.
     let rc = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };

@@ -1,0 +1,173 @@
+//! Hot reload (SIGHUP): the main thread re-reads the configuration,
+//! [`merge`]s it with the running one (keeping what only a restart can
+//! change) and [`Published::publish`]es it; each executor adopts the new
+//! configuration at its next accept, after one atomic load that tells it
+//! something changed. Connections already accepted keep the configuration
+//! they started with (their routes, backend pools and timeouts), so spliced
+//! and copied connections are untouched.
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use crate::{config::Config, health::Health};
+
+/// The configuration executors should use, with the health of its backends
+/// and a version that changes on every publication.
+pub struct Published {
+    version: AtomicU64,
+    config: Mutex<(Arc<Config>, Arc<Health>)>,
+}
+
+impl Published {
+    pub fn new(config: Arc<Config>) -> Self {
+        let health = Health::new(&config.routes);
+        Self {
+            version: AtomicU64::new(0),
+            config: Mutex::new((config, health)),
+        }
+    }
+
+    /// Replaces the configuration, with fresh health state for its backends
+    /// (checked from scratch: the executor that runs the checks starts them
+    /// when it adopts it, and the previous checks stop once no connection
+    /// holds the previous configuration); executors pick it up at their next
+    /// accept.
+    pub fn publish(&self, config: Arc<Config>) {
+        let health = Health::new(&config.routes);
+        let mut current = self.config.lock().expect("no panic under this lock");
+        *current = (config, health);
+        // Under the lock: whoever sees the new version and then takes the
+        // lock gets the new configuration.
+        self.version.fetch_add(1, Ordering::Release);
+    }
+
+    /// The version to compare with the one a [`Published::current`] call
+    /// returned: one atomic load, for the connection path.
+    pub fn version(&self) -> u64 {
+        self.version.load(Ordering::Acquire)
+    }
+
+    /// The configuration, its backends' health and its version.
+    pub fn current(&self) -> (u64, Arc<Config>, Arc<Health>) {
+        let current = self.config.lock().expect("no panic under this lock");
+        (
+            self.version.load(Ordering::Acquire),
+            Arc::clone(&current.0),
+            Arc::clone(&current.1),
+        )
+    }
+}
+
+/// The configuration a reload puts in force: `new`, except for the settings
+/// that need a restart (listeners, cores, mode, the probes' sizes, the
+/// metrics address), which keep their running values. Returns a warning
+/// for each of those that `new` changes.
+pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut merged = new;
+    let mut keep = |what: &str, changed: bool, running: String| {
+        if changed {
+            warnings.push(format!(
+                "`{what}` changed: that needs a restart; keeping {running} until then"
+            ));
+        }
+    };
+    keep(
+        "listen",
+        merged.listen != running.listen,
+        format!("{:?}", running.listen),
+    );
+    keep(
+        "cores",
+        merged.cores != running.cores,
+        format!("{:?}", running.cores),
+    );
+    keep(
+        "mode",
+        merged.mode != running.mode,
+        format!("{:?}", running.mode),
+    );
+    keep(
+        "in_flight_limit",
+        merged.in_flight_limit != running.in_flight_limit,
+        running.in_flight_limit.to_string(),
+    );
+    keep(
+        "sockmap_capacity",
+        merged.sockmap_capacity != running.sockmap_capacity,
+        running.sockmap_capacity.to_string(),
+    );
+    keep(
+        "metrics",
+        merged.metrics != running.metrics,
+        format!("{:?}", running.metrics),
+    );
+    merged.listen.clone_from(&running.listen);
+    merged.cores = running.cores;
+    merged.mode = running.mode;
+    merged.in_flight_limit = running.in_flight_limit;
+    merged.sockmap_capacity = running.sockmap_capacity;
+    merged.metrics = running.metrics;
+    (merged, warnings)
+}
+
+/// One line on what a reload changed, for the log.
+pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
+    let names = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
+    let changed_routes = old.routes != new.routes;
+    format!(
+        "configuration reloaded in {:.2} ms: {} route(s) {:?}{}",
+        took.as_secs_f64() * 1e3,
+        new.routes.len(),
+        names(new),
+        if changed_routes {
+            " (routes changed)"
+        } else {
+            " (routes unchanged)"
+        }
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(listen: &str, route: &str) -> Config {
+        let mut config = Config::default();
+        config.listen.push(listen.parse().unwrap());
+        config.add_route_flag(route).unwrap();
+        config
+    }
+
+    #[test]
+    fn routes_change_and_restart_only_settings_are_kept_with_a_warning() {
+        let running = config("127.0.0.1:8080", "default=127.0.0.1:1");
+        let mut new = config("127.0.0.1:9090", "default=127.0.0.1:2");
+        new.first_packet_max = 1024;
+        new.sockmap_capacity = 16;
+        let (merged, warnings) = merge(&running, new);
+        assert_eq!(merged.listen, running.listen);
+        assert_eq!(merged.sockmap_capacity, running.sockmap_capacity);
+        assert_eq!(merged.routes[0].backends[0].port(), 2);
+        assert_eq!(merged.first_packet_max, 1024);
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+        assert!(warnings[0].starts_with("`listen` changed"), "{warnings:?}");
+        let (_, warnings) = merge(&running, running.clone());
+        assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn a_publication_changes_the_version() {
+        let published = Published::new(Arc::new(config("127.0.0.1:1", "default=127.0.0.1:1")));
+        let (version, _, _) = published.current();
+        assert_eq!(published.version(), version);
+        published.publish(Arc::new(config("127.0.0.1:1", "default=127.0.0.1:3")));
+        assert_ne!(published.version(), version);
+        let (_, config, _) = published.current();
+        assert_eq!(config.routes[0].backends[0].port(), 3);
+    }
+}

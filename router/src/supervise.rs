@@ -1,0 +1,168 @@
+//! The main thread once the executors serve: it waits for signals and acts
+//! on them, so that nothing of this runs on the connection path.
+//!
+//! - SIGUSR1 (and every `--stats-interval`): print the `stats:` line;
+//! - SIGHUP: reload the configuration ([`crate::reload`]); an invalid one
+//!   is logged and the running one kept;
+//! - SIGTERM or SIGINT: drain. The listeners are shut down (new connections
+//!   are refused by the kernel), live connections, spliced or copied, go on
+//!   until they end or `drain_timeout` passes, then the process exits. A
+//!   second SIGTERM/SIGINT exits at once.
+use std::{
+    io::Write as _,
+    net::{Shutdown, TcpListener},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::{Duration, Instant},
+};
+
+use splice::user::{
+    KernelView,
+    runtime::{self, Signal},
+};
+use tracing::{error, info, warn};
+
+use crate::{
+    config::Config,
+    metrics::{Labelled, Lifecycle},
+    reload::{self, Published},
+    server::Reloader,
+    stats::{Report, RouterStats},
+};
+
+/// How often a draining router checks whether its connections ended.
+const DRAIN_POLL: Duration = Duration::from_millis(20);
+
+/// What the main thread watches and acts on.
+pub struct Supervisor<'a> {
+    pub mode: &'static str,
+    pub stats: &'a [Arc<RouterStats>],
+    pub kernel: &'a [KernelView],
+    pub published: &'a Published,
+    pub lifecycle: &'a Lifecycle,
+    pub labelled: &'a Labelled,
+    /// The main thread's copies of every listener (all cores).
+    pub listeners: Vec<TcpListener>,
+    pub stats_interval: Option<Duration>,
+    pub reload: Reloader,
+    /// The configuration in force.
+    pub config: Arc<Config>,
+}
+
+impl Supervisor<'_> {
+    fn report(&self) -> String {
+        let (_, _, health) = self.published.current();
+        Report {
+            mode: self.mode,
+            shards: self.stats,
+            kernel: self.kernel,
+            health: &health,
+        }
+        .line()
+    }
+
+    fn print_report(&self) {
+        println!("{}", self.report());
+        let _ = std::io::stdout().flush();
+    }
+
+    fn active(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|s| s.splice.active.load(Relaxed))
+            .sum()
+    }
+
+    /// Serves signals until SIGTERM/SIGINT, then drains; returns when the
+    /// process should exit.
+    pub fn run(mut self) {
+        let interval = self.stats_interval.unwrap_or(Duration::from_secs(3600));
+        loop {
+            match runtime::wait_for_signal(interval) {
+                Some(Signal::Stop) => break,
+                Some(Signal::Report) => self.print_report(),
+                Some(Signal::Reload) => self.reload(),
+                None if self.stats_interval.is_some() => self.print_report(),
+                None => {}
+            }
+        }
+        self.drain();
+        if self.stats_interval.is_some() {
+            self.print_report();
+        }
+    }
+
+    fn reload(&mut self) {
+        let started = Instant::now();
+        let new = match (self.reload)() {
+            Ok(new) => new,
+            Err(e) => {
+                self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
+                error!("SIGHUP: the new configuration is invalid, keeping the running one: {e:#}");
+                return;
+            }
+        };
+        let (merged, warnings) = reload::merge(&self.config, new);
+        for warning in warnings {
+            warn!("SIGHUP: {warning}");
+        }
+        let merged = Arc::new(merged);
+        self.labelled.register(&merged);
+        self.published.publish(Arc::clone(&merged));
+        self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
+        info!(
+            "SIGHUP: {}",
+            reload::summary(&self.config, &merged, started.elapsed())
+        );
+        self.config = merged;
+    }
+
+    /// Stops accepting and waits for the live connections (bounded).
+    fn drain(&mut self) {
+        self.lifecycle.draining.store(true, Relaxed);
+        for listener in self.listeners.drain(..) {
+            // Shutting a listening socket down takes it out of the kernel's
+            // lookup (new SYNs get a reset once every core's copy is shut)
+            // and wakes the executor's pending accept, which then drops
+            // its copy.
+            if let Err(e) = socket2::SockRef::from(&listener).shutdown(Shutdown::Both) {
+                warn!("closing a listener: {e}");
+            }
+        }
+        let timeout = self.config.drain_timeout;
+        let deadline = Instant::now() + timeout;
+        let open = self.active();
+        if open == 0 {
+            info!("stopping: listeners closed, no connection open");
+            return;
+        }
+        info!(
+            "stopping: listeners closed; waiting up to {} for {open} open connection(s) \
+             (send the signal again to exit now)",
+            humantime::format_duration(timeout)
+        );
+        loop {
+            let open = self.active();
+            if open == 0 {
+                info!("drained: every connection ended");
+                return;
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                warn!(
+                    "drain_timeout ({}) passed with {open} connection(s) still open: exiting",
+                    humantime::format_duration(timeout)
+                );
+                return;
+            }
+            match runtime::wait_for_signal(left.min(DRAIN_POLL)) {
+                Some(Signal::Stop) => {
+                    warn!("second stop signal: exiting now with {open} connection(s) open");
+                    return;
+                }
+                Some(Signal::Report) => self.print_report(),
+                Some(Signal::Reload) => warn!("SIGHUP while draining: ignored"),
+                None => {}
+            }
+        }
+    }
+}

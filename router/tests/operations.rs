@@ -1,0 +1,753 @@
+//! Operating `router`: Prometheus metrics checked against the traffic the
+//! test sent, hot reload under load (SIGHUP), graceful drain (SIGTERM /
+//! SIGINT, drain timeout, second signal), and the log lines. Every test
+//! that depends on the forwarding runs in `copy` and `ebpf` mode.
+use std::{
+    io::{self, Read, Write},
+    net::{Shutdown, SocketAddr, TcpStream},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use testkit::{
+    Server,
+    backends::{self, Backend},
+    clients,
+    data::Rng,
+    privileges::require_bpf,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_router");
+
+/// Runs `test` in both modes (the ebpf one only where BPF is allowed).
+fn both_modes(name: &str, test: impl Fn(&str)) {
+    test("copy");
+    if require_bpf(name) {
+        test("ebpf");
+    }
+}
+
+fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--mode".into(),
+        mode.into(),
+    ];
+    for route in routes {
+        args.push("--route".into());
+        args.push(route.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(BIN, &args)
+}
+
+/// The address of `--metrics 127.0.0.1:0`, from the line the router prints.
+fn metrics_addr(router: &mut Server) -> SocketAddr {
+    let line = router.next_line(|l| l.contains("metrics on"), Duration::from_secs(5));
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
+}
+
+/// A plain HTTP/1.1 GET; returns the status and the body.
+fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = clients::connect(addr).expect("connect to the metrics endpoint");
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no HTTP head in {response:?}"));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// One scrape of `/metrics`.
+struct Metrics(String);
+
+impl Metrics {
+    fn scrape(addr: SocketAddr) -> Self {
+        let (status, body) = http_get(addr, "/metrics");
+        assert_eq!(status, 200, "{body}");
+        Self(body)
+    }
+
+    /// The value of one series (`name{labels}` exactly as exposed).
+    fn get(&self, series: &str) -> u64 {
+        let value = self
+            .0
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.0));
+        value
+            .parse()
+            .unwrap_or_else(|_| panic!("{series} = {value} is not an integer"))
+    }
+
+    /// Scrapes until nothing is open any more (refused clients linger up
+    /// to a second).
+    fn when_idle(addr: SocketAddr) -> Self {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let metrics = Self::scrape(addr);
+            if metrics.get("router_connections_active") == 0 {
+                return metrics;
+            }
+            assert!(Instant::now() < deadline, "still active:\n{}", metrics.0);
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Sends `preamble` then `body` through the router to an echo backend,
+/// reads the echo of `body`, then half-closes and expects the end.
+fn echo_through(addr: SocketAddr, preamble: &[u8], body: &[u8]) -> io::Result<()> {
+    let stream = clients::connect(addr)?;
+    let mut writer = stream.try_clone()?;
+    let mut sent = preamble.to_vec();
+    sent.extend_from_slice(body);
+    let sender = thread::spawn(move || writer.write_all(&sent));
+    let mut echoed = vec![0u8; body.len()];
+    let read = (&stream).read_exact(&mut echoed);
+    sender
+        .join()
+        .map_err(|_| io::Error::other("sender panicked"))??;
+    read?;
+    if echoed != body {
+        return Err(io::Error::other("echo differs"));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    (&stream).read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(io::Error::other("bytes after the echo"));
+    }
+    Ok(())
+}
+
+/// A directory for configuration files, removed at the end.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!(
+            "router-ops-{tag}-{}-{:?}",
+            std::process::id(),
+            Instant::now()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Replaces `path` at once (write, then rename), as an operator's tooling
+/// should: the router never reads half a file.
+fn write_config(path: &Path, text: &str) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// Waits until the router's stderr contains `text`.
+fn wait_stderr(router: &Server, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !router.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no {text:?} in stderr:\n{}",
+            router.stderr()
+        );
+        thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// N routed connections with known sizes and one of each provokable
+/// refusal: the scrape shows exactly those counts and bytes, per route and
+/// per backend, and the debug log has one summary per closed connection.
+#[test]
+fn metrics_count_connections_bytes_and_refusals_per_route() {
+    both_modes("metrics", |mode| {
+        const CONNECTIONS: usize = 20;
+        let echo = Backend::echo();
+        let dead = backends::closed_port();
+        let routes = [
+            format!("preamble:echo={}", echo.addr),
+            format!("preamble:locked:s3cret={}", echo.addr),
+            format!("preamble:down={dead}"),
+        ];
+        let mut router = start(
+            mode,
+            &routes,
+            &["--metrics", "127.0.0.1:0", "--log-level", "debug"],
+        );
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".into()));
+        assert_eq!(http_get(metrics, "/nothing").0, 404);
+
+        let mut rng = Rng::new(7);
+        let mut sent = 0u64;
+        for i in 0..CONNECTIONS {
+            let body = rng.bytes(1 + i * 16 * 1024);
+            echo_through(router.addr, b"ROUTE echo\r\n", &body)
+                .unwrap_or_else(|e| panic!("{mode}: connection {i}: {e}"));
+            sent += body.len() as u64;
+        }
+        for refused in [
+            &b"ROUTE locked wrong\r\nx"[..],
+            b"ROUTE locked\r\nx",
+            b"ROUTE nope\r\nx",
+            b"ROUTE a b c\r\n",
+            b"ROUTE down\r\nx",
+        ] {
+            let answer = clients::send_and_receive(router.addr, refused.to_vec()).unwrap();
+            assert!(answer.starts_with(b"ERR "), "{mode}: {answer:?}");
+        }
+
+        let m = Metrics::when_idle(metrics);
+        let refusals = 5;
+        let total = (CONNECTIONS + refusals) as u64;
+        assert_eq!(m.get("router_connections_accepted_total"), total, "{mode}");
+        assert_eq!(
+            m.get("router_connections_routed_total"),
+            CONNECTIONS as u64 + 1,
+            "{mode}: the echo connections and the unavailable one"
+        );
+        for (reason, count) in [
+            ("unauthorized", 2),
+            ("no_route", 1),
+            ("invalid", 1),
+            ("unavailable", 1),
+            ("timeout", 0),
+        ] {
+            assert_eq!(
+                m.get(&format!(
+                    "router_connections_refused_total{{reason=\"{reason}\"}}"
+                )),
+                count,
+                "{mode}: {reason}"
+            );
+        }
+        assert_eq!(
+            m.get(
+                "router_route_connections_refused_total{route=\"locked#1\",reason=\"unauthorized\"}"
+            ),
+            2,
+            "{mode}"
+        );
+        assert_eq!(
+            m.get(
+                "router_route_connections_refused_total{route=\"down#2\",reason=\"unavailable\"}"
+            ),
+            1,
+            "{mode}"
+        );
+        assert_eq!(
+            m.get(&format!(
+                "router_backend_connect_failures_total{{route=\"down#2\",backend=\"{dead}\"}}"
+            )),
+            1,
+            "{mode}"
+        );
+        assert_eq!(
+            m.get("router_route_connections_total{route=\"echo#0\"}"),
+            CONNECTIONS as u64,
+            "{mode}"
+        );
+        assert_eq!(
+            m.get(&format!(
+                "router_backend_connections_total{{route=\"echo#0\",backend=\"{}\"}}",
+                echo.addr
+            )),
+            CONNECTIONS as u64,
+            "{mode}"
+        );
+        // Every byte each way, kernel-redirected or userspace-written.
+        assert_eq!(
+            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_backend\"}"),
+            sent,
+            "{mode}"
+        );
+        assert_eq!(
+            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_client\"}"),
+            sent,
+            "{mode}"
+        );
+        let served = |how: &str| {
+            m.get(&format!(
+                "router_route_connections_served_total{{route=\"echo#0\",mode=\"{how}\"}}"
+            ))
+        };
+        if mode == "ebpf" {
+            // A connection whose insert failed is served by userspace
+            // (counted as fallback); these clients wait for their echo, so
+            // in practice all are spliced.
+            assert_eq!(
+                served("ebpf") + served("fallback"),
+                CONNECTIONS as u64,
+                "{}",
+                m.0
+            );
+            assert!(served("ebpf") > 0, "{}", m.0);
+            let kernel = m.get("router_kernel_redirected_bytes_total");
+            assert!(
+                kernel > 0 && kernel <= 2 * sent,
+                "kernel_redirected_bytes {kernel} vs {sent} each way"
+            );
+            assert_eq!(m.get("router_sockmap_slots_in_use"), 0, "{}", m.0);
+        } else {
+            assert_eq!(served("copy"), CONNECTIONS as u64, "{}", m.0);
+            assert!(!m.0.contains("router_kernel_"), "{}", m.0);
+        }
+        // One first-packet observation per accepted connection, one
+        // connect observation per backend that answered.
+        assert_eq!(m.get("router_first_packet_seconds_count"), total);
+        assert_eq!(
+            m.get("router_backend_connect_seconds_count"),
+            CONNECTIONS as u64
+        );
+        assert_eq!(
+            m.get("router_first_packet_seconds_bucket{le=\"+Inf\"}"),
+            total
+        );
+
+        // The log: a line per refusal (reason, client, route if any) and,
+        // at debug, a summary per closed connection.
+        // (stderr is read by a thread: wait for the last lines.)
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while router.stderr().matches("refused connection").count() < refusals
+            && Instant::now() < deadline
+        {
+            thread::sleep(Duration::from_millis(10));
+        }
+        let log = router.stderr();
+        let refused_lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("refused connection"))
+            .collect();
+        assert_eq!(refused_lines.len(), refusals, "{log}");
+        assert!(
+            refused_lines.iter().any(|l| l.contains("client=127.0.0.1:")
+                && l.contains("reason=\"unauthorized\"")
+                && l.contains("route=\"locked#1\"")),
+            "{log}"
+        );
+        let closed: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("connection closed") && l.contains("route=\"echo#0\""))
+            .collect();
+        assert_eq!(closed.len(), CONNECTIONS, "{log}");
+        let last_size = 1 + (CONNECTIONS - 1) * 16 * 1024;
+        assert!(
+            closed.iter().any(|l| {
+                l.contains(&format!("bytes_to_backend={last_size} "))
+                    && l.contains(&format!("bytes_to_client={last_size} "))
+                    && l.contains(&format!("backend={}", echo.addr))
+                    && l.contains(&format!("mode=\"{mode}\""))
+                    && l.contains("duration_ms=")
+            }),
+            "{log}"
+        );
+    });
+}
+
+/// `--log-level` wins over `RUST_LOG`, which wins over the default (info).
+#[test]
+fn log_level_flag_takes_precedence_over_rust_log() {
+    let echo = Backend::echo();
+    let route = format!("--route=preamble:echo={}", echo.addr);
+    let run = |flag: Option<&str>, env: Option<&str>| -> String {
+        let mut command = Command::new(BIN);
+        command.args(["--listen", "127.0.0.1:0", "--mode", "copy", &route]);
+        if let Some(level) = flag {
+            command.args(["--log-level", level]);
+        }
+        command.env_remove("RUST_LOG");
+        if let Some(filter) = env {
+            command.env("RUST_LOG", filter);
+        }
+        let mut router = Server::start_command(&mut command);
+        echo_through(router.addr, b"ROUTE echo\r\n", b"hello").unwrap();
+        let refused = clients::send_and_receive(router.addr, b"ROUTE nope\r\n".to_vec()).unwrap();
+        assert_eq!(refused, b"ERR no route\r\n");
+        router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+        router.stderr()
+    };
+    let default = run(None, None);
+    assert!(default.contains("refused connection"), "{default}");
+    assert!(!default.contains("connection closed"), "{default}");
+    let env_debug = run(None, Some("debug"));
+    assert!(env_debug.contains("connection closed"), "{env_debug}");
+    let flag_wins = run(Some("warn"), Some("debug"));
+    assert!(!flag_wins.contains("refused connection"), "{flag_wins}");
+    assert!(!flag_wins.contains("connection closed"), "{flag_wins}");
+    let bad = Command::new(BIN)
+        .args(["--log-level", "router=loud", "--check-config"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+}
+
+fn svc_config(backend: SocketAddr, extra: &str) -> String {
+    format!("{extra}\n[[route]]\nname = \"svc\"\npreamble = \"svc\"\nbackends = [\"{backend}\"]\n")
+}
+
+/// One short routed connection; returns what the backend said.
+fn ask(addr: SocketAddr) -> io::Result<Vec<u8>> {
+    clients::send_and_receive(addr, b"ROUTE svc\r\nping".to_vec())
+}
+
+/// Twenty reloads while a client loop keeps opening short connections: no
+/// connection fails, each reload's new backend takes effect, a connection
+/// opened before the reloads keeps its backend, an invalid configuration is
+/// refused with the old routes kept, and a changed `listen` is reported as
+/// needing a restart.
+#[test]
+fn sighup_reloads_routes_under_load_without_failed_connections() {
+    both_modes("reload", |mode| {
+        const RELOADS: usize = 20;
+        let (a, b) = (Backend::named("a"), Backend::named("b"));
+        let dir = TempDir::new("reload");
+        let config = dir.0.join("router.toml");
+        write_config(&config, &svc_config(a.addr, ""));
+        let mut router = start(
+            mode,
+            &[],
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+        );
+        let metrics = metrics_addr(&mut router);
+        let addr = router.addr;
+
+        // A long-lived connection to A, opened before any reload.
+        let mut long_lived = clients::connect(addr).unwrap();
+        long_lived.write_all(b"ROUTE svc\r\nfirst").unwrap();
+        let mut reply = [0u8; 7];
+        long_lived.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"a:first");
+
+        // The load: short connections, one after the other, bounded in
+        // count and time.
+        let stop = Arc::new(AtomicBool::new(false));
+        let load = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                let (mut ok, mut failed) = (0u64, Vec::new());
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && ok < 100_000 {
+                    match ask(addr) {
+                        Ok(reply) if reply == b"a:ping" || reply == b"b:ping" => ok += 1,
+                        Ok(reply) => failed.push(format!("reply {reply:?}")),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                (ok, failed)
+            })
+        };
+
+        let mut latencies = Vec::new();
+        for i in 1..=RELOADS {
+            let (backend, expected) = if i % 2 == 1 {
+                (b.addr, &b"b:ping"[..])
+            } else {
+                (a.addr, &b"a:ping"[..])
+            };
+            write_config(&config, &svc_config(backend, ""));
+            let sent = Instant::now();
+            router.signal(libc::SIGHUP);
+            // New connections reach the new backend: from how soon?
+            loop {
+                if ask(addr).unwrap() == expected {
+                    break;
+                }
+                assert!(
+                    sent.elapsed() < Duration::from_secs(5),
+                    "{mode}: reload {i} not in effect after 5 s"
+                );
+                thread::sleep(Duration::from_micros(200));
+            }
+            latencies.push(sent.elapsed());
+            // Let the load run between reloads.
+            thread::sleep(Duration::from_millis(20));
+        }
+        latencies.sort();
+        // What the router itself took: read, parse, validate, publish.
+        let log = router.stderr();
+        let mut handled: Vec<f64> = log
+            .lines()
+            .filter_map(|l| {
+                l.split("reloaded in ")
+                    .nth(1)?
+                    .split(" ms")
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .collect();
+        handled.sort_by(f64::total_cmp);
+        assert_eq!(handled.len(), RELOADS, "{log}");
+        eprintln!(
+            "{mode}: SIGHUP -> first connection on the new backend: median {:?}, max {:?}; \
+             the router's reload (read, parse, publish): median {} ms, max {} ms ({RELOADS} reloads)",
+            latencies[RELOADS / 2],
+            latencies[RELOADS - 1],
+            handled[RELOADS / 2],
+            handled[RELOADS - 1]
+        );
+
+        // An invalid configuration: refused, logged, old routes kept (the
+        // last reload went to A).
+        write_config(
+            &config,
+            &svc_config(b.addr, "").replace(&b.addr.to_string(), "nowhere"),
+        );
+        router.signal(libc::SIGHUP);
+        wait_stderr(&router, "invalid, keeping the running one");
+        assert_eq!(ask(addr).unwrap(), b"a:ping", "{mode}");
+        // A new `listen`: a warning, and the rest applies.
+        write_config(&config, &svc_config(b.addr, "listen = [\"127.0.0.1:1\"]"));
+        router.signal(libc::SIGHUP);
+        wait_stderr(&router, "`listen` changed: that needs a restart");
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while ask(addr).unwrap() != b"b:ping" {
+            assert!(Instant::now() < deadline, "{mode}: last reload not applied");
+        }
+
+        stop.store(true, Ordering::Relaxed);
+        let (ok, failed) = load.join().unwrap();
+        assert!(failed.is_empty(), "{mode}: failed connections: {failed:?}");
+        assert!(
+            ok >= RELOADS as u64,
+            "{mode}: only {ok} connections in the load"
+        );
+        eprintln!("{mode}: {ok} connections across the reloads, 0 failed");
+
+        // The connection from before the reloads still reaches A.
+        long_lived.write_all(b"-second").unwrap();
+        let mut reply = [0u8; 7];
+        long_lived.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"-second", "{mode}");
+        drop(long_lived);
+
+        let m = Metrics::when_idle(metrics);
+        assert_eq!(
+            m.get("router_config_reloads_total{result=\"ok\"}"),
+            RELOADS as u64 + 1
+        );
+        assert_eq!(m.get("router_config_reloads_total{result=\"error\"}"), 1);
+        assert_eq!(
+            m.get(&format!(
+                "router_backend_connections_total{{route=\"svc\",backend=\"{}\"}}",
+                b.addr
+            )),
+            b.accepted() as u64,
+            "{mode}"
+        );
+    });
+}
+
+/// SIGTERM: new connections are refused at once, a live connection (spliced
+/// in ebpf mode) goes on transferring and completes, `/healthz` says
+/// draining, and the router exits as soon as the last connection closed.
+#[test]
+fn sigterm_drains_live_connections_and_refuses_new_ones() {
+    both_modes("drain", |mode| {
+        let echo = Backend::echo();
+        let mut router = start(
+            mode,
+            &[format!("preamble:echo={}", echo.addr)],
+            &["--metrics", "127.0.0.1:0", "--drain-timeout", "60s"],
+        );
+        let metrics = metrics_addr(&mut router);
+        let stream = clients::connect(router.addr).unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        let mut reader = stream.try_clone().unwrap();
+        writer.write_all(b"ROUTE echo\r\nbefore").unwrap();
+        let mut echoed = [0u8; 6];
+        reader.read_exact(&mut echoed).unwrap();
+        assert_eq!(&echoed, b"before");
+
+        router.signal(libc::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            match TcpStream::connect(router.addr) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                // Accepted by the kernel before the listeners closed.
+                _ => assert!(
+                    Instant::now() < deadline,
+                    "{mode}: still accepting 5 s after SIGTERM"
+                ),
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(http_get(metrics, "/healthz"), (503, "draining\n".into()));
+        let m = Metrics::scrape(metrics);
+        assert_eq!(m.get("router_draining"), 1);
+        if mode == "ebpf" {
+            assert_eq!(
+                m.get("router_connections_served_total{mode=\"ebpf\"}"),
+                1,
+                "{}",
+                m.0
+            );
+        }
+
+        // The live connection carries 8 MiB more each way after SIGTERM.
+        const SIZE: usize = 8 << 20;
+        let sender = thread::spawn(move || {
+            backends::write_stream(&mut writer, SIZE, 3).unwrap();
+            writer.shutdown(Shutdown::Write).unwrap();
+        });
+        let (got, hash) = backends::hash_until_eof(&mut reader).unwrap();
+        sender.join().unwrap();
+        assert_eq!(got, SIZE as u64, "{mode}");
+        assert!(hash == backends::stream_hash(SIZE, 3), "{mode}: corrupted");
+        drop((stream, reader));
+        let status = router
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{mode}: no exit after the last connection closed"));
+        assert!(status.success(), "{mode}: {status:?}");
+        assert!(router.stderr().contains("drained: every connection ended"));
+    });
+}
+
+/// A connection that outlives `--drain-timeout` is cut when it passes; a
+/// second stop signal exits at once.
+#[test]
+fn drain_ends_at_the_timeout_or_at_a_second_signal() {
+    let echo = Backend::echo();
+    let route = format!("preamble:echo={}", echo.addr);
+    let open_one = |router: &Server| {
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream.write_all(b"ROUTE echo\r\nhi").unwrap();
+        let mut echoed = [0u8; 2];
+        stream.read_exact(&mut echoed).unwrap();
+        stream
+    };
+
+    let mut router = start(
+        "copy",
+        std::slice::from_ref(&route),
+        &["--drain-timeout", "1s"],
+    );
+    let _live = open_one(&router);
+    let signalled = Instant::now();
+    router.signal(libc::SIGTERM);
+    assert!(
+        router.wait_exit(Duration::from_millis(600)).is_none(),
+        "exited before the drain timeout"
+    );
+    let status = router
+        .wait_exit(Duration::from_secs(5))
+        .expect("exit after the drain timeout");
+    let waited = signalled.elapsed();
+    assert!(status.success());
+    assert!(
+        (Duration::from_secs(1)..Duration::from_secs(3)).contains(&waited),
+        "exited {waited:?} after SIGTERM"
+    );
+    assert!(router.stderr().contains("drain_timeout (1s) passed"));
+
+    let mut router = start("copy", &[route], &["--drain-timeout", "60s"]);
+    let _live = open_one(&router);
+    router.signal(libc::SIGTERM);
+    assert!(router.wait_exit(Duration::from_millis(300)).is_none());
+    let second = Instant::now();
+    router.signal(libc::SIGINT);
+    router
+        .wait_exit(Duration::from_secs(2))
+        .expect("exit at the second signal");
+    assert!(second.elapsed() < Duration::from_secs(1));
+    assert!(router.stderr().contains("second stop signal"));
+}
+
+/// Measures what a scrape costs with 1,000 live connections (each core's
+/// probe holds 2,000 routes in ebpf mode): 1,000 scrapes in a row. Not a
+/// pass/fail test: run with `--ignored --nocapture`.
+#[test]
+#[ignore = "measurement: prints the scrape cost"]
+fn scrape_cost_with_a_thousand_live_connections() {
+    raise_open_files_limit();
+    both_modes("scrape_cost", |mode| {
+        let echo = Backend::echo();
+        let mut router = start(
+            mode,
+            &[format!("preamble:echo={}", echo.addr)],
+            &["--metrics", "127.0.0.1:0"],
+        );
+        let metrics = metrics_addr(&mut router);
+        let time_scrapes = |label: &str| {
+            let mut times = Vec::with_capacity(1000);
+            let mut size = 0;
+            for _ in 0..1000 {
+                let started = Instant::now();
+                let m = Metrics::scrape(metrics);
+                times.push(started.elapsed());
+                size = m.0.len();
+            }
+            times.sort();
+            let total: Duration = times.iter().sum();
+            eprintln!(
+                "{mode}, {label}: 1000 scrapes in {total:?}: mean {:?}, median {:?}, p99 {:?}, \
+                 max {:?}; {size} bytes each",
+                total / 1000,
+                times[500],
+                times[990],
+                times[999]
+            );
+        };
+        time_scrapes("idle");
+        let live: Vec<TcpStream> = (0..1000)
+            .map(|i| {
+                let mut stream = clients::connect(router.addr).unwrap();
+                stream.write_all(b"ROUTE echo\r\nx").unwrap();
+                let mut echoed = [0u8; 1];
+                stream
+                    .read_exact(&mut echoed)
+                    .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+                stream
+            })
+            .collect();
+        let m = Metrics::scrape(metrics);
+        assert_eq!(m.get("router_connections_active"), 1000);
+        time_scrapes("1000 live connections");
+        drop(live);
+    });
+}
+
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is valid for writes; setrlimit reads it.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
