@@ -2,8 +2,10 @@
 //! child process, read its `stats:` lines, count its descriptors, and drive
 //! clients over loopback with reproducible random data.
 pub mod backends;
+pub mod budget;
 pub mod clients;
 pub mod data;
+pub mod no_sockmap;
 pub mod privileges;
 pub mod server;
 pub mod tls;
