@@ -97,7 +97,7 @@ print_table() {
     [ ${#files[@]} -gt 0 ] || { say "no results yet"; return; }
     printf '| kernel | how | echo | router | result | minutes | failing tests |\n'
     printf '|---|---|---|---|---|---:|---|\n'
-    for f in $(ls -t "${files[@]}" | xargs -n1 basename | sort -V); do
+    for f in $(printf '%s\n' "${files[@]}" | xargs -n1 basename | sort -V); do
         f=$work/results/$f
         printf '| %s | %s | %s | %s | %s | %s | %s |\n' \
             "$(result_get "$f" kernel)" "$(result_get "$f" how)" \
@@ -113,7 +113,7 @@ if [ "$table_only" -eq 1 ]; then print_table; exit 0; fi
 
 # Toolchain and the test tools, plus what the matrix itself needs (all
 # idempotent: nothing is installed twice).
-SETUP_APT_EXTRA="qemu-system-x86 busybox-static cpio ${SETUP_APT_EXTRA:-}" scripts/setup.sh >&2
+SETUP_APT_EXTRA="qemu-system-x86 busybox-static cpio jq binutils ${SETUP_APT_EXTRA:-}" scripts/setup.sh >&2
 
 # --- Build ----------------------------------------------------------------
 
@@ -378,7 +378,7 @@ run_in_vm() {
     elif ! grep -q '^KMATRIX done' "$log"; then
         status=crashed
     fi
-    parse_log "$log" "$result" "$release" "qemu $row" "$seconds" "$status"
+    parse_log "$log" "$result" "$release" "qemu (TCG)" "$seconds" "$status"
     say "$release: $(result_get "$result" status) in ${seconds} s (echo $(result_get "$result" echo), router $(result_get "$result" router))"
 }
 
@@ -402,7 +402,7 @@ run_on_host() {
         done
         echo "KMATRIX done"
     } >"$log" 2>&1
-    parse_log "$log" "$result" "$release" "host" "$(( $(date +%s) - start ))"
+    parse_log "$log" "$result" "$release" "host, no VM" "$(( $(date +%s) - start ))"
     say "$release: $(result_get "$result" status) (echo $(result_get "$result" echo), router $(result_get "$result" router))"
 }
 
