@@ -15,7 +15,9 @@ use testkit::{
     backends::{self, Backend},
     clients::{self, exchange_then_close},
     data::Rng,
+    no_sockmap::without_sockmap,
     privileges::require_bpf,
+    server::run_to_failure,
     tls::{TlsBackend, s_client},
 };
 
@@ -546,4 +548,45 @@ fn ipv6_listeners_and_backends_work() {
     assert!(router.addr.is_ipv6());
     let echoed = exchange_then_close(router.addr, b"\x00v6".to_vec()).unwrap();
     assert_eq!(echoed, b"\x00v6");
+}
+
+/// On a kernel without sockmap support (simulated: see `testkit::no_sockmap`)
+/// `--mode ebpf` refuses to start, naming what the kernel lacks, and the
+/// default `--mode auto` says so and forwards every byte in userspace.
+#[test]
+fn a_kernel_without_sockmap_is_named_and_auto_mode_copies() {
+    if !require_bpf("kernel_without_sockmap") {
+        return;
+    }
+    let echo = Backend::echo();
+    let route = format!("default={}", echo.addr);
+    let lacks = "the kernel lacks BPF_MAP_TYPE_SOCKMAP (needs CONFIG_BPF_SYSCALL, \
+                 CONFIG_BPF_STREAM_PARSER and CONFIG_NET_SOCK_MSG)";
+    let (status, stderr) = run_to_failure(without_sockmap(Command::new(BIN).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "ebpf",
+        "--route",
+        &route,
+    ])));
+    assert!(!status.success());
+    assert!(stderr.contains(lacks), "{stderr}");
+    let mut router = Server::start_command(without_sockmap(Command::new(BIN).args([
+        "--listen",
+        "127.0.0.1:0",
+        "--route",
+        &route,
+    ])));
+    let echoed = exchange_then_close(router.addr, b"\x00no sockmap".to_vec()).unwrap();
+    assert_eq!(echoed, b"\x00no sockmap");
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("spliced"), 0, "{stats:?}");
+    assert_eq!(stats.get("copied"), 1, "{stats:?}");
+    assert!(router.stderr().contains(lacks), "{}", router.stderr());
+    assert!(
+        router.stderr().contains("this core forwards in userspace"),
+        "{}",
+        router.stderr()
+    );
 }

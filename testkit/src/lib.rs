@@ -3,8 +3,10 @@
 //! clients over loopback with reproducible random data; backends that read
 //! PROXY protocol headers (one in Rust, nginx) or that go down and up.
 pub mod backends;
+pub mod budget;
 pub mod clients;
 pub mod data;
+pub mod no_sockmap;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod server;
