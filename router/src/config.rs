@@ -37,7 +37,7 @@ pub enum Matcher {
     /// `ROUTE <name> [token]\r\n` preamble naming this route.
     Preamble {
         name: String,
-        token: Option<String>,
+        token: Option<Secret>,
         /// Forward the preamble line too (default: strip it).
         keep: bool,
     },
@@ -119,6 +119,11 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub in_flight_limit: u64,
     pub sockmap_capacity: u32,
+    /// Connections open at once over every listener and core; `None`: as
+    /// many as the open-files limit allows (two descriptors each).
+    pub max_connections: Option<usize>,
+    /// Connections open at once on each listen address (over every core).
+    pub max_connections_per_listener: Option<usize>,
     pub routes: Vec<Route>,
 }
 
@@ -133,8 +138,36 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             in_flight_limit: 4 << 20,
             sockmap_capacity: 32 * 1024,
+            max_connections: None,
+            max_connections_per_listener: None,
             routes: Vec::new(),
         }
+    }
+}
+
+/// A secret (a preamble token): shown as `<redacted>` by `Debug`, so that
+/// no log line or debug dump of the configuration or of a first packet can
+/// reveal it. Routes compare it in constant time ([`crate::routes`]); the
+/// derived `PartialEq` is for tests and configuration comparisons only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the constant-time comparison.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -162,6 +195,8 @@ struct RawConfig {
     connect_timeout: Option<Spanned<String>>,
     in_flight_limit: Option<Spanned<u64>>,
     sockmap_capacity: Option<Spanned<u32>>,
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_listener: Option<Spanned<usize>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
 }
@@ -258,6 +293,25 @@ impl Config {
             }
             config.sockmap_capacity = *capacity.get_ref();
         }
+        for (value, field, target) in [
+            (
+                &raw.max_connections,
+                "max_connections",
+                &mut config.max_connections,
+            ),
+            (
+                &raw.max_connections_per_listener,
+                "max_connections_per_listener",
+                &mut config.max_connections_per_listener,
+            ),
+        ] {
+            if let Some(limit) = value {
+                if *limit.get_ref() == 0 {
+                    return Err(fail(limit.span(), field, "must be at least 1".into()));
+                }
+                *target = Some(*limit.get_ref());
+            }
+        }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -293,7 +347,10 @@ impl Config {
                 }
                 Matcher::Preamble {
                     name: name.get_ref().clone(),
-                    token: route.token.as_ref().map(|t| t.get_ref().clone()),
+                    token: route
+                        .token
+                        .as_ref()
+                        .map(|t| Secret::from(t.get_ref().as_str())),
                     keep: route.keep_preamble,
                 }
             } else {
@@ -392,12 +449,12 @@ impl Config {
             ),
             Some(("preamble", rest)) => {
                 let (name, token) = match rest.split_once(':') {
-                    Some((name, token)) => (name, Some(token.to_owned())),
+                    Some((name, token)) => (name, Some(Secret::from(token))),
                     None => (rest, None),
                 };
                 validate_route_name(name).map_err(&fail)?;
                 if let Some(token) = &token {
-                    validate_token(token).map_err(&fail)?;
+                    validate_token(token.expose()).map_err(&fail)?;
                 }
                 (
                     Matcher::Preamble {
@@ -476,6 +533,8 @@ mod tests {
 listen = ["127.0.0.1:8080", "[::1]:8080"]
 mode = "copy"
 first_packet_timeout = "250ms"
+max_connections = 1000
+max_connections_per_listener = 600
 
 [[route]]
 name = "api"
@@ -506,6 +565,8 @@ backends = ["127.0.0.1:9000"]
         assert_eq!(config.listen.len(), 2);
         assert_eq!(config.mode, Mode::Copy);
         assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
+        assert_eq!(config.max_connections, Some(1000));
+        assert_eq!(config.max_connections_per_listener, Some(600));
         assert_eq!(config.routes.len(), 4);
         assert_eq!(config.routes[0].balance, Balance::LeastConnections);
         assert_eq!(
@@ -520,6 +581,10 @@ backends = ["127.0.0.1:9000"]
                 keep: false
             }
         );
+        // Tokens never show in debug output (logs, dumps).
+        let dump = format!("{config:?}");
+        assert!(!dump.contains("s3cret"), "{dump}");
+        assert!(dump.contains("<redacted>"), "{dump}");
     }
 
     fn error(text: &str) -> String {
@@ -528,6 +593,11 @@ backends = ["127.0.0.1:9000"]
 
     #[test]
     fn errors_name_the_line_and_field() {
+        let e = error("listen = [\"127.0.0.1:1\"]\nmax_connections = 0\n");
+        assert!(
+            e.contains("line 2: max_connections: must be at least 1"),
+            "{e}"
+        );
         let e = error(
             "listen = [\"127.0.0.1:1\"]\n[[route]]\nname = \"a\"\nhost = \"bad host!\"\nbackends = [\"127.0.0.1:2\"]\n",
         );
@@ -596,7 +666,7 @@ backends = ["127.0.0.1:9000"]
         config.add_route_flag("default=127.0.0.1:9004").unwrap();
         assert_eq!(config.routes[1].backends.len(), 2);
         assert!(
-            matches!(&config.routes[2].matcher, Matcher::Preamble { token: Some(t), .. } if t == "tok")
+            matches!(&config.routes[2].matcher, Matcher::Preamble { token: Some(t), .. } if t.expose() == "tok")
         );
         assert!(config.add_route_flag("host:x=127.0.0.1:1").is_err());
         let e = config.add_route_flag("tcp:x=1.2.3.4:5").unwrap_err().0;

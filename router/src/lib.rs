@@ -6,15 +6,25 @@
 //! - [`sniff`]: what a first packet says;
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
+//! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`server`]: the executors, the listeners and each connection's life;
 //! - [`stats`]: the counters and the `stats:` line;
 //! - [`demo`]: the demo backends of `router --demo`.
+//!
+//! Without the default feature `server` only the parsers are built
+//! (`config`, `sniff`, `routes`, `refuse`): what `fuzz/` needs.
+#[cfg(feature = "server")]
 pub mod backends;
 pub mod config;
+#[cfg(feature = "server")]
 pub mod demo;
+#[cfg(feature = "server")]
+pub mod limits;
 pub mod refuse;
 pub mod routes;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod sniff;
+#[cfg(feature = "server")]
 pub mod stats;

@@ -6,6 +6,7 @@ pub mod clients;
 pub mod data;
 pub mod privileges;
 pub mod server;
+pub mod soak;
 pub mod tls;
 
 pub use server::{Server, Stats};
