@@ -33,10 +33,11 @@ for target in "${TARGETS[@]}"; do
     mkdir -p "fuzz/corpus/$target"
     log=$(mktemp)
     started=$(date +%s)
-    # -timeout: an input taking over 10 s counts as a hang; -rss_limit_mb
-    # bounds memory; one job only (the machine has 2 shared cores).
+    # One process, one job (the machine has 2 shared cores; -jobs=1 would
+    # also work but sends the output to ./fuzz-0.log); -timeout: an input
+    # taking over 10 s counts as a hang; -rss_limit_mb bounds memory.
     if cargo +nightly fuzz run "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
-        -jobs=1 -workers=1 -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${limit[@]}" \
+        -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 "${limit[@]}" \
         >"$log" 2>&1; then
         result=ok
     else

@@ -429,7 +429,8 @@ impl Config {
     /// Adds a route given as `--route` (`host:NAME=ADDR[,ADDR...]`,
     /// `sni:NAME=...`, `preamble:NAME[:TOKEN]=...`, `default=...`).
     pub fn add_route_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
-        let fail = |m: String| ConfigError(format!("--route {spec}: {m}"));
+        let shown = redact_route_flag(spec);
+        let fail = |m: String| ConfigError(format!("--route {shown}: {m}"));
         let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
             fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
         })?;
@@ -478,6 +479,20 @@ impl Config {
             balance: Balance::RoundRobin,
         });
         self.validate_route(self.routes.len() - 1).map_err(fail)
+    }
+}
+
+/// A `--route` spec as errors show it: a preamble token replaced by
+/// `<redacted>` (`preamble:db:s3cret=...` -> `preamble:db:<redacted>=...`).
+fn redact_route_flag(spec: &str) -> String {
+    let (matcher, addrs) = spec.split_once('=').unwrap_or((spec, ""));
+    let equals = if spec.contains('=') { "=" } else { "" };
+    match matcher
+        .strip_prefix("preamble:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((name, _token)) => format!("preamble:{name}:<redacted>{equals}{addrs}"),
+        None => spec.to_owned(),
     }
 }
 
@@ -581,7 +596,15 @@ backends = ["127.0.0.1:9000"]
                 keep: false
             }
         );
-        // Tokens never show in debug output (logs, dumps).
+        // Tokens never show in debug output (logs, dumps), nor in errors.
+        let e = Config::default()
+            .add_route_flag("preamble:db:s3cret=nowhere:1")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("--route preamble:db:<redacted>=nowhere:1: "),
+            "{e}"
+        );
         let dump = format!("{config:?}");
         assert!(!dump.contains("s3cret"), "{dump}");
         assert!(dump.contains("<redacted>"), "{dump}");

@@ -271,7 +271,16 @@ fn concurrent_connections_exchange_random_traffic_without_error() {
     let connections = scale("SOAK_CONNECTIONS", 1_000) as usize;
     let seconds = scale("SOAK_SECONDS", 10);
     let echo = soak::echo_backend();
-    let mut router = start("ebpf", &[format!("preamble:soak={echo}")], &[]);
+    // Ten thousand clients on one loaded test thread may take seconds to
+    // send their preamble after the connect: this is no deadline test.
+    let config = config_file(
+        "soak",
+        &format!(
+            "first_packet_timeout = \"60s\"\n[[route]]\nname = \"soak\"\npreamble = \"soak\"\n\
+             backends = [\"{echo}\"]\n"
+        ),
+    );
+    let mut router = start("ebpf", &[], &["--config", config.to_str().unwrap()]);
     let fds_before = router.fd_count();
     let report = soak::run(
         router.addr,

@@ -24,12 +24,12 @@ use crate::data::Rng;
 /// 8 MiB, shared by the router's executors when run as the same user).
 const IO_MEMORY: usize = 512 * 1024;
 /// Largest chunk one exchange sends (and reads back).
-const MAX_CHUNK: u64 = 32 * 1024;
+const MAX_CHUNK: u64 = 16 * 1024;
 /// Longest pause between two exchanges of a connection: random traffic,
 /// not a throughput benchmark.
-const MAX_PAUSE_MS: u64 = 100;
+const MAX_PAUSE_MS: u64 = 400;
 /// No single connect, write or read may take longer.
-const IO_TIMEOUT: Duration = Duration::from_secs(30);
+const IO_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// An echo backend on loopback, served by one executor thread for the rest
 /// of the process's life.
