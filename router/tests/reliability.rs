@@ -201,7 +201,8 @@ fn the_backend_closing_first_leaves_the_other_direction_open() {
     });
 }
 
-/// A client reading 1 KiB/s from a backend that sends as fast as it can:
+/// A client reading 1 KiB/s from a backend that sends 128 MiB as fast as it
+/// can:
 /// the backend is held back (what it managed to write stops growing, far
 /// below what it had to send) and the router's memory stays flat; then the
 /// client reads the rest at full speed and gets every byte (SHA-256).
@@ -209,7 +210,11 @@ fn the_backend_closing_first_leaves_the_other_direction_open() {
 #[test]
 fn a_slow_reader_holds_the_sender_back_without_buffering() {
     both_modes("slow_reader", |mode| {
-        const SIZE: usize = 256 << 20;
+        const SIZE: usize = 128 << 20;
+        /// Far more than every buffer on the way holds (measured: 25 MB in
+        /// copy mode, 42 MB in ebpf mode, where spliced sockets get a send
+        /// buffer of 4 in-flight limits).
+        const HELD_MAX: u64 = 64 << 20;
         let seconds = scale("SLOW_READER_SECONDS", 4).max(3);
         let written = Arc::new(AtomicU64::new(0));
         let backend = Backend::source(SIZE, 25, Arc::clone(&written));
@@ -237,7 +242,7 @@ fn a_slow_reader_holds_the_sender_back_without_buffering() {
             samples
         );
         assert!(
-            held < (SIZE / 4) as u64,
+            held < HELD_MAX,
             "{mode}: {held} bytes taken from the sender for a reader of {slow} bytes"
         );
         assert!(
@@ -621,14 +626,20 @@ fn connections_past_a_limit_are_refused_counted_and_logged() {
         ],
     );
     let first = router.addr;
-    let open = |addr: SocketAddr| {
-        let mut stream = clients::connect(addr).unwrap();
-        stream.write_all(b"ROUTE e\r\nping").unwrap();
+    let open = |addr: SocketAddr| -> std::io::Result<TcpStream> {
+        let mut stream = clients::connect(addr)?;
+        stream.write_all(b"ROUTE e\r\nping")?;
         let mut echoed = [0u8; 4];
-        stream.read_exact(&mut echoed).map(|_| stream)
+        stream.read_exact(&mut echoed)?;
+        Ok(stream)
     };
+    // Refused: reset at once (seen by the connect itself when the reset
+    // comes before it returned) or closed without a byte.
     let refused = |addr: SocketAddr| {
-        let stream = clients::connect(addr).unwrap();
+        let stream = match clients::connect(addr) {
+            Ok(stream) => stream,
+            Err(e) => return e.kind() == ErrorKind::ConnectionReset,
+        };
         let mut buffer = [0u8; 16];
         match (&stream).read(&mut buffer) {
             Ok(0) => true,
