@@ -351,21 +351,37 @@ fn closed_connections_leave_no_route_slot_or_descriptor() {
     let mut router = start("ebpf", &[format!("default={}", echo.addr)], &[]);
     let fds_before = router.fd_count();
     let addr = router.addr;
-    let exchange = |i: u64| {
+    // On failure, say where the bytes sit: the router's counters and every
+    // socket between client, router and backend.
+    let exchange = |router: &mut Server, i: u64| {
         let mut payload = vec![0u8];
         payload.extend_from_slice(format!("connection {i}").as_bytes());
-        let echoed = exchange_then_close(addr, payload.clone())
-            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
-        assert_eq!(echoed, payload);
+        match exchange_then_close(addr, payload.clone()) {
+            Ok(echoed) => assert_eq!(echoed, payload),
+            Err(e) => {
+                let stats = router.stats();
+                let filter = format!(
+                    "( sport = :{0} or dport = :{0} or sport = :{1} or dport = :{1} )",
+                    addr.port(),
+                    echo.addr.port()
+                );
+                let sockets = Command::new("ss")
+                    .args(["-tnoi", "state", "connected", &filter])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                    .unwrap_or_default();
+                panic!("connection {i}: {e}\n{stats:?}\n{sockets}");
+            }
+        }
     };
     for i in 0..WARM_UP {
-        exchange(i);
+        exchange(&mut router, i);
     }
     router.wait_stats(idle, Duration::from_secs(10));
     let rss_baseline = router.rss_kib();
     let started = Instant::now();
     for i in WARM_UP..count {
-        exchange(i);
+        exchange(&mut router, i);
     }
     let elapsed = started.elapsed();
     let stats = router.wait_stats(idle, Duration::from_secs(30));
