@@ -13,7 +13,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-TARGETS=(sniff_tls sniff_http sniff_preamble config_toml)
+# FUZZ_TARGETS="sniff_tls config_toml" limits a run to some targets.
+read -r -a TARGETS <<<"${FUZZ_TARGETS:-sniff_tls sniff_http sniff_preamble config_toml}"
 mode=${1:-smoke}
 case "$mode" in
     smoke)
