@@ -16,10 +16,16 @@
 #     iproute2, bpftool, setpriv; nginx, a backend that reads the PROXY
 #     protocol; systemd's systemd-analyze, which checks the service unit).
 #     Installing nginx starts no server where no init system runs
-#     (invoke-rc.d then refuses); the tests run their own on loopback.
+#     (invoke-rc.d then refuses); the tests run their own on loopback;
+#   - cargo-fuzz (fuzz smoke run of scripts/test.sh) and cargo-deny
+#     (licence/ban/source checks), from crates.io, once: building them takes
+#     a few minutes on 2 quiet cores (measured here under load: cargo-fuzz
+#     1m45s, cargo-deny 7m20s of CPU).
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
+CARGO_FUZZ_VERSION=0.13.2
+CARGO_DENY_VERSION=0.20.2
 NIGHTLY=${NIGHTLY:-nightly}
 APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux nginx systemd ${SETUP_APT_EXTRA:-})
 
@@ -67,6 +73,18 @@ ensure_bpf_linker() {
     rm -rf "$link_dir"
     [ "$status" -eq 0 ] || die "building bpf-linker failed (exit $status)"
     bpf-linker --version >/dev/null || die "bpf-linker was built but does not start (ldd \$(command -v bpf-linker))"
+}
+
+# Installs the cargo subcommand `$1` (crate cargo-$1) at version $2 unless
+# that version is there.
+ensure_cargo_tool() {
+    local tool=$1 version=$2
+    if [ "$(cargo "$tool" --version 2>/dev/null | awk '{print $2}')" = "$version" ]; then
+        return
+    fi
+    say "installing cargo-${tool} ${version} from crates.io (a few minutes, once)"
+    cargo install --locked --quiet "cargo-${tool}" --version "$version" \
+        || die "installing cargo-${tool} failed"
 }
 
 ensure_apt_packages() {
@@ -124,6 +142,8 @@ main() {
     ensure_rust_src
     ensure_apt_packages
     ensure_bpf_linker
+    ensure_cargo_tool fuzz "$CARGO_FUZZ_VERSION"
+    ensure_cargo_tool deny "$CARGO_DENY_VERSION"
     check_kernel || die "the machine cannot load the probes (see above)"
     say "ok: $(rustc --version), $(rustc "+${NIGHTLY}" --version | cut -d' ' -f1-2), $(bpf-linker --version), kernel $(uname -r)"
 }

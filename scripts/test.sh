@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The project's test command: sets up the machine (idempotent), then runs
-# every check: formatting, clippy (host code and the probes' bpf code), and
-# all tests, kernel tests included. Needs root (or CAP_BPF + CAP_NET_ADMIN +
-# CAP_PERFMON); with CI=true a kernel test fails instead of skipping when it
-# cannot run.
+# every check: formatting, clippy (host code and the probes' bpf code), all
+# tests (kernel tests included), licence/ban/source checks of the
+# dependencies (cargo deny) and a 60-second fuzz smoke run of the parsers.
+# Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON); with CI=true a
+# kernel test fails instead of skipping when it cannot run.
 #
 #   scripts/test.sh                 # everything
 #   scripts/test.sh -- echo         # extra arguments go to `cargo test`
@@ -53,6 +54,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace --locked "$@" 2>&1 | tee "$log" || status=$?
+
+# The RustSec advisory database is fetched from GitHub, which this
+# project's machines cannot reach: advisories are not checked here (see
+# docs/RELIABILITY.md); licences, bans and sources need nothing but the lock
+# file.
+step "cargo deny check licenses bans sources"
+cargo deny --locked check licenses bans sources || status=$?
+
+step "fuzz smoke run (60 s over 4 targets)"
+scripts/fuzz.sh smoke 60 || status=$?
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"

@@ -84,7 +84,7 @@ pub enum Matcher {
     /// `ROUTE <name> [token]\r\n` preamble naming this route.
     Preamble {
         name: String,
-        token: Option<String>,
+        token: Option<Secret>,
         /// Forward the preamble line too (default: strip it).
         keep: bool,
     },
@@ -177,6 +177,11 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How long a stopping router lets live connections finish.
     pub drain_timeout: Duration,
+    /// Connections open at once over every listener and core; `None`: as
+    /// many as the open-files limit allows (two descriptors each).
+    pub max_connections: Option<usize>,
+    /// Connections open at once on each listen address (over every core).
+    pub max_connections_per_listener: Option<usize>,
     pub routes: Vec<Route>,
 }
 
@@ -194,8 +199,36 @@ impl Default for Config {
             health_check: None,
             metrics: None,
             drain_timeout: Duration::from_secs(30),
+            max_connections: None,
+            max_connections_per_listener: None,
             routes: Vec::new(),
         }
+    }
+}
+
+/// A secret (a preamble token): shown as `<redacted>` by `Debug`, so that
+/// no log line or debug dump of the configuration or of a first packet can
+/// reveal it. Routes compare it in constant time ([`crate::routes`]); the
+/// derived `PartialEq` is for tests and configuration comparisons only.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the constant-time comparison.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
     }
 }
 
@@ -226,6 +259,8 @@ struct RawConfig {
     health_check: Option<RawHealthCheck>,
     metrics: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
+    max_connections: Option<Spanned<usize>>,
+    max_connections_per_listener: Option<Spanned<usize>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
 }
@@ -354,6 +389,25 @@ impl Config {
             config.drain_timeout = parse_drain_timeout(timeout.get_ref())
                 .map_err(|m| fail(timeout.span(), "drain_timeout", m))?;
         }
+        for (value, field, target) in [
+            (
+                &raw.max_connections,
+                "max_connections",
+                &mut config.max_connections,
+            ),
+            (
+                &raw.max_connections_per_listener,
+                "max_connections_per_listener",
+                &mut config.max_connections_per_listener,
+            ),
+        ] {
+            if let Some(limit) = value {
+                if *limit.get_ref() == 0 {
+                    return Err(fail(limit.span(), field, "must be at least 1".into()));
+                }
+                *target = Some(*limit.get_ref());
+            }
+        }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -389,7 +443,10 @@ impl Config {
                 }
                 Matcher::Preamble {
                     name: name.get_ref().clone(),
-                    token: route.token.as_ref().map(|t| t.get_ref().clone()),
+                    token: route
+                        .token
+                        .as_ref()
+                        .map(|t| Secret::from(t.get_ref().as_str())),
                     keep: route.keep_preamble,
                 }
             } else {
@@ -482,7 +539,8 @@ impl Config {
     /// options among the addresses: `proxy_protocol=v1|v2`,
     /// `balance=round-robin|least-connections`.
     pub fn add_route_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
-        let fail = |m: String| ConfigError(format!("--route {spec}: {m}"));
+        let shown = redact_route_flag(spec);
+        let fail = |m: String| ConfigError(format!("--route {shown}: {m}"));
         let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
             fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
         })?;
@@ -522,12 +580,12 @@ impl Config {
             ),
             Some(("preamble", rest)) => {
                 let (name, token) = match rest.split_once(':') {
-                    Some((name, token)) => (name, Some(token.to_owned())),
+                    Some((name, token)) => (name, Some(Secret::from(token))),
                     None => (rest, None),
                 };
                 validate_route_name(name).map_err(&fail)?;
                 if let Some(token) = &token {
-                    validate_token(token).map_err(&fail)?;
+                    validate_token(token.expose()).map_err(&fail)?;
                 }
                 (
                     Matcher::Preamble {
@@ -585,6 +643,20 @@ impl RawHealthCheck {
             }
         }
         Ok((self.enabled.unwrap_or(true), check))
+    }
+}
+
+/// A `--route` spec as errors show it: a preamble token replaced by
+/// `<redacted>` (`preamble:db:s3cret=...` -> `preamble:db:<redacted>=...`).
+fn redact_route_flag(spec: &str) -> String {
+    let (matcher, addrs) = spec.split_once('=').unwrap_or((spec, ""));
+    let equals = if spec.contains('=') { "=" } else { "" };
+    match matcher
+        .strip_prefix("preamble:")
+        .and_then(|rest| rest.split_once(':'))
+    {
+        Some((name, _token)) => format!("preamble:{name}:<redacted>{equals}{addrs}"),
+        None => spec.to_owned(),
     }
 }
 
@@ -652,6 +724,8 @@ mode = "copy"
 first_packet_timeout = "250ms"
 metrics = "127.0.0.1:9100"
 drain_timeout = "0s"
+max_connections = 1000
+max_connections_per_listener = 600
 
 [[route]]
 name = "api"
@@ -684,6 +758,8 @@ backends = ["127.0.0.1:9000"]
         assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
         assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(config.drain_timeout, Duration::ZERO);
+        assert_eq!(config.max_connections, Some(1000));
+        assert_eq!(config.max_connections_per_listener, Some(600));
         assert_eq!(config.routes.len(), 4);
         assert_eq!(config.routes[0].balance, Balance::LeastConnections);
         assert_eq!(
@@ -698,6 +774,18 @@ backends = ["127.0.0.1:9000"]
                 keep: false
             }
         );
+        // Tokens never show in debug output (logs, dumps), nor in errors.
+        let e = Config::default()
+            .add_route_flag("preamble:db:s3cret=nowhere:1")
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("--route preamble:db:<redacted>=nowhere:1: "),
+            "{e}"
+        );
+        let dump = format!("{config:?}");
+        assert!(!dump.contains("s3cret"), "{dump}");
+        assert!(dump.contains("<redacted>"), "{dump}");
     }
 
     fn error(text: &str) -> String {
@@ -706,6 +794,11 @@ backends = ["127.0.0.1:9000"]
 
     #[test]
     fn errors_name_the_line_and_field() {
+        let e = error("listen = [\"127.0.0.1:1\"]\nmax_connections = 0\n");
+        assert!(
+            e.contains("line 2: max_connections: must be at least 1"),
+            "{e}"
+        );
         let e = error(
             "listen = [\"127.0.0.1:1\"]\n[[route]]\nname = \"a\"\nhost = \"bad host!\"\nbackends = [\"127.0.0.1:2\"]\n",
         );
@@ -774,7 +867,7 @@ backends = ["127.0.0.1:9000"]
         config.add_route_flag("default=127.0.0.1:9004").unwrap();
         assert_eq!(config.routes[1].backends.len(), 2);
         assert!(
-            matches!(&config.routes[2].matcher, Matcher::Preamble { token: Some(t), .. } if t == "tok")
+            matches!(&config.routes[2].matcher, Matcher::Preamble { token: Some(t), .. } if t.expose() == "tok")
         );
         assert!(config.add_route_flag("host:x=127.0.0.1:1").is_err());
         let e = config.add_route_flag("tcp:x=1.2.3.4:5").unwrap_err().0;

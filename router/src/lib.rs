@@ -6,6 +6,7 @@
 //! - [`sniff`]: what a first packet says;
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
+//! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
 //! - [`proxy_protocol`]: the PROXY protocol header sent to backends;
@@ -15,16 +16,30 @@
 //! - [`stats`]: the counters and the `stats:` line;
 //! - [`metrics`]: the Prometheus metrics and their HTTP endpoint;
 //! - [`demo`]: the demo backends of `router --demo`.
+//!
+//! Without the default feature `server` only the parsers are built
+//! (`config`, `sniff`, `routes`, `refuse`): what `fuzz/` needs.
+#[cfg(feature = "server")]
 pub mod backends;
 pub mod config;
+#[cfg(feature = "server")]
 pub mod demo;
+#[cfg(feature = "server")]
 pub mod health;
+#[cfg(feature = "server")]
+pub mod limits;
+#[cfg(feature = "server")]
 pub mod metrics;
+#[cfg(feature = "server")]
 pub mod proxy_protocol;
 pub mod refuse;
+#[cfg(feature = "server")]
 pub mod reload;
 pub mod routes;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod sniff;
+#[cfg(feature = "server")]
 pub mod stats;
+#[cfg(feature = "server")]
 pub mod supervise;

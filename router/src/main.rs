@@ -58,6 +58,13 @@ struct Cli {
     /// ebpf: splice or fail; copy: always copy in userspace.
     #[arg(long, value_enum)]
     mode: Option<Mode>,
+    /// Connections open at once over every listener [default: what the
+    /// open-files limit allows]; more are closed at once (refused_limit).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections: Option<u64>,
+    /// Connections open at once on each listen address.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    max_connections_per_listener: Option<u64>,
     /// Print a `stats:` line every --stats-interval seconds, and at exit.
     #[arg(long)]
     stats: bool,
@@ -190,6 +197,12 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     }
     if let Some(timeout) = cli.drain_timeout {
         config.drain_timeout = timeout;
+    }
+    if let Some(max) = cli.max_connections {
+        config.max_connections = Some(usize::try_from(max)?);
+    }
+    if let Some(max) = cli.max_connections_per_listener {
+        config.max_connections_per_listener = Some(usize::try_from(max)?);
     }
     config.validate().map_err(|e| match &cli.config {
         Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e}", path.display()),

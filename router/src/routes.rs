@@ -3,7 +3,7 @@
 use subtle::ConstantTimeEq as _;
 
 use crate::{
-    config::{Matcher, Route},
+    config::{Matcher, Route, Secret},
     sniff::FirstPacket,
 };
 
@@ -78,7 +78,8 @@ pub fn decide(routes: &[Route], first: &FirstPacket) -> Result<Decision, Refusal
             unreachable!("found by its preamble matcher");
         };
         if let Some(expected) = expected {
-            let given = token.as_deref().unwrap_or_default();
+            let given = token.as_ref().map_or("", Secret::expose);
+            let expected = expected.expose();
             // Compared in constant time: how much of a guess is right must
             // not show in the timing.
             let equal = given.len() == expected.len()

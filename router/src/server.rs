@@ -3,7 +3,7 @@
 //! read the first packet, decide, connect, forward (splice the two sockets in
 //! the kernel, or copy in userspace).
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     net::{SocketAddr, TcpListener as StdListener},
     os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _, RawFd},
     rc::Rc,
@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    KernelView, Leg, LegError, Member, ProbeConfig, Spliced,
+    KernelView, Leg, LegError, Member, ProbeConfig, Spliced, capabilities,
     runtime::{self, Ready},
     shard::{ProbeSpec, ShardProbe},
     socket,
@@ -30,6 +30,7 @@ use crate::{
     backends::Pools,
     config::{Config, Matcher, Mode},
     health::Health,
+    limits::{Exceeded, Limits, Permit},
     metrics::{
         self, BackendCounters, CoreMetrics, KernelViews, Labelled, Lifecycle, RouteCounters,
         RouterCollector, Served,
@@ -78,6 +79,7 @@ struct ShardInput {
     metrics: Arc<CoreMetrics>,
     labelled: Arc<Labelled>,
     lifecycle: Arc<Lifecycle>,
+    limits: Arc<Limits>,
 }
 
 /// One configuration as an executor uses it: the routes' backend pools and
@@ -136,6 +138,10 @@ struct Shard {
     metrics: Arc<CoreMetrics>,
     labelled: Arc<Labelled>,
     lifecycle: Arc<Lifecycle>,
+    limits: Arc<Limits>,
+    /// When a refusal at a connection limit was last logged (at most one
+    /// line a second per core), and how many since.
+    limit_log: Cell<(Option<Instant>, u64)>,
 }
 
 impl Shard {
@@ -182,7 +188,7 @@ impl Drop for Held<'_> {
 /// Runs the router until SIGINT/SIGTERM, then drains (see
 /// [`crate::supervise`]).
 pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
-    runtime::raise_open_files_limit();
+    let open_files = runtime::raise_open_files_limit();
     let online = runtime::online_cores();
     let cores = config.cores.unwrap_or(online);
     if cores > online {
@@ -207,6 +213,20 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let probe = probe_spec(&config)?;
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| Limits::default_total(open_files));
+    let limits = Limits::new(
+        max_connections,
+        config.max_connections_per_listener,
+        config.listen.len(),
+    );
+    info!(
+        max_connections,
+        max_connections_per_listener = config.max_connections_per_listener,
+        open_files,
+        "connection limits"
+    );
     let config = Arc::new(config);
     let published = Arc::new(Published::new(Arc::clone(&config)));
     let stats: Vec<Arc<RouterStats>> = (0..cores).map(|_| Arc::default()).collect();
@@ -227,9 +247,26 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             metrics: Arc::clone(metrics),
             labelled: Arc::clone(&labelled),
             lifecycle: Arc::clone(&lifecycle),
+            limits: Arc::clone(&limits),
         })
         .collect();
+    // Listeners are bound: from here on, every thread needs at most what
+    // loading the probes takes (executors inherit this).
+    let loading: &[u32] = if probe.is_some() {
+        capabilities::LOAD
+    } else {
+        &[]
+    };
+    capabilities::retain_only(loading).context("dropping capabilities")?;
     let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
+    // Probes loaded: the main thread keeps what the connections need.
+    let kept = capabilities::retain_only(if views.iter().any(Option::is_some) {
+        capabilities::RUNTIME
+    } else {
+        &[]
+    })
+    .context("dropping capabilities")?;
+    info!(kept = ?capabilities::names(kept), "capabilities dropped");
     let kernel: Vec<KernelView> = views.into_iter().flatten().collect();
     let mode = if kernel.len() == cores {
         "ebpf"
@@ -314,19 +351,39 @@ fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {
 
 async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     let (version, config, health) = input.published.current();
-    let probe = match &input.probe {
+    let loaded = match &input.probe {
         Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats.splice)) {
-            Ok((probe, view)) => {
-                ready.report(Ok(Some(view)));
-                Some(probe)
-            }
+            Ok((probe, view)) => Some((probe, view)),
             Err(message) if config.mode == Mode::Auto => {
                 warn!("{message}; this core forwards in userspace");
-                ready.report(Ok(None));
                 None
             }
             Err(message) => return ready.report(Err(message)),
         },
+        None => None,
+    };
+    // The probe is loaded (or not needed): this executor's threads keep only
+    // what connections need. Capabilities belong to threads: the executor's
+    // own, and its blocking-pool thread (one per executor), started before
+    // the load with the loading set.
+    let keep: &'static [u32] = if loaded.is_some() {
+        capabilities::RUNTIME
+    } else {
+        &[]
+    };
+    let dropped = capabilities::retain_only(keep).and(
+        glommio::executor()
+            .spawn_blocking(move || capabilities::retain_only(keep))
+            .await,
+    );
+    if let Err(e) = dropped {
+        return ready.report(Err(format!("dropping capabilities: {e}")));
+    }
+    let probe = match loaded {
+        Some((probe, view)) => {
+            ready.report(Ok(Some(view)));
+            Some(probe)
+        }
         None => {
             ready.report(Ok(None));
             None
@@ -346,17 +403,23 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
         metrics: input.metrics,
         labelled: input.labelled,
         lifecycle: input.lifecycle,
+        limits: input.limits,
+        limit_log: Cell::new((None, 0)),
     });
-    for listener in input.listeners {
+    // Listeners come in configuration order: the index is the listener's.
+    for (index, listener) in input.listeners.into_iter().enumerate() {
         // SAFETY: the descriptor comes from a listener we own and hand over.
         let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
         let shard = Rc::clone(&shard);
         glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
-                    Ok(stream) => {
-                        glommio::spawn_local(serve(stream, Rc::clone(&shard))).detach();
-                    }
+                    Ok(stream) => match shard.limits.admit(index) {
+                        Ok(permit) => {
+                            glommio::spawn_local(serve(stream, Rc::clone(&shard), permit)).detach();
+                        }
+                        Err(exceeded) => refuse_over_limit(stream, &shard, exceeded),
+                    },
                     // Stopping: the main thread shut the listener down;
                     // dropping it closes this core's copy.
                     Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
@@ -386,7 +449,34 @@ impl std::fmt::Display for Client {
     }
 }
 
-async fn serve(mut client: TcpStream, shard: Rc<Shard>) {
+/// Closes a connection past a limit at once, with a reset: nothing is read,
+/// and the descriptor is free again before the next accept. Counted, and
+/// logged at most once a second per core.
+fn refuse_over_limit(stream: TcpStream, shard: &Shard, exceeded: Exceeded) {
+    add(&shard.stats.refused_limit, 1);
+    // SAFETY: the descriptor belongs to `stream`, alive for this call.
+    let _ = socket::reset_on_close(unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) });
+    drop(stream);
+    let (last, unlogged) = shard.limit_log.get();
+    let now = Instant::now();
+    if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
+        shard.limit_log.set((last, unlogged + 1));
+        return;
+    }
+    shard.limit_log.set((Some(now), 0));
+    let (limit, max) = match exceeded {
+        Exceeded::Total(max) => ("max_connections", max),
+        Exceeded::Listener(max) => ("max_connections_per_listener", max),
+    };
+    warn!(
+        limit,
+        max,
+        refused_since_last_line = unlogged + 1,
+        "connection limit reached: refusing new connections (counted as refused_limit)"
+    );
+}
+
+async fn serve(mut client: TcpStream, shard: Rc<Shard>, _permit: Permit) {
     let accepted = Instant::now();
     let stats = &shard.stats;
     let generation = shard.generation();

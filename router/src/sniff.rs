@@ -20,7 +20,7 @@ use tls_parser::{
     parse_tls_message_handshake,
 };
 
-use crate::config::{validate_route_name, validate_token};
+use crate::config::{Secret, validate_route_name, validate_token};
 
 /// What the first bytes of a connection say.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,7 +32,7 @@ pub enum FirstPacket {
     /// A preamble line of `len` bytes (with its CRLF).
     Preamble {
         route: String,
-        token: Option<String>,
+        token: Option<Secret>,
         len: usize,
     },
     /// None of the above: only a `default` route takes it.
@@ -144,7 +144,7 @@ fn sniff_preamble(bytes: &[u8]) -> Sniff {
     }
     Sniff::Done(FirstPacket::Preamble {
         route: route.to_owned(),
-        token: token.map(str::to_owned),
+        token: token.map(Secret::from),
         len: end + 2,
     })
 }

@@ -26,6 +26,8 @@ pub struct RouterStats {
     pub refused: [AtomicU64; Refusal::ALL.len()],
     /// Backend connection attempts that failed (the next one was tried).
     pub backend_failures: AtomicU64,
+    /// Connections closed at accept because a connection limit was reached.
+    pub refused_limit: AtomicU64,
 }
 
 impl RouterStats {
@@ -62,6 +64,7 @@ impl Report<'_> {
                 sum(&|s| s.refused(refusal))
             );
         }
+        let _ = write!(line, " refused_limit={}", sum(&|s| &s.refused_limit));
         let _ = write!(line, " backend_failures={}", sum(&|s| &s.backend_failures));
         let _ = write!(line, " backends_down={}", self.health.down());
         stats::write_kernel(&mut line, self.kernel);

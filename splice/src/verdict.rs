@@ -206,6 +206,8 @@ macro_rules! probe_support {
             loop {}
         }
 
+        // SAFETY: `license` is the section the loader reads the licence
+        // from, and no other item of a probe is named LICENSE (no_mangle).
         #[unsafe(link_section = "license")]
         #[unsafe(no_mangle)]
         static LICENSE: [u8; 4] = *b"GPL\0";

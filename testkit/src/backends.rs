@@ -5,7 +5,7 @@ use std::{
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
         mpsc,
     },
     thread,
@@ -118,6 +118,39 @@ impl Backend {
             if let Ok(report) = report {
                 let _ = reports.send(report);
             }
+        })
+    }
+}
+
+impl Backend {
+    /// Sends the stream seeded with `seed`, `size` bytes long, as fast as
+    /// its client lets it, counting in `written` what its socket took; then
+    /// half-closes and reads until the client's end of stream.
+    pub fn source(size: usize, seed: u64, written: Arc<AtomicU64>) -> Self {
+        spawn(move |mut stream| {
+            let mut rng = Rng::new(seed);
+            let mut left = size;
+            while left > 0 {
+                let chunk = rng.bytes(left.min(64 << 10));
+                if stream.write_all(&chunk).is_err() {
+                    return;
+                }
+                written.fetch_add(chunk.len() as u64, Ordering::SeqCst);
+                left -= chunk.len();
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+            let _ = io::copy(&mut stream, &mut io::sink());
+        })
+    }
+
+    /// Sends `size` bytes of the stream seeded with `seed`, then resets the
+    /// connection (SO_LINGER 0 and close: RST instead of FIN).
+    pub fn reset_after(size: usize, seed: u64) -> Self {
+        spawn(move |mut stream| {
+            let _ = write_stream(&mut stream, size, seed);
+            // Let the bytes leave before the reset overtakes them.
+            thread::sleep(Duration::from_millis(200));
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         })
     }
 }

@@ -48,11 +48,14 @@ pub fn exchange_then_close(addr: SocketAddr, data: Vec<u8>) -> io::Result<Vec<u8
     let read = (&stream).read_exact(&mut received);
     sender
         .join()
-        .map_err(|_| io::Error::other("sender thread panicked"))??;
-    read?;
+        .map_err(|_| io::Error::other("sender thread panicked"))?
+        .map_err(|e| io::Error::new(e.kind(), format!("sending: {e}")))?;
+    read.map_err(|e| io::Error::new(e.kind(), format!("reading the echo: {e}")))?;
     stream.shutdown(Shutdown::Write)?;
     let mut rest = Vec::new();
-    (&stream).read_to_end(&mut rest)?;
+    (&stream)
+        .read_to_end(&mut rest)
+        .map_err(|e| io::Error::new(e.kind(), format!("reading the end of stream: {e}")))?;
     if !rest.is_empty() {
         return Err(io::Error::other(format!(
             "{} unexpected bytes after the echo",

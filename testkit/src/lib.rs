@@ -10,6 +10,7 @@ pub mod no_sockmap;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod server;
+pub mod soak;
 pub mod tls;
 
 pub use server::{Server, Stats};

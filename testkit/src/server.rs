@@ -198,6 +198,48 @@ impl Server {
         }
     }
 
+    /// Resident memory of the server process, in KiB (`VmRSS`).
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("reading the server's /proc/PID/status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc/PID/status")
+    }
+
+    /// Ids of the BPF programs and maps the server holds descriptors of
+    /// (`prog_id:` / `map_id:` in `/proc/PID/fdinfo`), as `(programs, maps)`.
+    pub fn bpf_objects(&self) -> (Vec<u32>, Vec<u32>) {
+        let (mut programs, mut maps) = (Vec::new(), Vec::new());
+        let dir = format!("/proc/{}/fdinfo", self.pid());
+        for entry in std::fs::read_dir(&dir).expect("reading fdinfo").flatten() {
+            let Ok(info) = std::fs::read_to_string(entry.path()) else {
+                continue;
+            };
+            for line in info.lines() {
+                let id = |prefix| line.strip_prefix(prefix)?.trim().parse::<u32>().ok();
+                if let Some(id) = id("prog_id:") {
+                    programs.push(id);
+                } else if let Some(id) = id("map_id:") {
+                    maps.push(id);
+                }
+            }
+        }
+        programs.sort_unstable();
+        programs.dedup();
+        maps.sort_unstable();
+        maps.dedup();
+        (programs, maps)
+    }
+
+    /// Kills the server with SIGKILL and reaps it.
+    pub fn kill(mut self) -> ExitStatus {
+        self.child.kill().expect("SIGKILL the server");
+        self.child.wait().expect("reaping the server")
+    }
+
     /// Sends SIGTERM and waits (bounded) for the exit.
     pub fn stop(mut self) -> ExitStatus {
         self.signal(libc::SIGTERM);

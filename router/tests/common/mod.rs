@@ -1,0 +1,73 @@
+//! Helpers shared by the router's test files: start the binary with routes,
+//! run a test in both forwarding modes, wait until idle, talk to it.
+// Each test file uses its own subset of these.
+#![allow(dead_code)]
+use std::{net::SocketAddr, process::Command};
+
+use testkit::{Server, Stats, clients, privileges::require_bpf};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_router");
+
+/// Starts the router on an ephemeral loopback port with `routes` (as
+/// `--route` specs) and `extra` arguments.
+pub fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--mode".into(),
+        mode.into(),
+    ];
+    for route in routes {
+        args.push("--route".into());
+        args.push(route.clone());
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Server::start(BIN, &args)
+}
+
+/// Runs `test` in both modes (the ebpf one only where BPF is allowed).
+pub fn both_modes(name: &str, test: impl Fn(&str)) {
+    test("copy");
+    if require_bpf(name) {
+        test("ebpf");
+    }
+}
+
+pub fn idle(stats: &Stats) -> bool {
+    stats.get("active") == 0
+}
+
+pub fn curl(args: &[&str]) -> String {
+    let output = Command::new("curl")
+        .args(["-s", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Sends `bytes`, half-closes, and returns everything received.
+pub fn send(addr: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    clients::send_and_receive(addr, bytes.to_vec()).expect("client I/O")
+}
+
+/// A number from the environment (the soak script scales tests up this
+/// way), or `default`.
+pub fn scale(variable: &str, default: u64) -> u64 {
+    match std::env::var(variable) {
+        Ok(value) => value
+            .parse()
+            .unwrap_or_else(|_| panic!("{variable}={value}: not a number")),
+        Err(_) => default,
+    }
+}
+
+/// Writes a configuration file for one test and returns its path.
+pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("router-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
