@@ -343,7 +343,7 @@ class Bench:
         stream: throughput and the proxy's RSS per held connection."""
         for c in [Direct(), Router("ebpf"), Router("copy")]:
             port = c.start(self.procs, self.workdir, {"kind": "default", "backend": ports["iperf"], "idle": ports["idle"]})
-            base_rss = rss_kib(c.pid) if c.pid else 0
+            base_rss = None
             for level in levels:
                 idle_target = c.idle_port if c.pid else ports["idle"]
                 first = "ROUTE idle\\r\\nx" if c.pid else "x"
@@ -357,6 +357,9 @@ class Bench:
                     raise RuntimeError(f"{c.name}: holding {level - 1} connections failed: {line!r}")
                 time.sleep(0.5)
                 rss = rss_kib(c.pid) if c.pid else 0
+                # The baseline is the first level's (one connection, after
+                # the executors' first allocations), not a fresh process's.
+                base_rss = rss if base_rss is None else base_rss
                 for rep in range(max(3, self.reps - 2) if not self.quick else 1):
                     cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
                     m = iperf(port, 1, self.seconds(3))
@@ -486,7 +489,7 @@ def report(bench, out, command):
             v = [r["gbit_per_s"] for r in rs]
             base = base or med(v)
             rss, base_rss = rs[0]["rss_kib"], rs[0]["base_rss_kib"]
-            per = f"{(rss - base_rss) * 1024 / (level - 1):.0f} B" if level > 1 and rss else "–"
+            per = f"{(rss - base_rss) * 1024 / (level - 1):.0f} B" if level > levels[0] and rss else "–"
             lines.append(f"| {n} | {level} | {med(v):.2f} ({min(v):.2f}–{max(v):.2f}) | {med(v) / base:.2f} | {rss or '–'} | {per} |")
     lines.append("")
 
