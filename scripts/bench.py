@@ -92,9 +92,12 @@ class Processes:
 def process_tree(pid):
     """pid and its descendants (nginx workers, socat children)."""
     pids = [pid]
-    for child in Path(f"/proc/{pid}/task").glob("*/children"):
-        for c in child.read_text().split():
-            pids += process_tree(int(c))
+    try:
+        for child in Path(f"/proc/{pid}/task").glob("*/children"):
+            for c in child.read_text().split():
+                pids += process_tree(int(c))
+    except FileNotFoundError:  # it exited meanwhile (socat's children do)
+        pass
     return pids
 
 
@@ -287,6 +290,10 @@ class Bench:
         self.workdir = Path(tempfile.mkdtemp(prefix="router-bench-"))
         self.procs = Processes(self.workdir)
         self.results = []  # dicts: workload, contender, rep, metrics...
+        # Workloads taken from an earlier run's log instead of measured.
+        self.skip = set(args.skip.split(",")) if args.skip else set()
+        if args.prior_log:
+            self.results += prior_results(args.prior_log, self.skip)
 
     def seconds(self, full):
         return max(1, full // 5) if self.quick else full
@@ -378,12 +385,18 @@ class Bench:
         bulk = self.seconds(10)
         short = self.seconds(3)
         print(f"bench: {self.reps} repetitions, bulk {bulk}s, others {short}s; logs in {self.workdir}", flush=True)
-        self.interleaved("bulk1", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 1, bulk))
-        self.interleaved("bulk64", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 64, short))
-        self.interleaved("latency", {"kind": "default", "backend": ports["sockperf"]}, lambda p: sockperf(p, short))
-        self.interleaved("conn_http", {"kind": "host", "backend": ports["http"]}, lambda p: wrk(p, short))
-        self.interleaved("conn_tls", {"kind": "sni", "backend": ports["tls"]}, lambda p: tls_connect(p, short))
-        self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, 9900])
+        if "bulk1" not in self.skip:
+            self.interleaved("bulk1", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 1, bulk))
+        if "bulk64" not in self.skip:
+            self.interleaved("bulk64", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 64, short))
+        if "latency" not in self.skip:
+            self.interleaved("latency", {"kind": "default", "backend": ports["sockperf"]}, lambda p: sockperf(p, short))
+        if "conn_http" not in self.skip:
+            self.interleaved("conn_http", {"kind": "host", "backend": ports["http"]}, lambda p: wrk(p, short))
+        if "conn_tls" not in self.skip:
+            self.interleaved("conn_tls", {"kind": "sni", "backend": ports["tls"]}, lambda p: tls_connect(p, short))
+        if "scaling" not in self.skip:
+            self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, 9900])
         self.elapsed = time.time() - started
 
 
@@ -562,12 +575,26 @@ def plots(rows, names, where):
     fig.savefig(where / "scaling.svg")
 
 
+def prior_results(log, workloads):
+    """The runs of `workloads` as an earlier run printed them."""
+    import ast
+
+    results = []
+    for line in open(log):
+        m = re.match(r"  (\w+)\s+rep (\d+)/\d+ (.+?)\s+(\{.*\})$", line)
+        if m and m.group(1) in workloads:
+            results.append({"workload": m.group(1), "contender": m.group(3).strip(), "rep": int(m.group(2)) - 1, **ast.literal_eval(m.group(4))})
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 repetition of short runs (≤ 2 min): checks the harness")
     parser.add_argument("--reps", type=int, help="repetitions per point (default 5, --quick 1)")
     parser.add_argument("--out", help="report path (default docs/bench/RESULTS.md; --quick: target/bench-quick/RESULTS.md)")
     parser.add_argument("--command", default="scripts/bench.sh", help=argparse.SUPPRESS)
+    parser.add_argument("--skip", help="comma-separated workloads not to measure (bulk1,bulk64,latency,conn_http,conn_tls,scaling)")
+    parser.add_argument("--prior-log", help="take the skipped workloads' runs from this earlier run's output")
     args = parser.parse_args()
     out = Path(args.out or (ROOT / ("target/bench-quick/RESULTS.md" if args.quick else "docs/bench/RESULTS.md")))
     out.parent.mkdir(parents=True, exist_ok=True)
