@@ -96,7 +96,7 @@ def process_tree(pid):
         for child in Path(f"/proc/{pid}/task").glob("*/children"):
             for c in child.read_text().split():
                 pids += process_tree(int(c))
-    except FileNotFoundError:  # it exited meanwhile (socat's children do)
+    except OSError:  # it exited meanwhile (socat's children do)
         pass
     return pids
 
@@ -107,7 +107,7 @@ def cpu_seconds(pid):
     for p in process_tree(pid):
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
+        except OSError:  # exited meanwhile
             continue
         total += sum(int(x) for x in fields[11:15])
     return total / USER_HZ
@@ -118,7 +118,7 @@ def rss_kib(pid):
     for p in process_tree(pid):
         try:
             m = re.search(r"VmRSS:\s+(\d+)", Path(f"/proc/{p}/status").read_text())
-        except FileNotFoundError:
+        except OSError:  # exited meanwhile
             continue
         total += int(m.group(1)) if m else 0
     return total
