@@ -92,10 +92,16 @@ fn start_tls_backend(dir: &std::path::Path) -> io::Result<(Child, SocketAddr)> {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    // SAFETY: prctl is async-signal-safe; it makes the kernel stop the
-    // server when the router exits, however it exits.
+    // SAFETY: sigprocmask and prctl are async-signal-safe. The child
+    // inherits the router's signal mask, which blocks SIGTERM (the main
+    // thread waits for it): unblocked, the parent-death signal stops the
+    // server when the router exits, however it exits (measured: with the
+    // mask inherited, `kill -9` of the router left the server running).
     unsafe {
         command.pre_exec(|| {
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM);
             Ok(())
         });

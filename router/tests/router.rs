@@ -491,7 +491,44 @@ fn the_demo_routes_as_its_instructions_say() {
         let stats = router.wait_stats(idle, Duration::from_secs(10));
         assert_eq!(stats.get("routed"), 3, "{mode}: {stats:?}");
         assert_eq!(stats.get("refused_unauthorized"), 1, "{mode}: {stats:?}");
+        // However the router ends, its TLS backend ends with it.
+        let tls_servers = children_named(router.pid(), "openssl");
+        assert_eq!(tls_servers.len(), 1, "{mode}: the demo's openssl s_server");
+        router.signal(libc::SIGKILL);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::path::Path::new(&format!("/proc/{}", tls_servers[0])).exists() {
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: openssl s_server outlived the killed router"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     });
+}
+
+/// Processes whose parent is `parent` and whose command is `name`.
+fn children_named(parent: i32, name: &str) -> Vec<i32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(status) = std::fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let field = |key: &str| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix(key))
+                .map(str::trim)
+                .unwrap_or_default()
+                .to_owned()
+        };
+        if field("PPid:") == parent.to_string() && field("Name:") == name {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 #[test]
