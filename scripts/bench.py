@@ -31,6 +31,11 @@ NAME = "bench.test"
 # Each proxied connection takes two descriptors in the proxy and the hard
 # limit is 20,000 here (it cannot be raised), so 10,000 is out of reach.
 FD_HARD_LIMIT = 20000
+# The scaling run's top level: under the router's default connection limit,
+# derived from that descriptor limit (9,872 here).
+TOP_LEVEL = 9800
+# "Userspace CPU per GB spliced ≈ 0": at most 1% of a core at 1 GB/s.
+NEAR_ZERO_CPU_S_PER_GB = 0.01
 
 
 def free_port():
@@ -398,7 +403,7 @@ class Bench:
         if "conn_tls" not in self.skip:
             self.interleaved("conn_tls", {"kind": "sni", "backend": ports["tls"]}, lambda p: tls_connect(p, short))
         if "scaling" not in self.skip:
-            self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, 9900])
+            self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, TOP_LEVEL])
         self.elapsed = time.time() - started
 
 
@@ -480,19 +485,21 @@ def report(bench, out, command):
     lines.extend(["## CPU per GB forwarded (bulk runs)", "",
                   "Proxy user+sys (its own process tree), softirq and whole-machine busy CPU seconds per GB, from the 1-stream and 64-stream runs. The router's in-kernel forwarding runs in softirq and kworker context, so it appears in the machine column, not the proxy's.", "",
                   "| contender | proxy s/GB (1 / 64 streams) | softirq s/GB | machine s/GB |", "|---|---:|---:|---:|"])
+    def cpu_per_gb(workload, name, key):
+        rs = [r for r in rows if r["workload"] == workload and r["contender"] == name and "bytes" in r]
+        gb = sum(r["bytes"] for r in rs) / 1e9
+        return sum(r[key] for r in rs) / gb if gb else float("nan")
+
     for n in names:
-        def per_gb(w, key):
-            rs = [r for r in rows if r["workload"] == w and r["contender"] == n and "bytes" in r]
-            gb = sum(r["bytes"] for r in rs) / 1e9
-            return sum(r[key] for r in rs) / gb if gb else float("nan")
-        lines.append(f"| {n} | {per_gb('bulk1', 'proxy_cpu_s'):.3f} / {per_gb('bulk64', 'proxy_cpu_s'):.3f} | "
-                     f"{per_gb('bulk1', 'softirq_s'):.3f} / {per_gb('bulk64', 'softirq_s'):.3f} | "
-                     f"{per_gb('bulk1', 'machine_busy_s'):.3f} / {per_gb('bulk64', 'machine_busy_s'):.3f} |")
+        lines.append(" | ".join([f"| {n}"] + [
+            f"{cpu_per_gb('bulk1', n, key):.3f} / {cpu_per_gb('bulk64', n, key):.3f}"
+            for key in ("proxy_cpu_s", "softirq_s", "machine_busy_s")]) + " |")
     lines.append("")
 
     lines.extend(["## Scaling: N concurrent connections, 1 active iperf3 stream", "",
                   "N − 1 connections are held idle through the proxy (each routed by a preamble and answered once), plus the active stream. "
-                  f"The top level is 9,900, not 10,000: a proxied connection takes two descriptors and the open-files hard limit here is {FD_HARD_LIMIT} (it cannot be raised).", "",
+                  f"The top level is {TOP_LEVEL:,}, not 10,000: a proxied connection takes two descriptors and the open-files hard limit here is {FD_HARD_LIMIT:,} (it cannot be raised); "
+                  "the router derives its default connection limit from it (9,872 here: half the descriptors left after its reserve) and refuses past it.", "",
                   "| contender | N | Gbit/s median (min–max) | vs N=1 | proxy RSS KiB | RSS per held connection |", "|---|---:|---:|---:|---:|---:|"])
     levels = sorted({r["level"] for r in rows if r["workload"] == "scaling"})
     for n in ("direct", "router ebpf", "router copy"):
@@ -524,11 +531,34 @@ def report(bench, out, command):
     lines.append(f"| 64 B: router ebpf added p99 ≤ 30 µs | {added:+.1f} µs | {'yes' if added <= 30 else 'no'} |")
     below = all(p99["router ebpf"] < p99[p] for p in peers)
     lines.append(f"| 64 B: router ebpf p99 below every peer's | {p99['router ebpf']:.1f} vs {min(p99[p] for p in peers):.1f} µs | {'yes' if below else 'no'} |")
+    spliced_cpu = cpu_per_gb("bulk1", "router ebpf", "proxy_cpu_s")
+    lines.append(f"| userspace CPU per GB spliced ≈ 0 (≤ {NEAR_ZERO_CPU_S_PER_GB} s/GB, 1 stream) | {spliced_cpu:.3f} s/GB | {'yes' if spliced_cpu <= NEAR_ZERO_CPU_S_PER_GB else 'no'} |")
+    per_conn, spread = scaling_figures(rows, "router ebpf")
+    if per_conn == per_conn:
+        lines.append(f"| RSS ≤ 2 KiB per spliced connection (at {levels[-1]}) | {per_conn:.0f} B | {'yes' if per_conn <= 2048 else 'no'} |")
+    if spread == spread:
+        lines.append(f"| throughput flat ±10% from 1 to {levels[-1]} connections | {spread:+.0%} worst | {'yes' if abs(spread) <= 0.10 else 'no'} |")
     lines.append("")
     Path(out).write_text("\n".join(lines) + "\n")
-    (Path(out).with_suffix(".json")).write_text(json.dumps(rows, indent=1) + "\n")
+    (Path(out).with_suffix(".json")).write_text(
+        json.dumps({"command": command, "elapsed_s": bench.elapsed, "reps": bench.reps, "rows": rows}, indent=1) + "\n")
     plots(rows, names, Path(out).parent)
     print("\n".join(lines))
+
+
+def scaling_figures(rows, name):
+    """(RSS bytes per held connection at the top level, worst relative
+    deviation of the median throughput from the 1-connection level)."""
+    scaling = [r for r in rows if r["workload"] == "scaling" and r["contender"] == name]
+    levels = sorted({r["level"] for r in scaling})
+    if len(levels) < 2:
+        return float("nan"), float("nan")
+    at = {lv: [r for r in scaling if r["level"] == lv] for lv in levels}
+    top = at[levels[-1]][0]
+    per_conn = (top["rss_kib"] - top["base_rss_kib"]) * 1024 / (levels[-1] - 1)
+    speed = {lv: med([r["gbit_per_s"] for r in at[lv]]) for lv in levels}
+    spread = max((speed[lv] / speed[levels[0]] - 1 for lv in levels), key=abs)
+    return per_conn, spread
 
 
 def plots(rows, names, where):
@@ -597,9 +627,18 @@ def main():
     parser.add_argument("--command", default="scripts/bench.sh", help=argparse.SUPPRESS)
     parser.add_argument("--skip", help="comma-separated workloads not to measure (bulk1,bulk64,latency,conn_http,conn_tls,scaling)")
     parser.add_argument("--prior-log", help="take the skipped workloads' runs from this earlier run's output")
+    parser.add_argument("--from-json", help="measure nothing: rewrite the report (and plots) from an earlier run's RESULTS.json")
     args = parser.parse_args()
     out = Path(args.out or (ROOT / ("target/bench-quick/RESULTS.md" if args.quick else "docs/bench/RESULTS.md")))
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.from_json:
+        earlier = json.loads(Path(args.from_json).read_text())
+        args.reps = earlier["reps"]
+        bench = Bench(args)
+        bench.results, bench.elapsed = earlier["rows"], earlier["elapsed_s"]
+        shutil.rmtree(bench.workdir, ignore_errors=True)
+        report(bench, out, earlier["command"])
+        return
     bench = Bench(args)
     try:
         bench.run()
