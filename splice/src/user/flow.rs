@@ -41,7 +41,7 @@ use std::{
     time::Duration,
 };
 
-use super::{probe::Probe, socket};
+use super::{probe::Probe, quiet_read::PausedReader, socket};
 use crate::shared::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
@@ -151,6 +151,9 @@ struct Watch {
     slot: u32,
     source_fd: RawFd,
     delivery: Rc<Delivery>,
+    /// The leg's read of the source, woken if it pauses while the probe
+    /// passed bytes up (see [`super::quiet_read`]).
+    reader: Rc<PausedReader>,
     /// Redirected count at the previous scan.
     seen: Cell<u64>,
     /// Passed-up count when the credit was last renewed.
@@ -164,12 +167,19 @@ pub struct Watches {
 }
 
 impl Watches {
-    pub(super) fn add(&mut self, slot: u32, source_fd: RawFd, delivery: Rc<Delivery>) {
+    pub(super) fn add(
+        &mut self,
+        slot: u32,
+        source_fd: RawFd,
+        delivery: Rc<Delivery>,
+        reader: Rc<PausedReader>,
+    ) {
         self.remove(slot);
         self.list.push(Watch {
             slot,
             source_fd,
             delivery,
+            reader,
             seen: Cell::new(0),
             passed: Cell::new(0),
         });
@@ -218,6 +228,9 @@ impl Probe {
                 // Reset on close, and wake the leg (its reads end).
                 let _ = socket::reset_on_close(source);
                 let _ = socket::shutdown_read(source);
+            }
+            if stream.passed > control.forwarded {
+                watch.reader.wake();
             }
             if redirected + window / 2 <= control.credit {
                 continue;

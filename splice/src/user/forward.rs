@@ -24,6 +24,7 @@ use thiserror::Error;
 use super::{
     flow::{self, Delivery},
     probe::Splice,
+    quiet_read::{self, PausedReader, WakeHistory},
     socket::{self, tcp_state},
 };
 
@@ -62,7 +63,7 @@ pub struct Spliced<'a> {
 }
 
 impl Spliced<'_> {
-    fn stream(&self) -> Result<Stream, LegError> {
+    pub(super) fn stream(&self) -> Result<Stream, LegError> {
         self.splice.stream(self.index).map_err(LegError::Probe)
     }
 }
@@ -141,14 +142,29 @@ where
     /// writing. `spliced` is the source's place in the probe, if it has one.
     pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
         let spliced = spliced.filter(|s| s.splice.is_spliced(s.index));
+        let paused = Rc::new(PausedReader::default());
         if let Some(spliced) = spliced {
             spliced
                 .splice
-                .watch(spliced.index, Rc::clone(&self.delivery));
+                .watch(spliced.index, Rc::clone(&self.delivery), Rc::clone(&paused));
         }
         let mut pause = MIN_PASSED_PAUSE;
+        let mut wakes = WakeHistory::default();
         loop {
-            let read = self.source.read(&mut self.buffer).await;
+            let read = match spliced {
+                Some(spliced) => {
+                    quiet_read::read(
+                        &mut self.source,
+                        &mut self.buffer,
+                        spliced,
+                        self.read,
+                        &mut wakes,
+                        &paused,
+                    )
+                    .await
+                }
+                None => self.source.read(&mut self.buffer).await,
+            };
             if self.delivery.is_abandoned() {
                 return Err(abandoned());
             }

@@ -9,6 +9,8 @@
 //! - [`forward`]: one direction of a connection: copies what userspace must
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
+//! - [`quiet_read`]: a spliced source's read, which does not answer every
+//!   empty wake-up the kernel sends it;
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
 //!   bytes handed to TCP, kick, reset);
 //! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
@@ -20,6 +22,7 @@ pub mod flow;
 pub mod forward;
 pub mod kernel_view;
 pub mod probe;
+pub mod quiet_read;
 pub mod runtime;
 pub mod shard;
 pub mod socket;

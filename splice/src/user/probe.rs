@@ -21,6 +21,7 @@ use super::{
     capabilities::{self, MissingCapabilities},
     flow::{self, Delivery, SEND_BUFFER_LIMITS, Watches},
     kernel_view::KernelView,
+    quiet_read::PausedReader,
     socket,
     streams::MappedArray,
 };
@@ -467,13 +468,14 @@ impl Splice {
     }
 
     /// Lets the flow control keep credit ahead of the destination behind
-    /// `delivery` for `members[index]` (until the splice drops).
-    pub fn watch(&self, index: usize, delivery: Rc<Delivery>) {
+    /// `delivery` for `members[index]` (until the splice drops), and wake
+    /// `reader` when it pauses with passed-up bytes waiting.
+    pub fn watch(&self, index: usize, delivery: Rc<Delivery>, reader: Rc<PausedReader>) {
         let entry = &self.entries[index];
         self.probe
             .borrow_mut()
             .watches
-            .add(entry.slot, entry.fd, delivery);
+            .add(entry.slot, entry.fd, delivery, reader);
     }
 
     /// The credit the flow control keeps ahead of the destination of
