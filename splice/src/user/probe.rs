@@ -257,23 +257,46 @@ fn missing(what: &str, name: &str) -> LoadError {
     }
 }
 
+/// Loads of a program interrupted by a pending signal (EAGAIN) before
+/// giving up.
+const LOAD_ATTEMPTS: u32 = 10;
+
 fn attach(ebpf: &mut Ebpf, name: &str, map: &SockMap<MapData>) -> Result<(), LoadError> {
     let program: &mut SkSkb = ebpf
         .program_mut(name)
         .ok_or_else(|| missing("program", name))?
         .try_into()
         .map_err(|e| LoadError::while_doing(&format!("opening program `{name}`"), e))?;
-    program.load().map_err(|e| match e {
-        ProgramError::LoadError {
-            io_error,
-            verifier_log,
-        } => LoadError::Rejected {
-            program: name.to_owned(),
-            io_error,
-            verifier_log: verifier_log.to_string(),
-        },
-        other => LoadError::while_doing(&format!("loading program `{name}`"), other),
-    })?;
+    // The verifier gives up with EAGAIN when the loading thread has a
+    // signal pending, and io_uring's task-work notification counts as one:
+    // an executor's own ring can interrupt its load (seen once in a
+    // benchmark run: core 1's probe refused with EAGAIN). libbpf retries
+    // likewise.
+    let mut attempts_left = LOAD_ATTEMPTS;
+    loop {
+        attempts_left -= 1;
+        match program.load() {
+            Ok(()) => break,
+            Err(ProgramError::LoadError { io_error, .. })
+                if io_error.raw_os_error() == Some(libc::EAGAIN) && attempts_left > 0 => {}
+            Err(ProgramError::LoadError {
+                io_error,
+                verifier_log,
+            }) => {
+                return Err(LoadError::Rejected {
+                    program: name.to_owned(),
+                    io_error,
+                    verifier_log: verifier_log.to_string(),
+                });
+            }
+            Err(other) => {
+                return Err(LoadError::while_doing(
+                    &format!("loading program `{name}`"),
+                    other,
+                ));
+            }
+        }
+    }
     program
         .attach(map.fd())
         .map_err(|e| LoadError::while_doing(&format!("attaching program `{name}`"), e))?;
