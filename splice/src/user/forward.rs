@@ -24,7 +24,7 @@ use thiserror::Error;
 use super::{
     flow::{self, Delivery},
     probe::Splice,
-    quiet_read::{self, PausedReader, WakeHistory},
+    quiet_read::QuietReads,
     socket::{self, tcp_state},
 };
 
@@ -142,26 +142,21 @@ where
     /// writing. `spliced` is the source's place in the probe, if it has one.
     pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
         let spliced = spliced.filter(|s| s.splice.is_spliced(s.index));
-        let paused = Rc::new(PausedReader::default());
+        let mut quiet = QuietReads::default();
         if let Some(spliced) = spliced {
-            spliced
-                .splice
-                .watch(spliced.index, Rc::clone(&self.delivery), Rc::clone(&paused));
+            spliced.splice.watch(
+                spliced.index,
+                Rc::clone(&self.delivery),
+                quiet.paused_reader(),
+            );
         }
         let mut pause = MIN_PASSED_PAUSE;
-        let mut wakes = WakeHistory::default();
         loop {
             let read = match spliced {
                 Some(spliced) => {
-                    quiet_read::read(
-                        &mut self.source,
-                        &mut self.buffer,
-                        spliced,
-                        self.read,
-                        &mut wakes,
-                        &paused,
-                    )
-                    .await
+                    quiet
+                        .read(&mut self.source, &mut self.buffer, spliced, self.read)
+                        .await
                 }
                 None => self.source.read(&mut self.buffer).await,
             };

@@ -29,6 +29,7 @@ use std::{
     future::Future,
     io,
     pin::Pin,
+    rc::Rc,
     task::{Context, Poll, Waker},
     time::Duration,
 };
@@ -42,18 +43,49 @@ use super::forward::Spliced;
 pub const MIN_PAUSE: Duration = Duration::from_micros(250);
 pub const MAX_PAUSE: Duration = Duration::from_millis(8);
 
-/// How the reads of one leg have been woken lately; kept across reads.
-pub struct WakeHistory {
+/// The quiet reads of one leg: how long the next empty wake-up pauses, and
+/// the waker the flow control ends a pause with. Kept across reads.
+pub struct QuietReads {
     pause: Duration,
+    paused: Rc<PausedReader>,
 }
 
-impl Default for WakeHistory {
+impl Default for QuietReads {
     fn default() -> Self {
-        Self { pause: MIN_PAUSE }
+        Self {
+            pause: MIN_PAUSE,
+            paused: Rc::default(),
+        }
     }
 }
 
-impl WakeHistory {
+impl QuietReads {
+    /// What the flow control wakes (see [`super::probe::Splice::watch`]).
+    pub fn paused_reader(&self) -> Rc<PausedReader> {
+        Rc::clone(&self.paused)
+    }
+
+    /// Reads from a spliced `source` into `buffer` like
+    /// `AsyncReadExt::read`, pausing between empty wake-ups (see the
+    /// module). `read` is what the leg read from the source so far.
+    pub fn read<'a, R: AsyncRead + Unpin>(
+        &'a mut self,
+        source: &'a mut R,
+        buffer: &'a mut [u8],
+        spliced: Spliced<'a>,
+        read: u64,
+    ) -> QuietRead<'a, R> {
+        QuietRead {
+            source,
+            buffer,
+            spliced,
+            read,
+            reads: self,
+            pause: None,
+            polled: false,
+        }
+    }
+
     /// Counts one wake-up that found nothing; returns the pause to take.
     fn empty_wake(&mut self) -> Duration {
         let pause = self.pause;
@@ -83,36 +115,12 @@ impl PausedReader {
     }
 }
 
-/// Reads from a spliced `source` into `buffer` like `AsyncReadExt::read`,
-/// pausing between empty wake-ups (see the module). `read` is what the leg
-/// read from the source so far.
-pub fn read<'a, R: AsyncRead + Unpin>(
-    source: &'a mut R,
-    buffer: &'a mut [u8],
-    spliced: Spliced<'a>,
-    read: u64,
-    history: &'a mut WakeHistory,
-    paused: &'a PausedReader,
-) -> QuietRead<'a, R> {
-    QuietRead {
-        source,
-        buffer,
-        spliced,
-        read,
-        history,
-        paused,
-        pause: None,
-        polled: false,
-    }
-}
-
 pub struct QuietRead<'a, R> {
     source: &'a mut R,
     buffer: &'a mut [u8],
     spliced: Spliced<'a>,
     read: u64,
-    history: &'a mut WakeHistory,
-    paused: &'a PausedReader,
+    reads: &'a mut QuietReads,
     pause: Option<Timer>,
     /// The source was polled and said Pending: a later poll is a wake-up.
     polled: bool,
@@ -132,27 +140,27 @@ impl<R: AsyncRead + Unpin> Future for QuietRead<'_, R> {
             this.pause = None;
         } else if let Some(pause) = &mut this.pause {
             if Pin::new(pause).poll(cx).is_pending() {
-                this.paused.waker.set(Some(cx.waker().clone()));
+                this.reads.paused.waker.set(Some(cx.waker().clone()));
                 return Poll::Pending;
             }
             this.pause = None;
         }
-        this.paused.waker.set(None);
+        this.reads.paused.waker.set(None);
         match Pin::new(&mut *this.source).poll_read(cx, this.buffer) {
             Poll::Ready(result) => {
                 if matches!(result, Ok(n) if n > 0) {
-                    this.history.bytes_read();
+                    this.reads.bytes_read();
                 }
                 Poll::Ready(result)
             }
             Poll::Pending => {
                 let woken = std::mem::replace(&mut this.polled, true);
                 if woken && !passed_up {
-                    let mut timer = Timer::new(this.history.empty_wake());
+                    let mut timer = Timer::new(this.reads.empty_wake());
                     // Registers the waker; a fresh timer is not due yet.
                     if Pin::new(&mut timer).poll(cx).is_pending() {
                         this.pause = Some(timer);
-                        this.paused.waker.set(Some(cx.waker().clone()));
+                        this.reads.paused.waker.set(Some(cx.waker().clone()));
                     }
                 }
                 Poll::Pending
@@ -167,14 +175,14 @@ mod tests {
 
     #[test]
     fn pauses_double_up_to_the_maximum_and_reset_when_bytes_come() {
-        let mut history = WakeHistory::default();
-        let pauses: Vec<_> = (0..7).map(|_| history.empty_wake()).collect();
+        let mut reads = QuietReads::default();
+        let pauses: Vec<_> = (0..7).map(|_| reads.empty_wake()).collect();
         assert_eq!(
             pauses,
             [250, 500, 1000, 2000, 4000, 8000, 8000].map(Duration::from_micros)
         );
         assert_eq!(pauses[6], MAX_PAUSE);
-        history.bytes_read();
-        assert_eq!(history.empty_wake(), MIN_PAUSE);
+        reads.bytes_read();
+        assert_eq!(reads.empty_wake(), MIN_PAUSE);
     }
 }
