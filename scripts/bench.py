@@ -265,9 +265,17 @@ def iperf(port, streams, seconds):
     return {"gbit_per_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]}
 
 
-def sockperf(port, seconds):
+def sockperf_ping_pong(port, seconds):
+    """64 B ping-pong: (round-trip percentiles in µs keyed "50.000" etc.,
+    round trips made)."""
     out = run(["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port), "-m", "64", "-t", str(seconds), "--full-rtt"], seconds + 30)
     pct = {m.group(1): float(m.group(2)) for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
+    round_trips = int(re.search(r"\[Valid Duration\].*?RunTime=[\d.]+ sec; SentMessages=(\d+)", out).group(1))
+    return pct, round_trips
+
+
+def sockperf(port, seconds):
+    pct, _ = sockperf_ping_pong(port, seconds)
     return {"p50_us": pct["50.000"], "p99_us": pct["99.000"], "p999_us": pct["99.900"]}
 
 

@@ -20,43 +20,22 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-ROUTER = ROOT / "target/release/router"
+# The benchmark's own helpers (this script's folder is on sys.path).
+from bench import ROUTER, free_port, sockperf_ping_pong, wait_port
+
 TRACING = Path("/sys/kernel/tracing")
 EVENTS = ["workqueue_queue_work", "workqueue_execute_start", "workqueue_execute_end"]
 LINE = re.compile(r"\s(\d+\.\d+): (workqueue_\w+): work struct[= ](\w+)")
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port, seconds=10):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    sys.exit(f"redirect-delay: nothing listens on port {port}")
-
-
 def sockperf(port, seconds):
-    out = subprocess.run(
-        ["sockperf", "ping-pong", "--tcp", "-i", "127.0.0.1", "-p", str(port), "-m", "64", "-t", str(seconds), "--full-rtt"],
-        capture_output=True, text=True, check=True, timeout=seconds + 30,
-    ).stdout
-    pct = {m.group(1): float(m.group(2)) for m in re.finditer(r"percentile (\d+\.\d+) =\s+([\d.]+)", out)}
-    rtts = int(re.search(r"\[Valid Duration\].*?RunTime=[\d.]+ sec; SentMessages=(\d+)", out).group(1))
-    return pct["50.000"], pct["99.000"], pct["99.900"], rtts
+    """(p50, p99, p99.9 in µs, round trips) of a 64 B ping-pong."""
+    pct, round_trips = sockperf_ping_pong(port, seconds)
+    return pct["50.000"], pct["99.000"], pct["99.900"], round_trips
 
 
 def trace(enable):
