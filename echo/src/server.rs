@@ -209,6 +209,7 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         probe.update_slots_gauge();
     }
     add(&stats.userspace_bytes, leg.bytes_read());
+    add(&stats.parked_reads, u64::from(leg.parked()));
     drop(leg);
     stats.active.fetch_sub(1, Relaxed);
 }

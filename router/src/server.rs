@@ -874,6 +874,10 @@ async fn splice_or_copy(
         &stats.splice.userspace_bytes,
         up.bytes_read() + down.bytes_read(),
     );
+    add(
+        &stats.splice.parked_reads,
+        u64::from(up.parked()) + u64::from(down.parked()),
+    );
     forwarded
 }
 

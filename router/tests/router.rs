@@ -241,6 +241,41 @@ fn two_hundred_fifty_six_mib_each_way_arrive_intact() {
     });
 }
 
+/// A busy spliced stream parks its userspace read (the kernel forwards
+/// without waking the router), and its end still reaches the backend at
+/// once: the probe's epoll set of source ends, not a read, reports it.
+#[test]
+fn a_busy_stream_parks_its_read_and_its_end_still_arrives_at_once() {
+    both_modes("parked", |mode| {
+        const SIZE: usize = 128 << 20;
+        let (reports, ended) = mpsc::channel();
+        let sink = Backend::watcher(reports);
+        let mut router = start(mode, &[format!("preamble:sink={}", sink.addr)], &[]);
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream.write_all(b"ROUTE sink\r\n").unwrap();
+        backends::write_stream(&mut stream, SIZE, 3).unwrap();
+        stream.shutdown(Shutdown::Write).unwrap();
+        let shut = Instant::now();
+        let outcome = ended
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the backend saw its end within 10 s");
+        let after = shut.elapsed();
+        assert_eq!(outcome, Ok(SIZE as u64), "{mode}");
+        assert!(
+            after < Duration::from_secs(1),
+            "{mode}: end of stream reached the backend {after:?} after the client's"
+        );
+        drop(stream);
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("resets"), 0, "{mode}: {stats:?}");
+        if mode == "ebpf" {
+            assert!(stats.get("parked_reads") >= 1, "{stats:?}");
+        } else {
+            assert_eq!(stats.get("parked_reads"), 0, "{stats:?}");
+        }
+    });
+}
+
 /// 100 concurrent connections with random sizes through an echo backend.
 #[test]
 fn a_hundred_concurrent_connections_get_their_bytes_back() {

@@ -32,7 +32,11 @@
 //! the scan just runs out of credit: the probe then passes its bytes up and
 //! TCP flow control holds the sender, until its leg forwarded them.
 //! The scan runs every millisecond while sources move and backs off to
-//! [`MAX_SCAN`] when all are quiet.
+//! [`MAX_SCAN`] when all are quiet. It also wakes the reads that parked
+//! (see [`super::quiet_read`]): when their probe passed bytes up, and when
+//! their source ended, which it learns from the probe's epoll set of source
+//! ends ([`super::source_ends`]: one call per scan, only while a read is
+//! parked).
 use std::{
     cell::{Cell, RefCell},
     io,
@@ -147,7 +151,7 @@ impl Delivery {
 }
 
 /// One watched source.
-struct Watch {
+pub(super) struct Watch {
     slot: u32,
     source_fd: RawFd,
     delivery: Rc<Delivery>,
@@ -158,6 +162,9 @@ struct Watch {
     seen: Cell<u64>,
     /// Passed-up count when the credit was last renewed.
     passed: Cell<u64>,
+    /// The leg parked its read: its source is in the probe's
+    /// [`super::source_ends::SourceEnds`].
+    pub(super) parked: Cell<bool>,
 }
 
 /// The watched sources of one probe.
@@ -182,13 +189,17 @@ impl Watches {
             reader,
             seen: Cell::new(0),
             passed: Cell::new(0),
+            parked: Cell::new(false),
         });
     }
 
-    pub(super) fn remove(&mut self, slot: u32) {
-        if let Some(i) = self.list.iter().position(|w| w.slot == slot) {
-            self.list.swap_remove(i);
-        }
+    pub(super) fn remove(&mut self, slot: u32) -> Option<Watch> {
+        let i = self.list.iter().position(|w| w.slot == slot)?;
+        Some(self.list.swap_remove(i))
+    }
+
+    pub(super) fn get(&self, slot: u32) -> Option<&Watch> {
+        self.list.iter().find(|w| w.slot == slot)
     }
 }
 
@@ -203,7 +214,13 @@ impl Probe {
     /// of it (growing the window of those that ran out while their
     /// destination kept up), and gives up on the stuck ones. Returns whether
     /// any source moved much since the last scan.
-    fn scan(&self) -> bool {
+    fn scan(&self, ended: &mut Vec<u32>) -> bool {
+        self.source_ends.take(ended);
+        for &slot in ended.iter() {
+            if let Some(watch) = self.watches.get(slot) {
+                watch.reader.source_ended();
+            }
+        }
         let limit = self.in_flight_limit();
         let mut moving = false;
         for watch in &self.watches.list {
@@ -262,9 +279,10 @@ impl Probe {
 /// Runs the flow control of `probe` (on its executor) forever.
 pub async fn run(probe: Rc<RefCell<Probe>>) {
     let mut interval = MIN_SCAN;
+    let mut ended = Vec::new();
     loop {
         glommio::timer::sleep(interval).await;
-        let moving = probe.borrow().scan();
+        let moving = probe.borrow().scan(&mut ended);
         interval = if moving {
             MIN_SCAN
         } else {

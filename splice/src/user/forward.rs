@@ -29,7 +29,7 @@ use super::{
 };
 
 /// Largest userspace buffer a leg grows to.
-const MAX_BUFFER: usize = 64 * 1024;
+const MAX_BUFFER: usize = 256 * 1024;
 /// Longest pause between two checks of the destination while draining.
 const MAX_DRAIN_PAUSE: Duration = Duration::from_millis(10);
 /// Bounds of the pause between two send attempts once the destination's
@@ -80,6 +80,8 @@ pub struct Leg<R, W> {
     /// Every byte the kernel redirected before this count is known to be in
     /// the destination's TCP send queue, so userspace may write after it.
     redirected_taken: u64,
+    /// The source's read parked (see [`super::quiet_read`]).
+    parked: bool,
 }
 
 impl<R, W> Leg<R, W>
@@ -106,6 +108,7 @@ where
             buffer: vec![0; buffer.clamp(1, MAX_BUFFER)],
             destination_half_closed: false,
             redirected_taken: 0,
+            parked: false,
         })
     }
 
@@ -123,6 +126,12 @@ where
     /// Bytes userspace wrote to the destination.
     pub fn bytes_written(&self) -> u64 {
         self.delivery.written()
+    }
+
+    /// Whether the source's read parked during [`Self::run`]: the kernel
+    /// forwarded a busy stream without waking userspace.
+    pub fn parked(&self) -> bool {
+        self.parked
     }
 
     /// Writes bytes already read from the source elsewhere (e.g. the first
@@ -154,9 +163,11 @@ where
         loop {
             let read = match spliced {
                 Some(spliced) => {
-                    quiet
+                    let read = quiet
                         .read(&mut self.source, &mut self.buffer, spliced, self.read)
-                        .await
+                        .await;
+                    self.parked = quiet.parked();
+                    read
                 }
                 None => self.source.read(&mut self.buffer).await,
             };
@@ -202,16 +213,21 @@ where
             if let Some(spliced) = spliced {
                 // Everything read from a spliced source was passed up: the
                 // probe redirects again once this catches up with it.
-                let acked = self
-                    .delivery
-                    .redirected_acked()
-                    .map_err(LegError::Destination)?;
                 let window = spliced.splice.window(spliced.index);
                 let control = spliced.splice.control(spliced.index);
+                let credit = if spliced.stream()?.redirected + window / 2 <= control.credit {
+                    control.credit
+                } else {
+                    let acked = self
+                        .delivery
+                        .redirected_acked()
+                        .map_err(LegError::Destination)?;
+                    control.credit.max(flow::credit_after(acked, window))
+                };
                 spliced.splice.set_control(
                     spliced.index,
                     Control {
-                        credit: control.credit.max(flow::credit_after(acked, window)),
+                        credit,
                         forwarded: self.read,
                     },
                 );

@@ -10,7 +10,9 @@
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
 //! - [`quiet_read`]: a spliced source's read, which does not answer every
-//!   empty wake-up the kernel sends it;
+//!   empty wake-up the kernel sends it, and parks on a busy stream;
+//! - [`source_ends`]: how the flow control learns that a parked source
+//!   ended (one epoll set per probe);
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
 //!   bytes handed to TCP, kick, reset);
 //! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
@@ -26,6 +28,7 @@ pub mod quiet_read;
 pub mod runtime;
 pub mod shard;
 pub mod socket;
+pub mod source_ends;
 pub mod stats;
 pub mod streams;
 

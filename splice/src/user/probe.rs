@@ -23,6 +23,7 @@ use super::{
     kernel_view::KernelView,
     quiet_read::PausedReader,
     socket,
+    source_ends::SourceEnds,
     streams::MappedArray,
 };
 use crate::shared::{
@@ -135,6 +136,8 @@ pub struct Probe {
     streams: MappedArray<Stream>,
     control: MappedArray<Control>,
     pub(super) watches: Watches,
+    /// Ends of the sources whose legs parked their reads.
+    pub(super) source_ends: SourceEnds,
     view: KernelView,
     free_slots: Vec<u32>,
     /// Per slot: the credit the flow control keeps ahead of its destination.
@@ -192,6 +195,8 @@ impl Probe {
             streams,
             control,
             watches: Watches::default(),
+            source_ends: SourceEnds::new()
+                .map_err(|e| LoadError::while_doing("creating the epoll set of source ends", e))?,
             view,
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
@@ -501,6 +506,26 @@ impl Splice {
             .add(entry.slot, entry.fd, delivery, reader);
     }
 
+    /// Parks the read of `members[index]` (see [`super::quiet_read`]): from
+    /// now on the flow control's scan, not an armed read, wakes it when the
+    /// probe passes bytes up or when the source ends. Needs a [`Self::watch`]
+    /// first.
+    pub fn park(&self, index: usize) -> io::Result<()> {
+        let entry = &self.entries[index];
+        let p = self.probe.borrow();
+        let watch = p
+            .watches
+            .get(entry.slot)
+            .ok_or_else(|| io::Error::other("parking a source that is not watched"))?;
+        if !watch.parked.get() {
+            // SAFETY: the splice's sockets outlive it.
+            let source = unsafe { BorrowedFd::borrow_raw(entry.fd) };
+            p.source_ends.add(source, entry.slot)?;
+            watch.parked.set(true);
+        }
+        Ok(())
+    }
+
     /// The credit the flow control keeps ahead of the destination of
     /// `members[index]` (see [`flow`]).
     pub fn window(&self, index: usize) -> u64 {
@@ -512,7 +537,14 @@ impl Drop for Splice {
     fn drop(&mut self) {
         let mut p = self.probe.borrow_mut();
         for entry in &self.entries {
-            p.watches.remove(entry.slot);
+            if p.watches
+                .remove(entry.slot)
+                .is_some_and(|watch| watch.parked.get())
+            {
+                // SAFETY: the splice's sockets outlive it.
+                p.source_ends
+                    .remove(unsafe { BorrowedFd::borrow_raw(entry.fd) });
+            }
             // Not found is fine: an insert that failed half-way, or the
             // kernel already dropped a closed socket from its maps.
             let _ = p.routes.remove(&entry.cookie);

@@ -11,19 +11,25 @@
 //! them the larger part of the router's userspace CPU.
 //!
 //! So a read woken for nothing pauses before polling the socket again, for
-//! [`MIN_PAUSE`] doubling up to [`MAX_PAUSE`] while wake-ups stay empty;
-//! during the pause at most one more wake-up reaches it (glommio's poll is
-//! one-shot). An idle connection is not woken, so it never pauses.
-//! It never pauses while the probe has passed up bytes not yet read: those
-//! are read at once, and the flow control's scan wakes a paused read as soon
-//! as it sees such bytes (within its 1–4 ms period). The cost is that a hot
-//! stream's end of stream waits up to [`MAX_PAUSE`] to be seen.
+//! [`MIN_PAUSE`] doubling while wake-ups stay empty; during the pause at most
+//! one more wake-up reaches it (glommio's poll is one-shot). Once the pause
+//! would reach [`PARK_AT`] the stream is a busy one and the read *parks*: it
+//! polls the socket no more, and the flow control's scan (every 1–4 ms) wakes
+//! it when the probe passed bytes up or when the source ended (the probe's
+//! epoll set of ends, [`super::source_ends`], which the kernel does not wake
+//! for data). A parked leg costs no wake-up while the kernel forwards.
+//! An idle connection is not woken, so it never pauses nor parks.
+//! A read never pauses while the probe has passed up bytes not yet read:
+//! those are read at once, and the scan wakes a paused or parked read as soon
+//! as it sees such bytes. The cost is that a busy stream's end of stream is
+//! seen up to a scan period (or a pause) later.
 //!
-//! Measured with iperf3 through the router, before and after, alternating
-//! (userspace CPU seconds per GB): 1 stream 0.17–0.21 → 0.05–0.08; 64 streams
-//! 0.19–0.20 → 0.08–0.09, with 18.3 → 21.3 Gbit/s. With a 2 ms maximum
-//! pause the 64 streams did not gain (0.21 s/GB): 128 legs each re-polling
-//! every 2 ms still woke the executor ~4,400 times a second.
+//! Measured with iperf3 through the router, before and after the pause,
+//! alternating (userspace CPU seconds per GB): 1 stream 0.17–0.21 →
+//! 0.05–0.08; 64 streams 0.19–0.20 → 0.08–0.09, with 18.3 → 21.3 Gbit/s.
+//! With pauses alone (up to 8 ms) 64 streams still made ~26,000 io_uring
+//! calls a second (each leg re-polling every 8 ms); parked, see the
+//! benchmark analysis.
 use std::{
     cell::Cell,
     future::Future,
@@ -39,14 +45,19 @@ use glommio::timer::Timer;
 
 use super::forward::Spliced;
 
-/// Bounds of a pause; it doubles while empty wake-ups keep coming.
+/// First pause; it doubles while empty wake-ups keep coming.
 pub const MIN_PAUSE: Duration = Duration::from_micros(250);
+/// A read whose next pause would be this long parks instead.
+pub const PARK_AT: Duration = Duration::from_millis(4);
+/// The pause of a read that could not park (the epoll set refused it).
 pub const MAX_PAUSE: Duration = Duration::from_millis(8);
 
-/// The quiet reads of one leg: how long the next empty wake-up pauses, and
-/// the waker the flow control ends a pause with. Kept across reads.
+/// The quiet reads of one leg: how long the next empty wake-up pauses,
+/// whether the leg parked, and the waker the flow control ends a pause with.
+/// Kept across reads.
 pub struct QuietReads {
     pause: Duration,
+    parked: bool,
     paused: Rc<PausedReader>,
 }
 
@@ -54,12 +65,25 @@ impl Default for QuietReads {
     fn default() -> Self {
         Self {
             pause: MIN_PAUSE,
+            parked: false,
             paused: Rc::default(),
         }
     }
 }
 
+/// What a read woken for nothing does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Quiet {
+    Pause(Duration),
+    Park,
+}
+
 impl QuietReads {
+    /// Whether the read parked (it stays so).
+    pub fn parked(&self) -> bool {
+        self.parked
+    }
+
     /// What the flow control wakes (see [`super::probe::Splice::watch`]).
     pub fn paused_reader(&self) -> Rc<PausedReader> {
         Rc::clone(&self.paused)
@@ -86,11 +110,14 @@ impl QuietReads {
         }
     }
 
-    /// Counts one wake-up that found nothing; returns the pause to take.
-    fn empty_wake(&mut self) -> Duration {
+    /// Counts one wake-up that found nothing; says what to do next.
+    fn empty_wake(&mut self) -> Quiet {
+        if self.pause >= PARK_AT {
+            return Quiet::Park;
+        }
         let pause = self.pause;
-        self.pause = (self.pause * 2).min(MAX_PAUSE);
-        pause
+        self.pause *= 2;
+        Quiet::Pause(pause)
     }
 
     /// Bytes came: the next empty wake-up pauses briefly again.
@@ -99,19 +126,27 @@ impl QuietReads {
     }
 }
 
-/// The waker of a read while it pauses, for the flow control to end the
-/// pause when the probe passed bytes up.
+/// The waker of a read while it pauses or parks, for the flow control to
+/// wake it when the probe passed bytes up or the source ended.
 #[derive(Default)]
 pub struct PausedReader {
     waker: Cell<Option<Waker>>,
+    /// The source ended (or failed): its reads poll the socket from now on.
+    ended: Cell<bool>,
 }
 
 impl PausedReader {
-    /// Ends the pause, if the read is paused.
+    /// Ends the pause, if the read is paused or parked.
     pub fn wake(&self) {
         if let Some(waker) = self.waker.take() {
             waker.wake();
         }
+    }
+
+    /// The source ended: wakes the read, which then reads until it sees it.
+    pub fn source_ended(&self) {
+        self.ended.set(true);
+        self.wake();
     }
 }
 
@@ -136,8 +171,12 @@ impl<R: AsyncRead + Unpin> Future for QuietRead<'_, R> {
             .spliced
             .stream()
             .map_or(true, |stream| stream.passed > this.read);
-        if passed_up {
+        let read_now = passed_up || this.reads.paused.ended.get();
+        if read_now {
             this.pause = None;
+        } else if this.reads.parked {
+            this.reads.paused.waker.set(Some(cx.waker().clone()));
+            return Poll::Pending;
         } else if let Some(pause) = &mut this.pause {
             if Pin::new(pause).poll(cx).is_pending() {
                 this.reads.paused.waker.set(Some(cx.waker().clone()));
@@ -155,13 +194,28 @@ impl<R: AsyncRead + Unpin> Future for QuietRead<'_, R> {
             }
             Poll::Pending => {
                 let woken = std::mem::replace(&mut this.polled, true);
-                if woken && !passed_up {
-                    let mut timer = Timer::new(this.reads.empty_wake());
-                    // Registers the waker; a fresh timer is not due yet.
-                    if Pin::new(&mut timer).poll(cx).is_pending() {
-                        this.pause = Some(timer);
-                        this.reads.paused.waker.set(Some(cx.waker().clone()));
+                if woken && !read_now {
+                    let pause = match this.reads.empty_wake() {
+                        Quiet::Pause(pause) => Some(pause),
+                        Quiet::Park => match this.spliced.splice.park(this.spliced.index) {
+                            Ok(()) => None,
+                            Err(e) => {
+                                tracing::debug!("cannot park a spliced read: {e}");
+                                Some(MAX_PAUSE)
+                            }
+                        },
+                    };
+                    match pause {
+                        None => this.reads.parked = true,
+                        Some(pause) => {
+                            let mut timer = Timer::new(pause);
+                            // Registers the waker; a fresh timer is not due yet.
+                            if Pin::new(&mut timer).poll(cx).is_pending() {
+                                this.pause = Some(timer);
+                            }
+                        }
                     }
+                    this.reads.paused.waker.set(Some(cx.waker().clone()));
                 }
                 Poll::Pending
             }
@@ -174,15 +228,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pauses_double_up_to_the_maximum_and_reset_when_bytes_come() {
+    fn pauses_double_until_the_read_parks_and_reset_when_bytes_come() {
         let mut reads = QuietReads::default();
-        let pauses: Vec<_> = (0..7).map(|_| reads.empty_wake()).collect();
+        let quiet: Vec<_> = (0..6).map(|_| reads.empty_wake()).collect();
+        let pause = |us| Quiet::Pause(Duration::from_micros(us));
         assert_eq!(
-            pauses,
-            [250, 500, 1000, 2000, 4000, 8000, 8000].map(Duration::from_micros)
+            quiet,
+            [
+                pause(250),
+                pause(500),
+                pause(1000),
+                pause(2000),
+                Quiet::Park,
+                Quiet::Park
+            ]
         );
-        assert_eq!(pauses[6], MAX_PAUSE);
         reads.bytes_read();
-        assert_eq!(reads.empty_wake(), MIN_PAUSE);
+        assert_eq!(reads.empty_wake(), Quiet::Pause(MIN_PAUSE));
     }
 }
