@@ -96,10 +96,11 @@ impl Delivery {
     /// `destination` must outlive the delivery.
     pub fn new(destination: BorrowedFd<'_>) -> io::Result<Self> {
         use std::os::fd::AsRawFd as _;
+        let (baseline, acked_baseline) = socket::bytes_handed_and_acked(destination)?;
         Ok(Self {
             destination_fd: destination.as_raw_fd(),
-            baseline: socket::bytes_handed_to_tcp(destination)?,
-            acked_baseline: socket::tcp_info(destination)?.tcpi_bytes_acked,
+            baseline,
+            acked_baseline,
             written: Cell::new(0),
             abandoned: Cell::new(false),
         })

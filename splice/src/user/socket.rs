@@ -99,6 +99,12 @@ pub fn tcp_info(fd: BorrowedFd<'_>) -> io::Result<libc::tcp_info> {
 /// the sum smaller than the truth, never larger, so a caller waiting for it
 /// to reach a target never stops early.
 pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(bytes_handed_and_acked(fd)?.0)
+}
+
+/// [`bytes_handed_to_tcp`] and the `tcpi_bytes_acked` it was computed
+/// from, read together.
+pub fn bytes_handed_and_acked(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.tcpi_bytes_acked;
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int into `queued`.
@@ -106,7 +112,7 @@ pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(acked + queued.max(0) as u64)
+    Ok((acked + queued.max(0) as u64, acked))
 }
 
 /// Bytes waiting in the receive queue (FIONREAD).
