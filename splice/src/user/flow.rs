@@ -166,13 +166,37 @@ pub(super) struct Watch {
     /// The leg parked its read: its source is in the probe's
     /// [`super::source_ends::SourceEnds`].
     pub(super) parked: Cell<bool>,
+    /// Looked at by every scan (see [`Watches`]).
+    hot: Cell<bool>,
+    /// Scans in a row that saw the source still.
+    still_scans: Cell<u32>,
 }
 
-/// The watched sources of one probe.
+/// The watched sources of one probe, by slot.
+///
+/// Looking at a source costs little, but a scan every millisecond over
+/// thousands of idle connections does not (measured: with 9,799 idle
+/// connections held, the active stream got 0.82 of its 1-connection
+/// throughput through the router, and 1.06 through the router's copy mode,
+/// which has no scan). So only the *hot* sources, those that moved in the
+/// last [`COOL_AFTER`] scans or whose read parked, are looked at by every
+/// scan; the scans look at each of the others once per [`COLD_PERIOD`], a
+/// slice at a time. A cold source that starts sending has a full window of
+/// credit, so it waits for its slice without passing bytes up unless it
+/// sends more than that window first: then its leg forwards them, renews
+/// its credit itself and makes it hot.
 #[derive(Default)]
 pub struct Watches {
-    list: Vec<Watch>,
+    by_slot: Vec<Option<Watch>>,
+    hot: Vec<u32>,
+    /// Where the next scan's slice of the cold sources starts.
+    cold_cursor: usize,
 }
+
+/// A still source stays hot for this many scans.
+const COOL_AFTER: u32 = 32;
+/// Time in which the scans look at every cold source once.
+const COLD_PERIOD: Duration = Duration::from_millis(100);
 
 impl Watches {
     pub(super) fn add(
@@ -183,7 +207,12 @@ impl Watches {
         reader: Rc<PausedReader>,
     ) {
         self.remove(slot);
-        self.list.push(Watch {
+        let index = slot as usize;
+        if self.by_slot.len() <= index {
+            self.by_slot.resize_with(index + 1, || None);
+        }
+        // New sources start hot: most send at once.
+        self.by_slot[index] = Some(Watch {
             slot,
             source_fd,
             delivery,
@@ -191,16 +220,56 @@ impl Watches {
             seen: Cell::new(0),
             passed: Cell::new(0),
             parked: Cell::new(false),
+            hot: Cell::new(true),
+            still_scans: Cell::new(0),
         });
+        self.hot.push(slot);
     }
 
     pub(super) fn remove(&mut self, slot: u32) -> Option<Watch> {
-        let i = self.list.iter().position(|w| w.slot == slot)?;
-        Some(self.list.swap_remove(i))
+        let watch = self.by_slot.get_mut(slot as usize)?.take()?;
+        if watch.hot.get() {
+            self.cool(slot);
+        }
+        Some(watch)
     }
 
     pub(super) fn get(&self, slot: u32) -> Option<&Watch> {
-        self.list.iter().find(|w| w.slot == slot)
+        self.by_slot.get(slot as usize)?.as_ref()
+    }
+
+    /// Makes `slot`'s source hot, if it is watched and cold.
+    pub(super) fn heat(&mut self, slot: u32) {
+        if let Some(watch) = self.get(slot)
+            && !watch.hot.get()
+        {
+            watch.hot.set(true);
+            watch.still_scans.set(0);
+            self.hot.push(slot);
+        }
+    }
+
+    /// Takes `slot` out of the hot list.
+    fn cool(&mut self, slot: u32) {
+        if let Some(i) = self.hot.iter().position(|&s| s == slot) {
+            self.hot.swap_remove(i);
+        }
+        if let Some(watch) = self.get(slot) {
+            watch.hot.set(false);
+        }
+    }
+
+    /// The slots of the slice of all sources (cold or not) a scan looks at
+    /// `since` the previous one.
+    fn next_cold_slice(&mut self, since: Duration) -> std::ops::Range<usize> {
+        let len = self.by_slot.len();
+        let size = (len as u128 * since.as_micros()).div_ceil(COLD_PERIOD.as_micros()) as usize;
+        if self.cold_cursor >= len {
+            self.cold_cursor = 0;
+        }
+        let start = self.cold_cursor;
+        self.cold_cursor = start + size;
+        start..(start + size).min(len)
     }
 }
 
@@ -213,67 +282,113 @@ pub(super) fn credit_after(acked: u64, limit: u64) -> u64 {
 impl Probe {
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
-    /// destination kept up), and gives up on the stuck ones. Returns whether
-    /// any source moved much since the last scan.
-    fn scan(&self, ended: &mut Vec<u32>) -> bool {
+    /// destination kept up), gives up on the stuck ones, and wakes the reads
+    /// that wait for passed-up bytes or whose source ended. Looks at the hot
+    /// sources and one slice of the cold ones (see [`Watches`]). Returns
+    /// whether any source moved much since the last scan.
+    fn scan(&mut self, since: Duration, ended: &mut Vec<u32>) -> bool {
         self.source_ends.take(ended);
         for &slot in ended.iter() {
             if let Some(watch) = self.watches.get(slot) {
                 watch.reader.source_ended();
             }
         }
-        let limit = self.in_flight_limit();
         let mut moving = false;
-        for watch in &self.watches.list {
-            let stream = self.stream(watch.slot);
-            let redirected = stream.redirected;
-            let mut window = self.window(watch.slot);
-            moving |= redirected.saturating_sub(watch.seen.replace(redirected)) > window / 8;
-            let control = self.control(watch.slot);
-            if stream.passed.saturating_sub(control.forwarded)
-                > stuck_limit(self.receive_buffer_max(), window)
-                && !watch.delivery.abandoned.replace(true)
-            {
-                // SAFETY: a watch lives no longer than its splice, whose
-                // sockets outlive it.
-                let source = unsafe { BorrowedFd::borrow_raw(watch.source_fd) };
-                tracing::warn!(
-                    passed = stream.passed,
-                    forwarded = control.forwarded,
-                    "resetting a connection whose peer sends without reading: the kernel \
-                     holds what it passed up outside any socket buffer"
-                );
-                // Reset on close, and wake the leg (its reads end).
-                let _ = socket::reset_on_close(source);
-                let _ = socket::shutdown_read(source);
-            }
-            if stream.passed > control.forwarded {
-                watch.reader.wake();
-            }
-            if redirected + window / 2 <= control.credit {
-                continue;
-            }
-            // A dead destination: its leg sees the error itself.
-            let Ok(acked) = watch.delivery.redirected_acked() else {
+        let mut warmed = Vec::new();
+        for index in self.watches.next_cold_slice(since) {
+            let Some(Some(watch)) = self.watches.by_slot.get(index) else {
                 continue;
             };
-            let ran_out = stream.passed > watch.passed.replace(stream.passed);
-            if ran_out && window < limit && redirected.saturating_sub(acked) < window / 2 {
-                window = (window * 2).min(limit);
-                // Room in the destination for the larger window, first.
-                let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
-                if socket::set_send_buffer(watch.delivery.destination(), send_buffer).is_ok() {
-                    self.set_window(watch.slot, window);
-                } else {
-                    window = self.window(watch.slot);
-                }
+            if watch.hot.get() {
+                continue;
             }
-            let credit = credit_after(acked, window);
-            if credit > control.credit {
-                self.set_control(watch.slot, Control { credit, ..control });
+            let (moved, much) = self.check(watch);
+            moving |= much;
+            if moved {
+                warmed.push(watch.slot);
             }
         }
+        let mut cooled = Vec::new();
+        for &slot in &self.watches.hot {
+            let Some(watch) = self.watches.get(slot) else {
+                continue;
+            };
+            let (moved, much) = self.check(watch);
+            moving |= much;
+            let still = if moved {
+                0
+            } else {
+                watch.still_scans.get() + 1
+            };
+            watch.still_scans.set(still);
+            if still >= COOL_AFTER && !watch.parked.get() {
+                cooled.push(slot);
+            }
+        }
+        for slot in cooled {
+            self.watches.cool(slot);
+        }
+        for slot in warmed {
+            self.watches.heat(slot);
+        }
         moving
+    }
+
+    /// Looks at one source (see [`Self::scan`]). Returns whether it moved
+    /// (redirected bytes, or bytes passed up and not forwarded yet), and
+    /// whether it moved much (an eighth of its window).
+    fn check(&self, watch: &Watch) -> (bool, bool) {
+        let limit = self.in_flight_limit();
+        let stream = self.stream(watch.slot);
+        let redirected = stream.redirected;
+        let mut window = self.window(watch.slot);
+        let since = redirected.saturating_sub(watch.seen.replace(redirected));
+        let control = self.control(watch.slot);
+        let waiting = stream.passed > control.forwarded;
+        let moved = (since > 0 || waiting, since > window / 8);
+        if stream.passed.saturating_sub(control.forwarded)
+            > stuck_limit(self.receive_buffer_max(), window)
+            && !watch.delivery.abandoned.replace(true)
+        {
+            // SAFETY: a watch lives no longer than its splice, whose
+            // sockets outlive it.
+            let source = unsafe { BorrowedFd::borrow_raw(watch.source_fd) };
+            tracing::warn!(
+                passed = stream.passed,
+                forwarded = control.forwarded,
+                "resetting a connection whose peer sends without reading: the kernel \
+                 holds what it passed up outside any socket buffer"
+            );
+            // Reset on close, and wake the leg (its reads end).
+            let _ = socket::reset_on_close(source);
+            let _ = socket::shutdown_read(source);
+        }
+        if waiting {
+            watch.reader.wake();
+        }
+        if redirected + window / 2 <= control.credit {
+            return moved;
+        }
+        // A dead destination: its leg sees the error itself.
+        let Ok(acked) = watch.delivery.redirected_acked() else {
+            return moved;
+        };
+        let ran_out = stream.passed > watch.passed.replace(stream.passed);
+        if ran_out && window < limit && redirected.saturating_sub(acked) < window / 2 {
+            window = (window * 2).min(limit);
+            // Room in the destination for the larger window, first.
+            let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
+            if socket::set_send_buffer(watch.delivery.destination(), send_buffer).is_ok() {
+                self.set_window(watch.slot, window);
+            } else {
+                window = self.window(watch.slot);
+            }
+        }
+        let credit = credit_after(acked, window);
+        if credit > control.credit {
+            self.set_control(watch.slot, Control { credit, ..control });
+        }
+        moved
     }
 }
 
@@ -283,11 +398,46 @@ pub async fn run(probe: Rc<RefCell<Probe>>) {
     let mut ended = Vec::new();
     loop {
         glommio::timer::sleep(interval).await;
-        let moving = probe.borrow().scan(&mut ended);
+        let moving = probe.borrow_mut().scan(interval, &mut ended);
         interval = if moving {
             MIN_SCAN
         } else {
             (interval * 2).min(MAX_SCAN)
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn watches(slots: usize) -> Watches {
+        Watches {
+            by_slot: (0..slots).map(|_| None).collect(),
+            ..Watches::default()
+        }
+    }
+
+    /// Every slot is looked at within each COLD_PERIOD, whatever the scan
+    /// period, at a cost of about one look per slot (rounding adds at most
+    /// one per scan).
+    #[test]
+    fn cold_slices_cover_every_slot_once_per_cold_period() {
+        for (slots, scan) in [(19_600, MIN_SCAN), (19_600, MAX_SCAN), (7, MIN_SCAN)] {
+            let mut watches = watches(slots);
+            let mut seen = vec![0usize; slots];
+            let scans = (COLD_PERIOD.as_micros() / scan.as_micros()) as usize;
+            for _ in 0..scans {
+                for slot in watches.next_cold_slice(scan) {
+                    seen[slot] += 1;
+                }
+            }
+            let looks: usize = seen.iter().sum();
+            assert!(
+                seen.iter().all(|&n| n >= 1) && looks <= slots + scans,
+                "{slots} slots, scans every {scan:?}: {looks} looks, {:?}",
+                (seen.iter().min(), seen.iter().max())
+            );
+        }
     }
 }

@@ -484,10 +484,13 @@ impl Splice {
     /// Reports to the probe that userspace forwarded `forwarded` of the
     /// bytes it passed up from `members[index]`, and sets how far it may
     /// redirect.
+    /// The source is then looked at by every flow-control scan (see
+    /// [`flow::Watches`]): it moves.
     pub fn set_control(&self, index: usize, control: Control) {
-        self.probe
-            .borrow()
-            .set_control(self.entries[index].slot, control);
+        let slot = self.entries[index].slot;
+        let mut p = self.probe.borrow_mut();
+        p.set_control(slot, control);
+        p.watches.heat(slot);
     }
 
     /// The control last set for `members[index]`.
