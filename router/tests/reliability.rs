@@ -166,6 +166,73 @@ fn a_backend_reset_reaches_the_client_as_a_reset() {
     });
 }
 
+/// A backend that resets while the client uploads as fast as it can: the
+/// upload's direction is a busy spliced stream whose read parked, and the
+/// reset still reaches the client (its writes fail) within seconds; nothing
+/// is left behind.
+#[test]
+fn a_backend_reset_during_a_busy_upload_reaches_the_client() {
+    both_modes("reset_while_parked", |mode| {
+        const BEFORE_RESET: u64 = 64 << 20;
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let backend_addr = listener.local_addr().unwrap();
+        let backend = thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut buffer = vec![0u8; 1 << 16];
+            let mut total = 0u64;
+            while total < BEFORE_RESET {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => total += n as u64,
+                }
+            }
+            socket2::SockRef::from(&stream)
+                .set_linger(Some(Duration::ZERO))
+                .unwrap();
+            total
+        });
+        let mut router = start(mode, &[format!("preamble:up={backend_addr}")], &[]);
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream.write_all(b"ROUTE up\r\n").unwrap();
+        let chunk = vec![7u8; 1 << 16];
+        let started = Instant::now();
+        let mut sent = 0u64;
+        let outcome = loop {
+            if started.elapsed() > Duration::from_secs(30) {
+                break Ok(());
+            }
+            match stream.write(&chunk) {
+                Ok(n) => sent += n as u64,
+                Err(e) => break Err(e),
+            }
+        };
+        let read_by_backend = backend.join().unwrap();
+        assert!(
+            read_by_backend >= BEFORE_RESET,
+            "{mode}: backend read {read_by_backend}"
+        );
+        let error = outcome.expect_err("the client could still write 30 s after the reset");
+        assert!(
+            matches!(
+                error.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+            ),
+            "{mode}: {error}"
+        );
+        eprintln!(
+            "{mode}: client wrote {sent} bytes, then {error} after {:?}",
+            started.elapsed()
+        );
+        drop(stream);
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("resets"), 1, "{mode}: {stats:?}");
+        if mode == "ebpf" {
+            assert!(stats.get("parked_reads") >= 1, "{stats:?}");
+            assert_eq!(stats.get("routes"), 0, "{stats:?}");
+        }
+    });
+}
+
 /// Half-close from the backend's side: the backend sends 16 MiB and its
 /// FIN first; the client reads all of it and the end of stream, and only
 /// then sends its own 16 MiB, which all reach the backend (SHA-256 both).
