@@ -481,7 +481,6 @@ fn refuse_over_limit(stream: TcpStream, shard: &Shard, exceeded: Exceeded) {
 /// Not an `async fn`, as [`forward`] and [`splice_or_copy`]: an `async fn`
 /// keeps a copy of each argument besides the one its body uses, for the
 /// connection's whole life; an `async move` block uses its captures in place.
-// Not `async fn`: see above.
 #[allow(clippy::manual_async_fn)]
 fn serve(mut client: TcpStream, shard: Rc<Shard>, permit: Permit) -> impl Future<Output = ()> {
     async move {
@@ -821,10 +820,7 @@ fn splice_or_copy(
             Leg::new(backend_reader, client_writer, client_socket, buffer)?,
         ))
     });
-    let first = match &legs {
-        Ok(_) => to_backend.assemble(),
-        Err(_) => Vec::new(),
-    };
+    let first = to_backend.assemble();
     async move {
         let stats = &shard.stats;
         let mut forwarded = Forwarded::default();

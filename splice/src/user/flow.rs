@@ -279,6 +279,13 @@ pub(super) fn credit_after(acked: u64, limit: u64) -> u64 {
     acked + limit
 }
 
+/// Whether a source that redirected `redirected` bytes still has at least
+/// half its `window` of `credit` left: then its credit is not renewed (which
+/// costs a TCP_INFO call on the destination).
+pub(super) fn credit_left(redirected: u64, window: u64, credit: u64) -> bool {
+    redirected + window / 2 <= credit
+}
+
 impl Probe {
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
@@ -366,7 +373,7 @@ impl Probe {
         if waiting {
             watch.reader.wake();
         }
-        if redirected + window / 2 <= control.credit {
+        if credit_left(redirected, window, control.credit) {
             return moved;
         }
         // A dead destination: its leg sees the error itself.

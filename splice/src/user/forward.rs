@@ -215,15 +215,16 @@ where
                 // probe redirects again once this catches up with it.
                 let window = spliced.splice.window(spliced.index);
                 let control = spliced.splice.control(spliced.index);
-                let credit = if spliced.stream()?.redirected + window / 2 <= control.credit {
-                    control.credit
-                } else {
-                    let acked = self
-                        .delivery
-                        .redirected_acked()
-                        .map_err(LegError::Destination)?;
-                    control.credit.max(flow::credit_after(acked, window))
-                };
+                let credit =
+                    if flow::credit_left(spliced.stream()?.redirected, window, control.credit) {
+                        control.credit
+                    } else {
+                        let acked = self
+                            .delivery
+                            .redirected_acked()
+                            .map_err(LegError::Destination)?;
+                        control.credit.max(flow::credit_after(acked, window))
+                    };
                 spliced.splice.set_control(
                     spliced.index,
                     Control {

@@ -484,6 +484,7 @@ impl Splice {
     /// Reports to the probe that userspace forwarded `forwarded` of the
     /// bytes it passed up from `members[index]`, and sets how far it may
     /// redirect.
+    ///
     /// The source is then looked at by every flow-control scan (see
     /// [`flow::Watches`]): it moves.
     pub fn set_control(&self, index: usize, control: Control) {
