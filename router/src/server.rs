@@ -27,7 +27,7 @@ use splice::user::{
 use tracing::{debug, info, warn};
 
 use crate::{
-    backends::Pools,
+    backends::{ActiveGuard, Pools},
     config::{Config, Matcher, Mode},
     health::Health,
     limits::{Exceeded, Limits, Permit},
@@ -416,7 +416,12 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
                 match listener.accept().await {
                     Ok(stream) => match shard.limits.admit(index) {
                         Ok(permit) => {
-                            glommio::spawn_local(serve(stream, Rc::clone(&shard), permit)).detach();
+                            glommio::spawn_local(serve(
+                                Box::new(stream),
+                                Rc::clone(&shard),
+                                permit,
+                            ))
+                            .detach();
                         }
                         Err(exceeded) => refuse_over_limit(stream, &shard, exceeded),
                     },
@@ -478,11 +483,13 @@ fn refuse_over_limit(stream: TcpStream, shard: &Shard, exceeded: Exceeded) {
 
 /// Serves one accepted connection (a task of its own).
 ///
-/// Not an `async fn`, as [`forward`] and [`splice_or_copy`]: an `async fn`
+/// Not an `async fn`, as [`connect`] and [`splice_or_copy`]: an `async fn`
 /// keeps a copy of each argument besides the one its body uses, for the
 /// connection's whole life; an `async move` block uses its captures in place.
+/// The client comes boxed for the same reason: the task holds its captures
+/// for its whole life, and the stream moves on into the legs.
 #[allow(clippy::manual_async_fn)]
-fn serve(mut client: TcpStream, shard: Rc<Shard>, permit: Permit) -> impl Future<Output = ()> {
+fn serve(mut client: Box<TcpStream>, shard: Rc<Shard>, permit: Permit) -> impl Future<Output = ()> {
     async move {
         // Held until the connection ends.
         let _permit = &permit;
@@ -492,41 +499,50 @@ fn serve(mut client: TcpStream, shard: Rc<Shard>, permit: Permit) -> impl Future
         add(&stats.splice.accepted, 1);
         let _active = Held::new(&stats.splice.active);
         let peer = Client(client.peer_addr().ok());
-        // Boxed, as the backend connect below: a task is as large as its
-        // largest state, and these short-lived ones would otherwise set the
-        // size of every long-lived spliced connection.
-        let routed = Box::pin(route(&mut client, &generation)).await;
-        shard.metrics.first_packet.observe(accepted.elapsed());
-        match routed {
-            Ok((first, decision)) => {
-                add(&stats.routed, 1);
-                add(&generation.routes[decision.route].routed, 1);
-                forward(
-                    client,
-                    &shard,
-                    &generation,
-                    first,
-                    decision,
-                    &peer,
-                    accepted,
-                )
-                .await;
+        // The short-lived states (routing, connecting, refusing) end with
+        // this block, so they share their room in the task with the
+        // long-lived forwarding that comes out of it instead of adding to it.
+        let forwarding = std::pin::pin!({
+            // Boxed, as the backend connect and the refusal below: a task is
+            // as large as its largest state.
+            let routed = Box::pin(route(&mut client, &generation)).await;
+            shard.metrics.first_packet.observe(accepted.elapsed());
+            match routed {
+                Ok((first, decision)) => {
+                    add(&stats.routed, 1);
+                    add(&generation.routes[decision.route].routed, 1);
+                    Box::pin(connect(
+                        *client,
+                        &shard,
+                        &generation,
+                        first,
+                        decision,
+                        &peer,
+                        accepted,
+                    ))
+                    .await
+                }
+                Err(refused) => {
+                    add(stats.refused(refused.reason), 1);
+                    let route = refused.route.map(|index| {
+                        add(generation.routes[index].refused(refused.reason), 1);
+                        generation.config.routes[index].name.as_str()
+                    });
+                    info!(
+                        client = %peer,
+                        reason = refused.reason.name(),
+                        route,
+                        "refused connection"
+                    );
+                    let response = refuse::response(refused.protocol, refused.reason);
+                    Box::pin(answer_then_close(*client, &response)).await;
+                    None
+                }
             }
-            Err(refused) => {
-                add(stats.refused(refused.reason), 1);
-                let route = refused.route.map(|index| {
-                    add(generation.routes[index].refused(refused.reason), 1);
-                    generation.config.routes[index].name.as_str()
-                });
-                info!(
-                    client = %peer,
-                    reason = refused.reason.name(),
-                    route,
-                    "refused connection"
-                );
-                let response = refuse::response(refused.protocol, refused.reason);
-                answer_then_close(client, &response).await;
-            }
+        });
+        // Polled where it is: moving it into an await would copy it.
+        if let Some(forwarding) = forwarding.as_pin_mut() {
+            forwarding.await;
         }
     }
 }
@@ -646,11 +662,11 @@ fn named_route(routes: &[crate::config::Route], first: &FirstPacket) -> Option<u
         .position(|r| matches!(&r.matcher, Matcher::Preamble { name, .. } if name == route))
 }
 
-/// Connects the route's backend, sends it the first packet, and forwards
-/// both directions until both ended.
-// Not `async fn`: see `serve`.
-#[allow(clippy::manual_async_fn)]
-fn forward<'a>(
+/// Connects the route's backend; returns the forwarding of the connection:
+/// it sends the backend the first packet and forwards both directions until
+/// both ended. `None` when no backend could be reached (the client was
+/// answered).
+async fn connect<'a>(
     client: TcpStream,
     shard: &'a Shard,
     generation: &'a Generation,
@@ -658,83 +674,105 @@ fn forward<'a>(
     decision: routes::Decision,
     peer: &'a Client,
     accepted: Instant,
-) -> impl Future<Output = ()> + 'a {
-    async move {
-        let stats = &shard.stats;
-        let route = &generation.config.routes[decision.route];
-        let counters = &generation.routes[decision.route];
-        let _route_active = Held::new(&counters.active);
-        let connecting = Instant::now();
-        let (connected, failures) = Box::pin(
-            generation
-                .pools
-                .connect(decision.route, generation.config.connect_timeout),
-        )
-        .await;
-        for (addr, error) in &failures {
-            add(&stats.backend_failures, 1);
-            if let Some(backend) = generation.backend(decision.route, *addr) {
-                add(&backend.failures, 1);
-            }
-            warn!(route = route.name, backend = %addr, "backend connection failed: {error}");
+) -> Option<impl Future<Output = ()> + 'a> {
+    let stats = &shard.stats;
+    let route = &generation.config.routes[decision.route];
+    let counters = &generation.routes[decision.route];
+    let route_active = Held::new(&counters.active);
+    let connecting = Instant::now();
+    let (connected, failures) = Box::pin(
+        generation
+            .pools
+            .connect(decision.route, generation.config.connect_timeout),
+    )
+    .await;
+    for (addr, error) in &failures {
+        add(&stats.backend_failures, 1);
+        if let Some(backend) = generation.backend(decision.route, *addr) {
+            add(&backend.failures, 1);
         }
-        let protocol = sniff::guess(&first);
-        let Some(backend) = connected else {
-            add(stats.refused(Refusal::Unavailable), 1);
-            add(counters.refused(Refusal::Unavailable), 1);
-            info!(
-                client = %peer,
-                reason = Refusal::Unavailable.name(),
-                route = route.name,
-                "refused connection"
-            );
-            let mut client = client;
-            let _ = client
-                .write_all(&refuse::response(protocol, Refusal::Unavailable))
-                .await;
-            let _ = client.close().await;
-            return;
-        };
-        shard.metrics.backend_connect.observe(connecting.elapsed());
-        let backend_counters = generation.backend(decision.route, backend.addr);
-        if let Some(backend) = backend_counters {
-            add(&backend.connections, 1);
-        }
-        let _backend_active = backend_counters.map(|backend| Held::new(&backend.active));
-        let backend_addr = backend.addr;
-        let _guard = backend.guard;
-        // Before any byte of the client, the backend learns who it is.
-        let header = route
-            .proxy_protocol
-            .map(|version| {
-                proxy_protocol::header(version, client.peer_addr().ok(), client.local_addr().ok())
-            })
-            .unwrap_or_default();
-        let forwarded = splice_or_copy(
-            client,
-            backend.stream,
-            shard,
-            ToBackend {
-                header,
-                first,
-                skip: decision.skip,
-            },
-        )
-        .await;
+        warn!(route = route.name, backend = %addr, "backend connection failed: {error}");
+    }
+    let protocol = sniff::guess(&first);
+    let Some(backend) = connected else {
+        add(stats.refused(Refusal::Unavailable), 1);
+        add(counters.refused(Refusal::Unavailable), 1);
+        info!(
+            client = %peer,
+            reason = Refusal::Unavailable.name(),
+            route = route.name,
+            "refused connection"
+        );
+        let mut client = client;
+        let _ = client
+            .write_all(&refuse::response(protocol, Refusal::Unavailable))
+            .await;
+        let _ = client.close().await;
+        return None;
+    };
+    shard.metrics.backend_connect.observe(connecting.elapsed());
+    let backend_counters = generation.backend(decision.route, backend.addr);
+    if let Some(backend) = backend_counters {
+        add(&backend.connections, 1);
+    }
+    let backend_active = backend_counters.map(|backend| Held::new(&backend.active));
+    let backend_addr = backend.addr;
+    let guard = backend.guard;
+    // Before any byte of the client, the backend learns who it is.
+    let header = route
+        .proxy_protocol
+        .map(|version| {
+            proxy_protocol::header(version, client.peer_addr().ok(), client.local_addr().ok())
+        })
+        .unwrap_or_default();
+    Some(splice_or_copy(
+        client,
+        backend.stream,
+        shard,
+        ToBackend {
+            header,
+            first,
+            skip: decision.skip,
+        },
+        Finish {
+            _held: (route_active, backend_active, guard),
+            counters,
+            route,
+            peer,
+            backend_addr,
+            accepted,
+        },
+    ))
+}
+
+/// What a forwarded connection holds until it ends, and reports then.
+struct Finish<'a> {
+    _held: (Held<'a>, Option<Held<'a>>, ActiveGuard<'a>),
+    counters: &'a RouteCounters,
+    route: &'a crate::config::Route,
+    peer: &'a Client,
+    backend_addr: SocketAddr,
+    accepted: Instant,
+}
+
+impl Finish<'_> {
+    /// Counts and logs the connection's end (and releases what it held).
+    fn record(self, forwarded: &Forwarded) {
+        let counters = self.counters;
         if let Some(served) = forwarded.served {
             add(counters.served(served), 1);
         }
         add(&counters.bytes_to_backend, forwarded.to_backend);
         add(&counters.bytes_to_client, forwarded.to_client);
         debug!(
-            client = %peer,
-            route = route.name,
-            backend = %backend_addr,
+            client = %self.peer,
+            route = self.route.name,
+            backend = %self.backend_addr,
             mode = forwarded.served.map_or("none", Served::name),
             bytes_to_backend = forwarded.to_backend,
             bytes_to_client = forwarded.to_client,
             reset = forwarded.reset,
-            duration_ms = accepted.elapsed().as_millis() as u64,
+            duration_ms = self.accepted.elapsed().as_millis() as u64,
             "connection closed"
         );
     }
@@ -787,12 +825,13 @@ impl ToBackend {
 /// also the arguments and locals they were made from (an `async fn` keeps
 /// its arguments, and a local moved from, for its whole life: 1,896 B,
 /// ~800 of them dead, per connection).
-fn splice_or_copy(
+fn splice_or_copy<'a>(
     client: TcpStream,
     backend: TcpStream,
-    shard: &Shard,
+    shard: &'a Shard,
     to_backend: ToBackend,
-) -> impl Future<Output = Forwarded> + '_ {
+    finish: Finish<'a>,
+) -> impl Future<Output = ()> + 'a {
     let client_fd = client.as_raw_fd();
     let backend_fd = backend.as_raw_fd();
     // Latency over batching: a proxy forwards small writes as they come.
@@ -814,7 +853,7 @@ fn splice_or_copy(
     let (client_reader, client_writer) = futures_lite::io::split(client);
     let (backend_reader, backend_writer) = futures_lite::io::split(backend);
     // Legs take their baselines before anything is written to either side.
-    let legs = Leg::new(client_reader, backend_writer, backend_socket, buffer).and_then(|up| {
+    let mut legs = Leg::new(client_reader, backend_writer, backend_socket, buffer).and_then(|up| {
         Ok((
             up,
             Leg::new(backend_reader, client_writer, client_socket, buffer)?,
@@ -823,91 +862,95 @@ fn splice_or_copy(
     let first = to_backend.assemble();
     async move {
         let stats = &shard.stats;
-        let mut forwarded = Forwarded::default();
-        let (mut up, mut down) = match legs {
-            Ok(legs) => legs,
-            Err(e) => {
-                debug!("cannot forward: {e}");
+        let forwarded = 'forward: {
+            let mut forwarded = Forwarded::default();
+            // Borrowed in place: moving them out would keep two copies.
+            let (up, down) = match &mut legs {
+                Ok((up, down)) => (up, down),
+                Err(e) => {
+                    debug!("cannot forward: {e}");
+                    add(&stats.splice.resets, 1);
+                    reset_on_close([client_fd, backend_fd]);
+                    forwarded.reset = true;
+                    break 'forward forwarded;
+                }
+            };
+            if let Err(e) = up.write(&first).await {
+                debug!("sending the first packet failed: {e}");
                 add(&stats.splice.resets, 1);
                 reset_on_close([client_fd, backend_fd]);
                 forwarded.reset = true;
-                return forwarded;
+                forwarded.to_backend = up.bytes_written();
+                break 'forward forwarded;
             }
-        };
-        if let Err(e) = up.write(&first).await {
-            debug!("sending the first packet failed: {e}");
-            add(&stats.splice.resets, 1);
-            reset_on_close([client_fd, backend_fd]);
-            forwarded.reset = true;
-            forwarded.to_backend = up.bytes_written();
-            return forwarded;
-        }
-        drop(first);
-        let splice = match &shard.probe {
-            Some(probe) => {
-                let early = socket::bytes_readable(client_socket).unwrap_or(0) > 0
-                    || socket::bytes_readable(backend_socket).unwrap_or(0) > 0;
-                let members = [
-                    Member {
-                        socket: client_socket,
-                        peer: 1,
-                    },
-                    Member {
-                        socket: backend_socket,
-                        peer: 0,
-                    },
-                ];
-                let splice = probe.splice(&members, early);
-                forwarded.served = Some(if splice.is_some() {
-                    Served::Ebpf
-                } else {
-                    Served::Fallback
-                });
+            drop(first);
+            let splice = match &shard.probe {
+                Some(probe) => {
+                    let early = socket::bytes_readable(client_socket).unwrap_or(0) > 0
+                        || socket::bytes_readable(backend_socket).unwrap_or(0) > 0;
+                    let members = [
+                        Member {
+                            socket: client_socket,
+                            peer: 1,
+                        },
+                        Member {
+                            socket: backend_socket,
+                            peer: 0,
+                        },
+                    ];
+                    let splice = probe.splice(&members, early);
+                    forwarded.served = Some(if splice.is_some() {
+                        Served::Ebpf
+                    } else {
+                        Served::Fallback
+                    });
+                    splice
+                }
+                None => {
+                    add(&stats.splice.copied, 1);
+                    forwarded.served = Some(Served::Copy);
+                    None
+                }
+            };
+            let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
+            let reset = Reset {
+                sockets: [client_fd, backend_fd],
+                legs: [up.delivery(), down.delivery()],
+            };
+            let (up_result, down_result) = future::zip(
+                run_leg(up, spliced(0), &reset),
+                run_leg(down, spliced(1), &reset),
+            )
+            .await;
+            if up_result.is_err() || down_result.is_err() {
+                add(&stats.splice.resets, 1);
+                forwarded.reset = true;
+            }
+            // The probe's per-socket count of what it redirected to the peer (a
+            // stream it gave up on counts only what userspace wrote).
+            let redirected = |index| {
                 splice
+                    .as_ref()
+                    .and_then(|splice| splice.stream(index).ok())
+                    .map_or(0, |stream| stream.redirected)
+            };
+            forwarded.to_backend = up.bytes_written() + redirected(0);
+            forwarded.to_client = down.bytes_written() + redirected(1);
+            drop(splice);
+            if let Some(probe) = &shard.probe {
+                probe.update_slots_gauge();
             }
-            None => {
-                add(&stats.splice.copied, 1);
-                forwarded.served = Some(Served::Copy);
-                None
-            }
+            add(
+                &stats.splice.userspace_bytes,
+                up.bytes_read() + down.bytes_read(),
+            );
+            add(
+                &stats.splice.parked_reads,
+                u64::from(up.parked()) + u64::from(down.parked()),
+            );
+            forwarded
         };
-        let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
-        let reset = Reset {
-            sockets: [client_fd, backend_fd],
-            legs: [up.delivery(), down.delivery()],
-        };
-        let (up_result, down_result) = future::zip(
-            run_leg(&mut up, spliced(0), &reset),
-            run_leg(&mut down, spliced(1), &reset),
-        )
-        .await;
-        if up_result.is_err() || down_result.is_err() {
-            add(&stats.splice.resets, 1);
-            forwarded.reset = true;
-        }
-        // The probe's per-socket count of what it redirected to the peer (a
-        // stream it gave up on counts only what userspace wrote).
-        let redirected = |index| {
-            splice
-                .as_ref()
-                .and_then(|splice| splice.stream(index).ok())
-                .map_or(0, |stream| stream.redirected)
-        };
-        forwarded.to_backend = up.bytes_written() + redirected(0);
-        forwarded.to_client = down.bytes_written() + redirected(1);
-        drop(splice);
-        if let Some(probe) = &shard.probe {
-            probe.update_slots_gauge();
-        }
-        add(
-            &stats.splice.userspace_bytes,
-            up.bytes_read() + down.bytes_read(),
-        );
-        add(
-            &stats.splice.parked_reads,
-            u64::from(up.parked()) + u64::from(down.parked()),
-        );
-        forwarded
+        finish.record(&forwarded);
     }
 }
 
@@ -926,7 +969,7 @@ impl Reset {
         }
         reset_on_close(self.sockets);
         for fd in self.sockets {
-            // SAFETY: both sockets outlive every caller (see `forward`).
+            // SAFETY: both sockets outlive every caller (see `splice_or_copy`).
             let _ = socket::shutdown_read(unsafe { BorrowedFd::borrow_raw(fd) });
         }
     }
@@ -953,7 +996,7 @@ where
 
 fn reset_on_close(sockets: [RawFd; 2]) {
     for fd in sockets {
-        // SAFETY: both sockets outlive every caller (see `forward`).
+        // SAFETY: both sockets outlive every caller (see `splice_or_copy`).
         let _ = socket::reset_on_close(unsafe { BorrowedFd::borrow_raw(fd) });
     }
 }

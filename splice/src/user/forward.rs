@@ -74,7 +74,10 @@ pub struct Leg<R, W> {
     destination: W,
     delivery: Rc<Delivery>,
     read: u64,
+    /// Empty until the first read that needs it (see [`Self::run`]).
     buffer: Vec<u8>,
+    /// The size `buffer` starts at.
+    initial_buffer: u32,
     /// The destination's peer sent FIN (seen once, it stays so).
     destination_half_closed: bool,
     /// Every byte the kernel redirected before this count is known to be in
@@ -94,6 +97,8 @@ where
     /// from. `destination_fd`, the socket behind `destination`, must outlive
     /// the leg. `buffer` is the initial userspace buffer: small for a spliced
     /// leg (it grows if the probe passes bytes up), large for a copied one.
+    /// A spliced leg allocates it only when the probe first passes bytes up:
+    /// most spliced connections never need it.
     pub fn new(
         source: R,
         destination: W,
@@ -105,7 +110,8 @@ where
             destination,
             delivery: Rc::new(Delivery::new(destination_fd)?),
             read: 0,
-            buffer: vec![0; buffer.clamp(1, MAX_BUFFER)],
+            buffer: Vec::new(),
+            initial_buffer: buffer.clamp(1, MAX_BUFFER) as u32,
             destination_half_closed: false,
             redirected_taken: 0,
             parked: false,
@@ -159,13 +165,21 @@ where
                 quiet.paused_reader(),
             );
         }
+        if spliced.is_none() {
+            self.allocate_buffer();
+        }
+        // A spliced leg without a buffer waits with a read of one byte.
+        let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
         loop {
             let read = match spliced {
                 Some(spliced) => {
-                    let read = quiet
-                        .read(&mut self.source, &mut self.buffer, spliced, self.read)
-                        .await;
+                    let into = if self.buffer.is_empty() {
+                        &mut first_byte[..]
+                    } else {
+                        &mut self.buffer[..]
+                    };
+                    let read = quiet.read(&mut self.source, into, spliced, self.read).await;
                     self.parked = quiet.parked();
                     read
                 }
@@ -196,17 +210,26 @@ where
                 // Bytes the kernel redirected before these must reach the
                 // destination first.
                 let redirected = spliced.stream()?.redirected;
-                self.wait_redirected_taken(redirected).await?;
+                // Boxed, as the write below: the future of a leg is as large
+                // as its largest state, and these are the rare ones.
+                Box::pin(self.wait_redirected_taken(redirected)).await?;
             }
+            let bytes = if self.buffer.is_empty() {
+                &first_byte[..n]
+            } else {
+                &self.buffer[..n]
+            };
             let full = n == self.buffer.len();
-            Self::send_all(
+            Box::pin(Self::send_all(
                 &mut self.destination,
                 &self.delivery,
                 &mut self.destination_half_closed,
-                &self.buffer[..n],
-            )
+                bytes,
+            ))
             .await?;
-            if full && self.buffer.len() < MAX_BUFFER {
+            if self.buffer.is_empty() {
+                self.allocate_buffer();
+            } else if full && self.buffer.len() < MAX_BUFFER {
                 self.buffer
                     .resize((self.buffer.len() * 4).min(MAX_BUFFER), 0);
             }
@@ -246,6 +269,12 @@ where
             .close()
             .await
             .map_err(LegError::Destination)
+    }
+
+    fn allocate_buffer(&mut self) {
+        if self.buffer.is_empty() {
+            self.buffer = vec![0; self.initial_buffer as usize];
+        }
     }
 
     /// Waits until the destination's TCP took the first `redirected` bytes
