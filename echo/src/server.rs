@@ -189,10 +189,7 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
     };
     let splice = match &shard.probe {
-        Some(probe) => {
-            let early = socket::bytes_readable(socket).unwrap_or(0) > 0;
-            probe.splice(&[Member { socket, peer: 0 }], early)
-        }
+        Some(probe) => probe.splice(&[Member { socket, peer: 0 }]),
         None => {
             add(&stats.copied, 1);
             None

@@ -886,8 +886,6 @@ fn splice_or_copy<'a>(
             drop(first);
             let splice = match &shard.probe {
                 Some(probe) => {
-                    let early = socket::bytes_readable(client_socket).unwrap_or(0) > 0
-                        || socket::bytes_readable(backend_socket).unwrap_or(0) > 0;
                     let members = [
                         Member {
                             socket: client_socket,
@@ -898,7 +896,7 @@ fn splice_or_copy<'a>(
                             peer: 0,
                         },
                     ];
-                    let splice = probe.splice(&members, early);
+                    let splice = probe.splice(&members);
                     forwarded.served = Some(if splice.is_some() {
                         Served::Ebpf
                     } else {

@@ -370,6 +370,8 @@ struct Entry {
 pub struct Splice {
     probe: Rc<RefCell<Probe>>,
     entries: Vec<Entry>,
+    /// Some socket had bytes waiting to be read when it was inserted.
+    early: bool,
 }
 
 impl Splice {
@@ -398,6 +400,7 @@ impl Splice {
             .iter()
             .map(|member| socket::next_unread_seq(member.socket).map_err(not_established))
             .collect::<Result<Vec<_>, _>>()?;
+        let early = next_seqs.iter().any(|&(_, waiting)| waiting > 0);
         {
             let mut p = probe.borrow_mut();
             if p.free_slots.len() < members.len() {
@@ -412,6 +415,7 @@ impl Splice {
         let mut splice = Self {
             probe: Rc::clone(probe),
             entries,
+            early,
         };
         let mut p = probe.borrow_mut();
         let window = flow::INITIAL_WINDOW.min(p.config.in_flight_limit);
@@ -430,7 +434,7 @@ impl Splice {
             p.streams.set(
                 own,
                 Stream {
-                    next_seq: next_seqs[i],
+                    next_seq: next_seqs[i].0,
                     ..Stream::default()
                 },
             );
@@ -462,6 +466,12 @@ impl Splice {
         }
         drop(p);
         Ok(splice)
+    }
+
+    /// Whether some socket had bytes waiting to be read when it was
+    /// inserted (they reached it before the kernel could take them).
+    pub fn had_early_bytes(&self) -> bool {
+        self.early
     }
 
     /// Whether the kernel forwards `members[index]`'s bytes.

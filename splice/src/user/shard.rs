@@ -56,12 +56,12 @@ impl ShardProbe {
 
     /// Splices `members`, or says (in the counters and, once, in the log)
     /// why userspace forwards this connection instead.
-    pub fn splice(&self, members: &[Member<'_>], early: bool) -> Option<Splice> {
+    pub fn splice(&self, members: &[Member<'_>]) -> Option<Splice> {
         let result = Splice::insert(&self.probe, members);
         let splice = match result {
             Ok(splice) => {
                 add(&self.stats.spliced, 1);
-                add(&self.stats.early, u64::from(early));
+                add(&self.stats.early, u64::from(splice.had_early_bytes()));
                 Some(splice)
             }
             Err(InsertError::Full { capacity }) => {

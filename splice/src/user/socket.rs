@@ -127,7 +127,8 @@ pub fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
 }
 
 /// TCP sequence number of the next byte userspace would read: where the
-/// probe must start taking a socket's stream.
+/// probe must start taking a socket's stream; and how many bytes were
+/// waiting to be read then.
 ///
 /// It is `rcv_nxt` (read with TCP_REPAIR_QUEUE/TCP_QUEUE_SEQ: repair mode
 /// is switched on for the one read and off again; it needs CAP_NET_ADMIN)
@@ -135,7 +136,7 @@ pub fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// the two readings disagree, so it reads until the waiting count is stable
 /// around the sequence read. Only for sockets not in a SockMap (whose
 /// FIONREAD counts something else).
-pub fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
+pub fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<(u32, usize)> {
     const TCP_REPAIR: libc::c_int = 19;
     const TCP_REPAIR_QUEUE: libc::c_int = 20;
     const TCP_QUEUE_SEQ: libc::c_int = 21;
@@ -150,7 +151,7 @@ pub fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<u32> {
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)?;
         let rcv_nxt = rcv_nxt?;
         if bytes_readable(fd)? == waiting {
-            return Ok(rcv_nxt.wrapping_sub(waiting as u32));
+            return Ok((rcv_nxt.wrapping_sub(waiting as u32), waiting));
         }
     }
     Err(io::Error::other(
