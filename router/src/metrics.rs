@@ -415,13 +415,6 @@ impl RouterCollector {
              the probe passed up under flow control).",
             self.splice_sum(|s| &s.userspace_bytes),
         )?;
-        counter(
-            encoder,
-            "parked_reads",
-            "Directions of spliced connections whose userspace read parked: a busy stream the \
-             kernel forwarded without waking userspace.",
-            self.splice_sum(|s| &s.parked_reads),
-        )?;
         gauge(
             encoder,
             "sockmap_slots_in_use",

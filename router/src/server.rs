@@ -18,7 +18,7 @@ use anyhow::{Context as _, bail};
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
 use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    KernelView, Leg, LegError, Member, ProbeConfig, Spliced, capabilities,
+    KernelView, Leg, LegError, Member, ProbeConfig, Spliced, capabilities, halves,
     runtime::{self, Ready},
     shard::{ProbeSpec, ShardProbe},
     socket,
@@ -832,49 +832,65 @@ fn splice_or_copy<'a>(
     to_backend: ToBackend,
     finish: Finish<'a>,
 ) -> impl Future<Output = ()> + 'a {
-    let client_fd = client.as_raw_fd();
-    let backend_fd = backend.as_raw_fd();
     // Latency over batching: a proxy forwards small writes as they come.
     let _ = client.set_nodelay(true);
     let _ = backend.set_nodelay(true);
-    // SAFETY: the streams move into the legs below, which live as long as
-    // the returned future, after every use of these descriptors.
-    let (client_socket, backend_socket) = unsafe {
-        (
-            BorrowedFd::borrow_raw(client_fd),
-            BorrowedFd::borrow_raw(backend_fd),
-        )
-    };
     let buffer = if shard.probe.is_some() {
         SPLICED_BUFFER
     } else {
         COPY_BUFFER
     };
-    let (client_reader, client_writer) = futures_lite::io::split(client);
-    let (backend_reader, backend_writer) = futures_lite::io::split(backend);
-    // Legs take their baselines before anything is written to either side.
-    let mut legs = Leg::new(client_reader, backend_writer, backend_socket, buffer).and_then(|up| {
-        Ok((
-            up,
-            Leg::new(backend_reader, client_writer, client_socket, buffer)?,
-        ))
-    });
+    // Next to a probe the sockets leave glommio (see `halves`): an idle
+    // connection then keeps no armed glommio poll. Their descriptors are the
+    // halves' from here on.
+    let readiness = shard.probe.as_ref().map(ShardProbe::readiness);
+    let mut legs = halves::split(client, readiness)
+        .and_then(|client| match halves::split(backend, readiness) {
+            Ok(backend) => Ok((client, backend)),
+            Err(e) => {
+                let _ = socket::reset_on_close(client.0.fd());
+                Err(e)
+            }
+        })
+        .and_then(
+            |((client_reader, client_writer), (backend_reader, backend_writer))| {
+                let fds = [
+                    client_reader.fd().as_raw_fd(),
+                    backend_reader.fd().as_raw_fd(),
+                ];
+                // SAFETY: each socket lives as long as one of its halves: the
+                // legs hold them, and on failure the reset below comes first.
+                let [client_socket, backend_socket] =
+                    fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+                // Legs take their baselines before anything is written to
+                // either side.
+                Leg::new(client_reader, backend_writer, backend_socket, buffer)
+                    .and_then(|up| {
+                        let down = Leg::new(backend_reader, client_writer, client_socket, buffer)?;
+                        Ok((up, down, fds))
+                    })
+                    .inspect_err(|_| reset_on_close(fds))
+            },
+        );
     let first = to_backend.assemble();
     async move {
         let stats = &shard.stats;
         let forwarded = 'forward: {
             let mut forwarded = Forwarded::default();
             // Borrowed in place: moving them out would keep two copies.
-            let (up, down) = match &mut legs {
-                Ok((up, down)) => (up, down),
+            let (up, down, [client_fd, backend_fd]) = match &mut legs {
+                Ok((up, down, fds)) => (up, down, *fds),
                 Err(e) => {
+                    // Both sockets were reset (or never taken).
                     debug!("cannot forward: {e}");
                     add(&stats.splice.resets, 1);
-                    reset_on_close([client_fd, backend_fd]);
                     forwarded.reset = true;
                     break 'forward forwarded;
                 }
             };
+            // SAFETY: the legs own the sockets and outlive these.
+            let [client_socket, backend_socket] =
+                [client_fd, backend_fd].map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
             if let Err(e) = up.write(&first).await {
                 debug!("sending the first packet failed: {e}");
                 add(&stats.splice.resets, 1);
@@ -897,6 +913,14 @@ fn splice_or_copy<'a>(
                         },
                     ];
                     let splice = probe.splice(&members);
+                    if let Some(splice) = &splice {
+                        for (index, source) in [up.source(), down.source()].into_iter().enumerate()
+                        {
+                            if splice.is_spliced(index) {
+                                source.set_spliced();
+                            }
+                        }
+                    }
                     forwarded.served = Some(if splice.is_some() {
                         Served::Ebpf
                     } else {
@@ -941,10 +965,6 @@ fn splice_or_copy<'a>(
             add(
                 &stats.splice.userspace_bytes,
                 up.bytes_read() + down.bytes_read(),
-            );
-            add(
-                &stats.splice.parked_reads,
-                u64::from(up.parked()) + u64::from(down.parked()),
             );
             forwarded
         };

@@ -167,12 +167,12 @@ fn a_backend_reset_reaches_the_client_as_a_reset() {
 }
 
 /// A backend that resets while the client uploads as fast as it can: the
-/// upload's direction is a busy spliced stream whose read parked, and the
-/// reset still reaches the client (its writes fail) within seconds; nothing
-/// is left behind.
+/// upload's direction is a busy spliced stream whose read waits only for its
+/// end, and the reset still reaches the client (its writes fail) within
+/// seconds; nothing is left behind.
 #[test]
 fn a_backend_reset_during_a_busy_upload_reaches_the_client() {
-    both_modes("reset_while_parked", |mode| {
+    both_modes("reset_while_busy", |mode| {
         const BEFORE_RESET: u64 = 64 << 20;
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let backend_addr = listener.local_addr().unwrap();
@@ -227,7 +227,6 @@ fn a_backend_reset_during_a_busy_upload_reaches_the_client() {
         let stats = router.wait_stats(idle, Duration::from_secs(10));
         assert_eq!(stats.get("resets"), 1, "{mode}: {stats:?}");
         if mode == "ebpf" {
-            assert!(stats.get("parked_reads") >= 1, "{stats:?}");
             assert_eq!(stats.get("routes"), 0, "{stats:?}");
         }
     });

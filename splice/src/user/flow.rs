@@ -163,6 +163,8 @@ pub(super) struct Watch {
     seen: Cell<u64>,
     /// Passed-up count when the credit was last renewed.
     passed: Cell<u64>,
+    /// Passed-up count at the previous look (see [`Probe::scan`]).
+    passed_seen: Cell<u64>,
     /// The leg parked its read: its source is in the probe's
     /// [`super::source_ends::SourceEnds`].
     pub(super) parked: Cell<bool>,
@@ -183,7 +185,9 @@ pub(super) struct Watch {
 /// scan; the scans look at each of the others once per [`COLD_PERIOD`], a
 /// slice at a time. A cold source that starts sending has a full window of
 /// credit, so it waits for its slice without passing bytes up unless it
-/// sends more than that window first: then its leg forwards them, renews
+/// sends more than that window first. Then the probe's count of passed-up
+/// bytes grows by more than the sources a scan looked at account for, and
+/// that scan looks at every source: the leg is woken, forwards them, renews
 /// its credit itself and makes it hot.
 #[derive(Default)]
 pub struct Watches {
@@ -219,6 +223,7 @@ impl Watches {
             reader,
             seen: Cell::new(0),
             passed: Cell::new(0),
+            passed_seen: Cell::new(0),
             parked: Cell::new(false),
             hot: Cell::new(true),
             still_scans: Cell::new(0),
@@ -294,6 +299,11 @@ impl Probe {
     /// sources and one slice of the cold ones (see [`Watches`]). Returns
     /// whether any source moved much since the last scan.
     fn scan(&mut self, since: Duration, ended: &mut Vec<u32>) -> bool {
+        // Bytes passed up since the previous scan, in all: those of a source
+        // the scan does not look at show as a shortfall below.
+        let passed_total = self.view.passed_bytes().unwrap_or(self.passed_total);
+        let mut unexplained = passed_total.saturating_sub(self.passed_total);
+        self.passed_total = passed_total;
         self.source_ends.take(ended);
         for &slot in ended.iter() {
             if let Some(watch) = self.watches.get(slot) {
@@ -309,7 +319,7 @@ impl Probe {
             if watch.hot.get() {
                 continue;
             }
-            let (moved, much) = self.check(watch);
+            let (moved, much) = self.check(watch, &mut unexplained);
             moving |= much;
             if moved {
                 warmed.push(watch.slot);
@@ -320,7 +330,7 @@ impl Probe {
             let Some(watch) = self.watches.get(slot) else {
                 continue;
             };
-            let (moved, much) = self.check(watch);
+            let (moved, much) = self.check(watch, &mut unexplained);
             moving |= much;
             let still = if moved {
                 0
@@ -330,6 +340,14 @@ impl Probe {
             watch.still_scans.set(still);
             if still >= COOL_AFTER && !watch.parked.get() {
                 cooled.push(slot);
+            }
+        }
+        if unexplained > 0 {
+            // A source outside this scan passed bytes up: look at all.
+            for watch in self.watches.by_slot.iter().flatten() {
+                if !watch.hot.get() && self.check(watch, &mut unexplained).0 {
+                    warmed.push(watch.slot);
+                }
             }
         }
         for slot in cooled {
@@ -344,9 +362,14 @@ impl Probe {
     /// Looks at one source (see [`Self::scan`]). Returns whether it moved
     /// (redirected bytes, or bytes passed up and not forwarded yet), and
     /// whether it moved much (an eighth of its window).
-    fn check(&self, watch: &Watch) -> (bool, bool) {
+    /// Takes what it passed up since the previous look off `unexplained`.
+    fn check(&self, watch: &Watch, unexplained: &mut u64) -> (bool, bool) {
         let limit = self.in_flight_limit();
         let stream = self.stream(watch.slot);
+        let passed_since = stream
+            .passed
+            .saturating_sub(watch.passed_seen.replace(stream.passed));
+        *unexplained = unexplained.saturating_sub(passed_since);
         let redirected = stream.redirected;
         let mut window = self.window(watch.slot);
         let since = redirected.saturating_sub(watch.seen.replace(redirected));

@@ -118,6 +118,11 @@ where
         })
     }
 
+    /// The source.
+    pub fn source(&self) -> &R {
+        &self.source
+    }
+
     /// What this leg delivered to its destination, shared: the caller can
     /// [`Delivery::abandon`] the leg through it.
     pub fn delivery(&self) -> Rc<Delivery> {

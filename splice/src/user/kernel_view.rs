@@ -85,6 +85,16 @@ impl KernelView {
         })
     }
 
+    /// Bytes the probe passed up to userspace so far (summed over CPUs): one
+    /// system call.
+    pub fn passed_bytes(&self) -> io::Result<u64> {
+        let per_cpu = self
+            .counters
+            .get(&(Counter::PassedBytes as u32), 0)
+            .map_err(map_error)?;
+        Ok(per_cpu.iter().sum())
+    }
+
     /// Reads the counters (summed over CPUs), leaving `routes` at 0:
     /// counting them walks the route map, a system call per entry (two per
     /// live connection), too slow for a frequent scrape.

@@ -9,10 +9,14 @@
 //! - [`forward`]: one direction of a connection: copies what userspace must
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
+//! - [`halves`]: a connection's socket shared by its two legs, a glommio
+//!   stream or a socket taken out of glommio for the forwarding;
+//! - [`readiness`]: the epoll set where the sockets taken out of glommio
+//!   wait (one per executor, the only thing glommio polls for them);
 //! - [`quiet_read`]: a spliced source's read, which does not answer every
 //!   empty wake-up the kernel sends it, and parks on a busy stream;
 //! - [`source_ends`]: how the flow control learns that a parked source
-//!   ended (one epoll set per probe);
+//!   ended (one epoll set per probe, checked by the scan);
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
 //!   bytes handed to TCP, kick, reset);
 //! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
@@ -22,9 +26,11 @@
 pub mod capabilities;
 pub mod flow;
 pub mod forward;
+pub mod halves;
 pub mod kernel_view;
 pub mod probe;
 pub mod quiet_read;
+pub mod readiness;
 pub mod runtime;
 pub mod shard;
 pub mod socket;

@@ -138,12 +138,15 @@ pub struct Probe {
     pub(super) watches: Watches,
     /// Ends of the sources whose legs parked their reads.
     pub(super) source_ends: SourceEnds,
-    view: KernelView,
+    pub(super) view: KernelView,
     free_slots: Vec<u32>,
     /// Per slot: the credit the flow control keeps ahead of its destination.
     windows: Vec<Cell<u64>>,
     config: ProbeConfig,
     receive_buffer_max: u64,
+    /// The probe's count of bytes passed up, at the previous flow-control
+    /// scan.
+    pub(super) passed_total: u64,
 }
 
 impl Probe {
@@ -202,6 +205,7 @@ impl Probe {
             free_slots: (0..config.capacity).rev().collect(),
             windows: (0..config.capacity).map(|_| Cell::new(0)).collect(),
             receive_buffer_max: flow::receive_buffer_max(),
+            passed_total: 0,
             config,
         })
     }

@@ -1,5 +1,11 @@
 //! Reading from a spliced socket without answering every wake-up.
 //!
+//! This is for sources that stay glommio streams (the echo demo). A socket
+//! taken out of glommio (see [`super::halves`]) waits, once spliced, only
+//! for its end, so the data wake-ups never reach its read: no wake-up is
+//! empty, and the read never pauses nor parks. What both kinds share: the
+//! flow control wakes a waiting read when the probe passed bytes up.
+//!
 //! A leg keeps a read armed on its spliced source only for the rare bytes the
 //! probe passes up and for the end of stream. But the kernel wakes the
 //! socket's readers after every verdict run (sk_psock_verdict_data_ready
@@ -215,8 +221,11 @@ impl<R: AsyncRead + Unpin> Future for QuietRead<'_, R> {
                             }
                         }
                     }
-                    this.reads.paused.waker.set(Some(cx.waker().clone()));
                 }
+                // The flow control wakes it for passed-up bytes too: a source
+                // that waits only for its end (see `halves`) is not woken
+                // for them otherwise.
+                this.reads.paused.waker.set(Some(cx.waker().clone()));
                 Poll::Pending
             }
         }

@@ -1,6 +1,6 @@
 //! The ends (FIN, reset, `shutdown`) of spliced sources whose legs parked
-//! their reads: one epoll set per probe, asked without blocking at each
-//! flow-control scan.
+//! their reads (glommio streams, see [`super::quiet_read`]): one epoll set
+//! per probe, asked without blocking at each flow-control scan.
 //!
 //! A parked leg keeps no read armed (see [`super::quiet_read`]), so nothing
 //! else would tell it that its source ended. The set asks only for
