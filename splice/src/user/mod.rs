@@ -15,6 +15,7 @@
 //!   wait (one per executor, the only thing glommio polls for them);
 //! - [`quiet_read`]: a spliced source's read, which does not answer every
 //!   empty wake-up the kernel sends it, and parks on a busy stream;
+//! - `epoll`: the epoll set that [`readiness`] and [`source_ends`] use;
 //! - [`source_ends`]: how the flow control learns that a parked source
 //!   ended (one epoll set per probe, checked by the scan);
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
@@ -24,6 +25,7 @@
 //! - [`stats`]: the counters of a splicing server and its `stats:` line;
 //! - [`runtime`]: listeners, one pinned executor per core, signals.
 pub mod capabilities;
+mod epoll;
 pub mod flow;
 pub mod forward;
 pub mod halves;

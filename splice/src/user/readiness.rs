@@ -18,12 +18,14 @@
 use std::{
     cell::{Cell, RefCell},
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd},
     rc::Rc,
     task::Waker,
 };
 
 use futures_lite::AsyncReadExt as _;
+
+use super::epoll::EpollSet;
 
 /// Most events taken from the kernel per `epoll_wait` call.
 const EVENTS_PER_CALL: usize = 64;
@@ -35,7 +37,7 @@ const WRITE_EVENTS: u32 = libc::EPOLLOUT as u32;
 
 /// An executor's epoll set and the wakers of the sockets in it.
 pub struct Readiness {
-    epoll: OwnedFd,
+    epoll: EpollSet,
     waiters: RefCell<Vec<Waiter>>,
     free: RefCell<Vec<u32>>,
 }
@@ -70,14 +72,8 @@ pub enum Interest {
 impl Readiness {
     /// Makes the set and starts the task that watches it on this executor.
     pub fn start() -> io::Result<Rc<Self>> {
-        // SAFETY: plain syscall; the returned descriptor is owned below.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         let readiness = Rc::new(Self {
-            // SAFETY: `fd` is a new descriptor nobody else owns.
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            epoll: EpollSet::new()?,
             waiters: RefCell::default(),
             free: RefCell::default(),
         });
@@ -141,22 +137,12 @@ impl Readiness {
         } else {
             libc::EPOLL_CTL_ADD
         };
-        let mut event = libc::epoll_event {
-            events: wanted | libc::EPOLLONESHOT as u32,
-            u64: key.to_u64(),
-        };
-        // SAFETY: both descriptors are valid; `event` is valid for the call.
-        let rc = unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                operation,
-                socket.as_raw_fd(),
-                &mut event,
-            )
-        };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
+        self.epoll.control(
+            operation,
+            socket,
+            wanted | libc::EPOLLONESHOT as u32,
+            key.to_u64(),
+        )?;
         waiter.added = true;
         waiter.armed = wanted;
         Ok(())
@@ -179,16 +165,7 @@ impl Readiness {
     /// returns how many it took.
     fn dispatch(&self) -> usize {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_PER_CALL];
-        // SAFETY: `events` is valid for writes of EVENTS_PER_CALL entries.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epoll.as_raw_fd(),
-                events.as_mut_ptr(),
-                EVENTS_PER_CALL as libc::c_int,
-                0,
-            )
-        };
-        let n = n.max(0) as usize;
+        let n = self.epoll.ready_now(&mut events);
         let mut woken = Vec::new();
         {
             let mut waiters = self.waiters.borrow_mut();
@@ -239,7 +216,7 @@ impl Key {
 async fn watch(readiness: Rc<Readiness>) {
     let failures = Cell::new(0u32);
     loop {
-        if let Err(e) = set_has_events(readiness.epoll.as_raw_fd()).await {
+        if let Err(e) = set_has_events(readiness.epoll.fd().as_raw_fd()).await {
             // Only running out of descriptors makes this fail; the sockets
             // wait meanwhile.
             if failures.replace(failures.get() + 1) == 0 {

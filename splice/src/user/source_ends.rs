@@ -9,17 +9,15 @@
 //! verdict run before it reaches the set, so a busy source costs nothing
 //! here. Each registration is one-shot: an end is reported once, and its leg
 //! then reads until it sees it.
-use std::{
-    cell::Cell,
-    io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-};
+use std::{cell::Cell, io, os::fd::BorrowedFd};
+
+use super::epoll::EpollSet;
 
 /// Most ends taken from the kernel per scan (the rest come at the next).
 const MAX_ENDS_PER_SCAN: usize = 64;
 
 pub struct SourceEnds {
-    epoll: OwnedFd,
+    epoll: EpollSet,
     /// Sources registered and not yet removed: the scan skips the system
     /// call while there are none.
     registered: Cell<usize>,
@@ -27,14 +25,8 @@ pub struct SourceEnds {
 
 impl SourceEnds {
     pub fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; the returned descriptor is owned below.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
         Ok(Self {
-            // SAFETY: `fd` is a new descriptor nobody else owns.
-            epoll: unsafe { OwnedFd::from_raw_fd(fd) },
+            epoll: EpollSet::new()?,
             registered: Cell::new(0),
         })
     }
@@ -42,20 +34,20 @@ impl SourceEnds {
     /// Reports `source`'s end, once, as `slot`. An end that already happened
     /// is reported at the next [`Self::take`].
     pub fn add(&self, source: BorrowedFd<'_>, slot: u32) -> io::Result<()> {
-        let mut event = libc::epoll_event {
-            events: (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
-            u64: u64::from(slot),
-        };
-        self.control(libc::EPOLL_CTL_ADD, source, &mut event)?;
+        self.epoll.control(
+            libc::EPOLL_CTL_ADD,
+            source,
+            (libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32,
+            u64::from(slot),
+        )?;
         self.registered.set(self.registered.get() + 1);
         Ok(())
     }
 
     /// Forgets `source` (before its slot is reused).
     pub fn remove(&self, source: BorrowedFd<'_>) {
-        let mut unused = libc::epoll_event { events: 0, u64: 0 };
         // Fails only if the socket was closed already, which removed it.
-        let _ = self.control(libc::EPOLL_CTL_DEL, source, &mut unused);
+        let _ = self.epoll.control(libc::EPOLL_CTL_DEL, source, 0, 0);
         self.registered.set(self.registered.get().saturating_sub(1));
     }
 
@@ -66,34 +58,7 @@ impl SourceEnds {
             return;
         }
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; MAX_ENDS_PER_SCAN];
-        // SAFETY: `events` is valid for writes of MAX_ENDS_PER_SCAN entries.
-        let n = unsafe {
-            libc::epoll_wait(
-                self.epoll.as_raw_fd(),
-                events.as_mut_ptr(),
-                MAX_ENDS_PER_SCAN as libc::c_int,
-                0,
-            )
-        };
-        for event in events.iter().take(n.max(0) as usize) {
-            ended.push(event.u64 as u32);
-        }
-    }
-
-    fn control(
-        &self,
-        operation: libc::c_int,
-        source: BorrowedFd<'_>,
-        event: &mut libc::epoll_event,
-    ) -> io::Result<()> {
-        // SAFETY: both descriptors are valid; `event` is valid for the call.
-        let rc = unsafe {
-            libc::epoll_ctl(self.epoll.as_raw_fd(), operation, source.as_raw_fd(), event)
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
+        let n = self.epoll.ready_now(&mut events);
+        ended.extend(events[..n].iter().map(|event| event.u64 as u32));
     }
 }
