@@ -331,6 +331,9 @@ parse_log() {
                 END { if (!done) print "incomplete" }' "$log")
             echo "$name=$summary"
             case "$summary" in
+                # A run that ran no test (e.g. binaries missing from the
+                # image) is no pass.
+                0/0) all_ok=0 ;;
                 */*) [ "${summary%/*}" = "${summary#*/}" ] || all_ok=0 ;;
                 *) all_ok=0 ;;
             esac
