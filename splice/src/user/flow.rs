@@ -186,9 +186,9 @@ pub(super) struct Watch {
 /// slice at a time. A cold source that starts sending has a full window of
 /// credit, so it waits for its slice without passing bytes up unless it
 /// sends more than that window first. Then the probe's count of passed-up
-/// bytes grows by more than the sources a scan looked at account for, and
-/// that scan looks at every source: the leg is woken, forwards them, renews
-/// its credit itself and makes it hot.
+/// bytes grows by more than the hot sources account for, and that scan
+/// looks at every cold source: the leg is woken, forwards them, renews its
+/// credit itself and makes it hot.
 #[derive(Default)]
 pub struct Watches {
     by_slot: Vec<Option<Watch>>,
@@ -299,8 +299,8 @@ impl Probe {
     /// sources and one slice of the cold ones (see [`Watches`]). Returns
     /// whether any source moved much since the last scan.
     fn scan(&mut self, since: Duration, ended: &mut Vec<u32>) -> bool {
-        // Bytes passed up since the previous scan, in all: those of a source
-        // the scan does not look at show as a shortfall below.
+        // Bytes passed up since the previous scan, in all: those of a cold
+        // source show as a shortfall once the hot ones are looked at.
         let passed_total = self.view.passed_bytes().unwrap_or(self.passed_total);
         let mut unexplained = passed_total.saturating_sub(self.passed_total);
         self.passed_total = passed_total;
@@ -311,20 +311,6 @@ impl Probe {
             }
         }
         let mut moving = false;
-        let mut warmed = Vec::new();
-        for index in self.watches.next_cold_slice(since) {
-            let Some(Some(watch)) = self.watches.by_slot.get(index) else {
-                continue;
-            };
-            if watch.hot.get() {
-                continue;
-            }
-            let (moved, much) = self.check(watch, &mut unexplained);
-            moving |= much;
-            if moved {
-                warmed.push(watch.slot);
-            }
-        }
         let mut cooled = Vec::new();
         for &slot in &self.watches.hot {
             let Some(watch) = self.watches.get(slot) else {
@@ -342,12 +328,26 @@ impl Probe {
                 cooled.push(slot);
             }
         }
-        if unexplained > 0 {
-            // A source outside this scan passed bytes up: look at all.
-            for watch in self.watches.by_slot.iter().flatten() {
-                if !watch.hot.get() && self.check(watch, &mut unexplained).0 {
-                    warmed.push(watch.slot);
-                }
+        // Bytes passed up that the hot sources do not account for came from
+        // a cold one: this scan looks at all of them, not a slice.
+        let slice = self.watches.next_cold_slice(since);
+        let cold = if unexplained > 0 {
+            0..self.watches.by_slot.len()
+        } else {
+            slice
+        };
+        let mut warmed = Vec::new();
+        for index in cold {
+            let Some(Some(watch)) = self.watches.by_slot.get(index) else {
+                continue;
+            };
+            if watch.hot.get() {
+                continue;
+            }
+            let (moved, much) = self.check(watch, &mut unexplained);
+            moving |= much;
+            if moved {
+                warmed.push(watch.slot);
             }
         }
         for slot in cooled {

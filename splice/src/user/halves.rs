@@ -9,7 +9,7 @@
 use std::{
     cell::{Cell, RefCell},
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
     pin::Pin,
     rc::Rc,
     task::{Context, Poll},
@@ -18,7 +18,10 @@ use std::{
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 
-use super::readiness::{Interest, Key, Readiness};
+use super::{
+    readiness::{Interest, Key, Readiness},
+    socket,
+};
 
 /// One side's view of a shared socket: it reads and writes.
 pub enum Half {
@@ -70,16 +73,8 @@ impl AsyncRead for Half {
     ) -> Poll<io::Result<usize>> {
         match &*self {
             Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_read(cx, buffer),
-            Self::Own(socket) => socket.poll_io(cx, socket.read_interest(), |fd| {
-                // SAFETY: `buffer` is valid for writes of its length.
-                unsafe {
-                    libc::recv(
-                        fd,
-                        buffer.as_mut_ptr().cast(),
-                        buffer.len(),
-                        libc::MSG_DONTWAIT,
-                    )
-                }
+            Self::Own(own) => own.poll_io(cx, own.read_interest(), |fd| {
+                socket::recv_nonblocking(fd, buffer)
             }),
         }
     }
@@ -93,16 +88,8 @@ impl AsyncWrite for Half {
     ) -> Poll<io::Result<usize>> {
         match &*self {
             Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_write(cx, bytes),
-            Self::Own(socket) => socket.poll_io(cx, Interest::Write, |fd| {
-                // SAFETY: `bytes` is valid for reads of its length.
-                unsafe {
-                    libc::send(
-                        fd,
-                        bytes.as_ptr().cast(),
-                        bytes.len(),
-                        libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-                    )
-                }
+            Self::Own(own) => own.poll_io(cx, Interest::Write, |fd| {
+                socket::send_nonblocking(fd, bytes)
             }),
         }
     }
@@ -118,15 +105,7 @@ impl AsyncWrite for Half {
     fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &*self {
             Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_close(cx),
-            Self::Own(socket) => {
-                // SAFETY: plain syscall on a valid descriptor.
-                let rc = unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) };
-                Poll::Ready(if rc == 0 {
-                    Ok(())
-                } else {
-                    Err(io::Error::last_os_error())
-                })
-            }
+            Self::Own(own) => Poll::Ready(socket::shutdown_write(own.fd.as_fd())),
         }
     }
 }
@@ -143,21 +122,15 @@ impl OwnSocket {
     /// Takes `stream`'s socket out of glommio: a copy of its descriptor
     /// stays, the stream (and the poll it had armed) goes.
     fn take(stream: TcpStream, readiness: &Rc<Readiness>) -> io::Result<Self> {
-        // SAFETY: plain syscall on a valid descriptor.
-        let copy = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 0) };
-        if copy < 0 {
-            let error = io::Error::last_os_error();
+        // SAFETY: the stream owns the descriptor and outlives this borrow.
+        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
+        let copy = fd.try_clone_to_owned().inspect_err(|_| {
             // Closed as a failure, not as an end of stream.
-            // SAFETY: the stream owns the descriptor.
-            let _ = super::socket::reset_on_close(unsafe {
-                BorrowedFd::borrow_raw(stream.as_raw_fd())
-            });
-            return Err(error);
-        }
+            let _ = socket::reset_on_close(fd);
+        })?;
         drop(stream);
         Ok(Self {
-            // SAFETY: `copy` is a new descriptor nobody else owns.
-            fd: unsafe { OwnedFd::from_raw_fd(copy) },
+            fd: copy,
             key: readiness.key(),
             readiness: Rc::clone(readiness),
             spliced: Cell::new(false),
@@ -172,20 +145,19 @@ impl OwnSocket {
         }
     }
 
-    /// Runs `operation` (a non-blocking system call returning a count or
-    /// -1); if it would block, waits for `interest`.
+    /// Runs `operation` (a non-blocking system call); if it would block,
+    /// waits for `interest`.
     fn poll_io(
         &self,
         cx: &Context<'_>,
         interest: Interest,
-        mut operation: impl FnMut(libc::c_int) -> isize,
+        mut operation: impl FnMut(BorrowedFd<'_>) -> io::Result<usize>,
     ) -> Poll<io::Result<usize>> {
         loop {
-            let n = operation(self.fd.as_raw_fd());
-            if n >= 0 {
-                return Poll::Ready(Ok(n as usize));
-            }
-            let error = io::Error::last_os_error();
+            let error = match operation(self.fd.as_fd()) {
+                Ok(n) => return Poll::Ready(Ok(n)),
+                Err(error) => error,
+            };
             match error.kind() {
                 io::ErrorKind::Interrupted => continue,
                 io::ErrorKind::WouldBlock => {

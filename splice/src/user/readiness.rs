@@ -12,13 +12,13 @@
 //!
 //! Registrations are one-shot: a waiting reader or writer arms its socket
 //! for what it waits for, an event disarms it and wakes both, and whoever
-//! still finds nothing arms again. A socket nobody waits on (a parked read,
-//! see [`super::quiet_read`]) is not armed, so the kernel's wake-ups for it
-//! cost nothing.
+//! still finds nothing arms again. A socket nobody waits on is not armed,
+//! and a spliced source's reader waits only for its end ([`Interest::End`]),
+//! so the kernel's data wake-ups for it cost nothing.
 use std::{
-    cell::{Cell, RefCell},
+    cell::RefCell,
     io,
-    os::fd::{AsRawFd, BorrowedFd, FromRawFd, RawFd},
+    os::fd::{BorrowedFd, FromRawFd, IntoRawFd},
     rc::Rc,
     task::Waker,
 };
@@ -214,12 +214,12 @@ impl Key {
 /// Waits for events in the set and hands them out, for as long as the
 /// executor runs.
 async fn watch(readiness: Rc<Readiness>) {
-    let failures = Cell::new(0u32);
+    let mut warned = false;
     loop {
-        if let Err(e) = set_has_events(readiness.epoll.fd().as_raw_fd()).await {
+        if let Err(e) = set_has_events(readiness.epoll.fd()).await {
             // Only running out of descriptors makes this fail; the sockets
             // wait meanwhile.
-            if failures.replace(failures.get() + 1) == 0 {
+            if !std::mem::replace(&mut warned, true) {
                 tracing::warn!("cannot watch the epoll set of spliced sockets: {e}");
             }
             glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
@@ -234,12 +234,8 @@ async fn watch(readiness: Rc<Readiness>) {
 /// readiness poll on its descriptor when it is made: a stream made from a
 /// copy of the set's descriptor does, and its first read returns (with
 /// ENOTSOCK) once that poll completed. The copy is closed after each wait.
-async fn set_has_events(epoll: RawFd) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid descriptor.
-    let copy = unsafe { libc::fcntl(epoll, libc::F_DUPFD_CLOEXEC, 0) };
-    if copy < 0 {
-        return Err(io::Error::last_os_error());
-    }
+async fn set_has_events(epoll: BorrowedFd<'_>) -> io::Result<()> {
+    let copy = epoll.try_clone_to_owned()?.into_raw_fd();
     // SAFETY: `copy` is a new descriptor owned by the stream from here on.
     let mut stream = unsafe { <glommio::net::TcpStream as FromRawFd>::from_raw_fd(copy) };
     let _ = stream.read(&mut [0u8; 1]).await;

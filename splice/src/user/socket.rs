@@ -76,6 +76,24 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// `recv(2)` without blocking.
+pub fn recv_nonblocking(fd: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: `buffer` is valid for writes of its length.
+    let received = unsafe {
+        libc::recv(
+            fd.as_raw_fd(),
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    if received < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(received as usize)
+    }
+}
+
 /// Sets the send buffer to `bytes` (SO_SNDBUFFORCE, which CAP_NET_ADMIN
 /// allows past `net.core.wmem_max`; plain SO_SNDBUF otherwise). The kernel
 /// doubles the value for its bookkeeping.
@@ -179,8 +197,17 @@ pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// `shutdown(SHUT_RD)`: wakes the socket's readers (their reads end)
 /// without sending anything to the peer.
 pub fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
+    shutdown(fd, libc::SHUT_RD)
+}
+
+/// `shutdown(SHUT_WR)`: sends FIN after what is queued.
+pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
+    shutdown(fd, libc::SHUT_WR)
+}
+
+fn shutdown(fd: BorrowedFd<'_>, how: libc::c_int) -> io::Result<()> {
     // SAFETY: plain syscall on a valid descriptor.
-    if unsafe { libc::shutdown(fd.as_raw_fd(), libc::SHUT_RD) } == 0 {
+    if unsafe { libc::shutdown(fd.as_raw_fd(), how) } == 0 {
         Ok(())
     } else {
         Err(io::Error::last_os_error())
