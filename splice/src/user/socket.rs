@@ -149,7 +149,8 @@ pub fn bytes_readable(fd: BorrowedFd<'_>) -> io::Result<usize> {
 /// waiting to be read then.
 ///
 /// It is `rcv_nxt` (read with TCP_REPAIR_QUEUE/TCP_QUEUE_SEQ: repair mode
-/// is switched on for the one read and off again; it needs CAP_NET_ADMIN)
+/// is switched on for the one read and off again, without the window probe
+/// that leaving it otherwise sends; it needs CAP_NET_ADMIN)
 /// minus the bytes waiting to be read. Bytes arriving in between would make
 /// the two readings disagree, so it reads until the waiting count is stable
 /// around the sequence read. Only for sockets not in a SockMap (whose
@@ -160,13 +161,15 @@ pub fn next_unread_seq(fd: BorrowedFd<'_>) -> io::Result<(u32, usize)> {
     const TCP_QUEUE_SEQ: libc::c_int = 21;
     const TCP_RECV_QUEUE: libc::c_int = 1;
     const TCP_REPAIR_ON: libc::c_int = 1;
-    const TCP_REPAIR_OFF: libc::c_int = 0;
+    // Leaving repair mode with plain TCP_REPAIR_OFF (0) sends a window
+    // probe, which the peer answers: two packets per socket for nothing.
+    const TCP_REPAIR_OFF_NO_WP: libc::c_int = -1;
     for _ in 0..100 {
         let waiting = bytes_readable(fd)?;
         setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_ON)?;
         let rcv_nxt = setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR_QUEUE, TCP_RECV_QUEUE)
             .and_then(|()| getsockopt::<u32>(fd, libc::IPPROTO_TCP, TCP_QUEUE_SEQ));
-        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF)?;
+        setsockopt(fd, libc::IPPROTO_TCP, TCP_REPAIR, TCP_REPAIR_OFF_NO_WP)?;
         let rcv_nxt = rcv_nxt?;
         if bytes_readable(fd)? == waiting {
             return Ok((rcv_nxt.wrapping_sub(waiting as u32), waiting));
