@@ -189,7 +189,11 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
         }
     };
     let splice = match &shard.probe {
-        Some(probe) => probe.splice(&[Member { socket, peer: 0 }]),
+        Some(probe) => probe.splice(&[Member {
+            socket,
+            peer: 0,
+            start: true,
+        }]),
         None => {
             add(&stats.copied, 1);
             None

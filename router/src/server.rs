@@ -832,8 +832,8 @@ fn splice_or_copy<'a>(
     to_backend: ToBackend,
     finish: Finish<'a>,
 ) -> impl Future<Output = ()> + 'a {
-    // Latency over batching: a proxy forwards small writes as they come.
-    let _ = client.set_nodelay(true);
+    // Latency over batching: a proxy forwards small writes as they come
+    // (the client has it from the listener, see `runtime::bind_reuseport`).
     let _ = backend.set_nodelay(true);
     let buffer = if shard.probe.is_some() {
         SPLICED_BUFFER
@@ -891,36 +891,25 @@ fn splice_or_copy<'a>(
             // SAFETY: the legs own the sockets and outlive these.
             let [client_socket, backend_socket] =
                 [client_fd, backend_fd].map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
-            if let Err(e) = up.write(&first).await {
-                debug!("sending the first packet failed: {e}");
-                add(&stats.splice.resets, 1);
-                reset_on_close([client_fd, backend_fd]);
-                forwarded.reset = true;
-                forwarded.to_backend = up.bytes_written();
-                break 'forward forwarded;
-            }
-            drop(first);
-            let splice = match &shard.probe {
+            // Spliced before the first packet goes out: the backend cannot
+            // have answered (and closed, which the kernel would refuse) yet.
+            // The client's later bytes wait in the kernel until the first
+            // packet is written.
+            let mut splice = match &shard.probe {
                 Some(probe) => {
                     let members = [
                         Member {
                             socket: client_socket,
                             peer: 1,
+                            start: false,
                         },
                         Member {
                             socket: backend_socket,
                             peer: 0,
+                            start: true,
                         },
                     ];
                     let splice = probe.splice(&members);
-                    if let Some(splice) = &splice {
-                        for (index, source) in [up.source(), down.source()].into_iter().enumerate()
-                        {
-                            if splice.is_spliced(index) {
-                                source.set_spliced();
-                            }
-                        }
-                    }
                     forwarded.served = Some(if splice.is_some() {
                         Served::Ebpf
                     } else {
@@ -934,6 +923,23 @@ fn splice_or_copy<'a>(
                     None
                 }
             };
+            if let Err(e) = up.write(&first).await {
+                debug!("sending the first packet failed: {e}");
+                add(&stats.splice.resets, 1);
+                reset_on_close([client_fd, backend_fd]);
+                forwarded.reset = true;
+                forwarded.to_backend = up.bytes_written();
+                break 'forward forwarded;
+            }
+            drop(first);
+            if let Some(splice) = &mut splice {
+                splice.start(0);
+                for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
+                    if splice.is_spliced(index) {
+                        source.set_spliced();
+                    }
+                }
+            }
             let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
             let reset = Reset {
                 sockets: [client_fd, backend_fd],
@@ -958,14 +964,19 @@ fn splice_or_copy<'a>(
             };
             forwarded.to_backend = up.bytes_written() + redirected(0);
             forwarded.to_client = down.bytes_written() + redirected(1);
-            drop(splice);
-            if let Some(probe) = &shard.probe {
-                probe.update_slots_gauge();
-            }
             add(
                 &stats.splice.userspace_bytes,
                 up.bytes_read() + down.bytes_read(),
             );
+            // The sockets close first (dropping the legs closes them): then
+            // the splice has only its routes left to remove.
+            drop(legs);
+            if let Some(splice) = splice {
+                splice.drop_closed();
+            }
+            if let Some(probe) = &shard.probe {
+                probe.update_slots_gauge();
+            }
             forwarded
         };
         finish.record(&forwarded);

@@ -355,6 +355,11 @@ pub struct Member<'a> {
     /// Index (in the same list) of the member whose egress gets this
     /// socket's bytes: itself for an echo.
     pub peer: usize,
+    /// Whether the kernel starts forwarding this socket's bytes at the
+    /// insert. `false` leaves that to [`Splice::start`]: for a socket whose
+    /// later bytes must wait until userspace wrote to the peer what it read
+    /// before them.
+    pub start: bool,
 }
 
 /// One socket of a [`Splice`].
@@ -367,6 +372,21 @@ struct Entry {
     spliced: bool,
 }
 
+impl Entry {
+    /// Puts the socket into `SPLICED`, unless the kernel refuses: then it is
+    /// not established any more and userspace forwards its bytes.
+    fn start(&mut self, p: &mut Probe) {
+        // SAFETY: the splice's sockets outlive it.
+        let socket = unsafe { BorrowedFd::borrow_raw(self.fd) };
+        if p.spliced.set(self.slot, &socket, 0).is_ok() {
+            self.spliced = true;
+            // Bytes that reached the receive queue before the insert wait
+            // there until the next segment unless the kernel is nudged.
+            let _ = socket::kick_receive_queue(socket);
+        }
+    }
+}
+
 /// Sockets held in a probe with their routes. Dropping it removes the routes
 /// and clears the slots: do so only once no byte is in flight (after every
 /// [`super::Leg::run`] returned), since the kernel discards what a removed
@@ -376,15 +396,18 @@ pub struct Splice {
     entries: Vec<Entry>,
     /// Some socket had bytes waiting to be read when it was inserted.
     early: bool,
+    /// The sockets are closed (see [`Splice::drop_closed`]).
+    closed: bool,
 }
 
 impl Splice {
     /// Inserts each member's socket with a route to its peer's egress, in
     /// three steps: every socket into `HELD` (so that any of them can be
-    /// redirected to), the routes, streams and credits, then every socket
-    /// into `SPLICED` (from then on the kernel forwards its incoming bytes).
-    /// Userspace may have read from the sockets before: each stream starts
-    /// at the socket's next unread byte.
+    /// redirected to), the routes, streams and credits, then every member
+    /// that [`Member::start`]s into `SPLICED` (from then on the kernel
+    /// forwards its incoming bytes; [`Splice::start`] does it for the
+    /// others). Userspace may have read from the sockets before: each stream
+    /// starts at the socket's next unread byte.
     ///
     /// Fails, holding nothing, if any socket cannot be held. A socket that
     /// cannot enter `SPLICED` (its peer's FIN arrived meanwhile) stays out
@@ -420,6 +443,7 @@ impl Splice {
             probe: Rc::clone(probe),
             entries,
             early,
+            closed: false,
         };
         let mut p = probe.borrow_mut();
         let window = flow::INITIAL_WINDOW.min(p.config.in_flight_limit);
@@ -458,18 +482,24 @@ impl Splice {
                 .insert(splice.entries[i].cookie, route, 0)
                 .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
         }
-        for (i, member) in members.iter().enumerate() {
-            let entry = &mut splice.entries[i];
-            // Refused means not established any more: userspace forwards.
-            if p.spliced.set(entry.slot, &member.socket, 0).is_ok() {
-                entry.spliced = true;
-                // Bytes that reached the receive queue before the insert wait
-                // there until the next segment unless the kernel is nudged.
-                let _ = socket::kick_receive_queue(member.socket);
+        for (entry, member) in splice.entries.iter_mut().zip(members) {
+            if member.start {
+                entry.start(&mut p);
             }
         }
         drop(p);
         Ok(splice)
+    }
+
+    /// Puts `members[index]`, inserted without [`Member::start`], into
+    /// `SPLICED`: the kernel forwards its bytes from its next unread one
+    /// at the insert on. Returns [`Splice::is_spliced`].
+    pub fn start(&mut self, index: usize) -> bool {
+        let entry = &mut self.entries[index];
+        if !entry.spliced {
+            entry.start(&mut self.probe.borrow_mut());
+        }
+        entry.spliced
     }
 
     /// Whether some socket had bytes waiting to be read when it was
@@ -544,6 +574,14 @@ impl Splice {
         Ok(())
     }
 
+    /// Drops the splice after its sockets were closed. Closing a socket
+    /// took it out of the SockMaps (and out of the epoll sets) in the
+    /// kernel, so only the routes are left to remove: two calls for a
+    /// connection instead of six.
+    pub fn drop_closed(mut self) {
+        self.closed = true;
+    }
+
     /// The credit the flow control keeps ahead of the destination of
     /// `members[index]` (see [`flow`]).
     pub fn window(&self, index: usize) -> u64 {
@@ -558,6 +596,7 @@ impl Drop for Splice {
             if p.watches
                 .remove(entry.slot)
                 .is_some_and(|watch| watch.parked.get())
+                && !self.closed
             {
                 // SAFETY: the splice's sockets outlive it.
                 p.source_ends
@@ -566,10 +605,10 @@ impl Drop for Splice {
             // Not found is fine: an insert that failed half-way, or the
             // kernel already dropped a closed socket from its maps.
             let _ = p.routes.remove(&entry.cookie);
-            if entry.spliced {
+            if entry.spliced && !self.closed {
                 let _ = p.spliced.clear_index(&entry.slot);
             }
-            if entry.held {
+            if entry.held && !self.closed {
                 let _ = p.held.clear_index(&entry.slot);
             }
             p.free_slots.push(entry.slot);

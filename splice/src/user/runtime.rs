@@ -59,6 +59,9 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
+    // Accepted sockets inherit it: proxies forward small writes as they
+    // come, and no call per connection is needed.
+    socket.set_nodelay(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }
