@@ -330,6 +330,68 @@ fn bytes_sent_while_the_router_connects_arrive_in_order() {
     });
 }
 
+/// A backend that speaks first (a banner on connect) is heard before the
+/// client says more than its first packet, and then the connection works
+/// both ways.
+#[test]
+fn a_backend_that_speaks_first_is_heard_at_once() {
+    both_modes("speaks_first", |mode| {
+        let backend = Backend::speaks_first(b"HELLO\n");
+        let mut router = start(mode, &[format!("preamble:chatty={}", backend.addr)], &[]);
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .unwrap();
+        stream.write_all(b"ROUTE chatty\r\n").unwrap();
+        let mut banner = [0u8; 6];
+        stream.read_exact(&mut banner).expect("banner within 1 s");
+        assert_eq!(&banner, b"HELLO\n", "{mode}");
+        stream.write_all(b"ping").unwrap();
+        let mut echoed = [0u8; 4];
+        stream.read_exact(&mut echoed).expect("echo within 1 s");
+        assert_eq!(&echoed, b"ping", "{mode}");
+        drop(stream);
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        if mode == "ebpf" {
+            assert_eq!(stats.get("spliced"), 1, "{stats:?}");
+            assert_eq!(stats.get("copied"), 0, "{stats:?}");
+        }
+    });
+}
+
+/// A backend that answers and closes at once (`Connection: close`) cannot
+/// have done so before the splice: the router splices before it sends the
+/// first packet on. So every such connection is spliced, none is copied
+/// after a refused insert.
+#[test]
+fn a_backend_that_answers_and_closes_at_once_is_spliced() {
+    if !require_bpf("answers_and_closes") {
+        return;
+    }
+    const CONNECTIONS: u64 = 100;
+    const REPLY: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nok\n";
+    let backend = Backend::answers_and_closes(REPLY);
+    let mut router = start("ebpf", &[format!("host:a.test={}", backend.addr)], &[]);
+    for i in 0..CONNECTIONS {
+        let mut stream = clients::connect(router.addr).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut reply = Vec::new();
+        stream
+            .read_to_end(&mut reply)
+            .unwrap_or_else(|e| panic!("connection {i}: {e}"));
+        assert_eq!(reply, REPLY, "connection {i}");
+    }
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("spliced"), CONNECTIONS, "{stats:?}");
+    assert_eq!(stats.get("copied"), 0, "{stats:?}");
+    assert_eq!(stats.get("resets"), 0, "{stats:?}");
+}
+
 /// Half-close: after the client's FIN the backend still sends, and the
 /// client still receives everything; a reset passes on as a reset.
 #[test]

@@ -153,6 +153,37 @@ impl Backend {
             let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
         })
     }
+
+    /// Sends `banner` as soon as it accepts (as SMTP or Redis replicas
+    /// speak first), then echoes.
+    pub fn speaks_first(banner: &'static [u8]) -> Self {
+        spawn(move |mut stream| {
+            if stream.write_all(banner).is_err() {
+                return;
+            }
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let _ = io::copy(&mut stream, &mut writer);
+            let _ = writer.shutdown(Shutdown::Write);
+        })
+    }
+
+    /// Reads one HTTP request head, answers `reply` and closes at once, as a
+    /// server does to `Connection: close`.
+    pub fn answers_and_closes(reply: &'static [u8]) -> Self {
+        spawn(move |mut stream| {
+            let mut head = Vec::new();
+            let mut buffer = [0u8; 1024];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match stream.read(&mut buffer) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buffer[..n]),
+                }
+            }
+            let _ = stream.write_all(reply);
+        })
+    }
 }
 
 /// Writes `size` bytes of the stream seeded with `seed`.
