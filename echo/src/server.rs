@@ -173,13 +173,14 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     // function, after every use of `socket`.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     let (reader, writer) = futures_lite::io::split(stream);
-    let buffer = if shard.probe.is_some() {
+    let spliceable = shard.probe.is_some();
+    let buffer = if spliceable {
         SPLICED_BUFFER
     } else {
         COPY_BUFFER
     };
     // The leg takes its baseline before the probe can echo anything.
-    let mut leg = match Leg::new(reader, writer, socket, buffer) {
+    let mut leg = match Leg::new(reader, writer, socket, buffer, spliceable) {
         Ok(leg) => leg,
         Err(e) => {
             debug!("cannot serve connection: {e}");

@@ -835,7 +835,8 @@ fn splice_or_copy<'a>(
     // Latency over batching: a proxy forwards small writes as they come
     // (the client has it from the listener, see `runtime::bind_reuseport`).
     let _ = backend.set_nodelay(true);
-    let buffer = if shard.probe.is_some() {
+    let spliceable = shard.probe.is_some();
+    let buffer = if spliceable {
         SPLICED_BUFFER
     } else {
         COPY_BUFFER
@@ -864,12 +865,24 @@ fn splice_or_copy<'a>(
                     fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
                 // Legs take their baselines before anything is written to
                 // either side.
-                Leg::new(client_reader, backend_writer, backend_socket, buffer)
-                    .and_then(|up| {
-                        let down = Leg::new(backend_reader, client_writer, client_socket, buffer)?;
-                        Ok((up, down, fds))
-                    })
-                    .inspect_err(|_| reset_on_close(fds))
+                Leg::new(
+                    client_reader,
+                    backend_writer,
+                    backend_socket,
+                    buffer,
+                    spliceable,
+                )
+                .and_then(|up| {
+                    let down = Leg::new(
+                        backend_reader,
+                        client_writer,
+                        client_socket,
+                        buffer,
+                        spliceable,
+                    )?;
+                    Ok((up, down, fds))
+                })
+                .inspect_err(|_| reset_on_close(fds))
             },
         );
     let first = to_backend.assemble();

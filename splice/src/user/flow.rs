@@ -81,10 +81,10 @@ pub fn stuck_limit(receive_buffer_max: u64, window: u64) -> u64 {
 /// both measure, from the counters of the destination socket.
 pub struct Delivery {
     destination_fd: RawFd,
-    /// `bytes_handed_to_tcp(destination)` when the leg began.
-    baseline: u64,
-    /// `tcpi_bytes_acked` of the destination when the leg began.
-    acked_baseline: u64,
+    /// `bytes_handed_to_tcp(destination)` and `tcpi_bytes_acked` of the
+    /// destination when the leg began; `None` for a leg that only copies
+    /// (everything it delivers is its own writes, nothing to measure).
+    baselines: Option<(u64, u64)>,
     /// Bytes userspace wrote to the destination since.
     written: Cell<u64>,
     /// Set when the connection is given up (reset): by the flow control, or
@@ -93,14 +93,18 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// `destination` must outlive the delivery.
-    pub fn new(destination: BorrowedFd<'_>) -> io::Result<Self> {
+    /// `destination` must outlive the delivery. Only a `spliceable` one
+    /// measures what the kernel redirected to its destination.
+    pub fn new(destination: BorrowedFd<'_>, spliceable: bool) -> io::Result<Self> {
         use std::os::fd::AsRawFd as _;
-        let (baseline, acked_baseline) = socket::bytes_handed_and_acked(destination)?;
+        let baselines = if spliceable {
+            Some(socket::bytes_handed_and_acked(destination)?)
+        } else {
+            None
+        };
         Ok(Self {
             destination_fd: destination.as_raw_fd(),
-            baseline,
-            acked_baseline,
+            baselines,
             written: Cell::new(0),
             abandoned: Cell::new(false),
         })
@@ -132,7 +136,19 @@ impl Delivery {
 
     /// Bytes the destination's TCP took since the leg began.
     pub fn handed(&self) -> io::Result<u64> {
-        Ok(socket::bytes_handed_to_tcp(self.destination())?.saturating_sub(self.baseline))
+        let (baseline, _) = self.baselines()?;
+        Ok(socket::bytes_handed_to_tcp(self.destination())?.saturating_sub(baseline))
+    }
+
+    /// Whether it took the baselines that measure redirected bytes.
+    pub fn measures_redirects(&self) -> bool {
+        self.baselines.is_some()
+    }
+
+    fn baselines(&self) -> io::Result<(u64, u64)> {
+        self.baselines.ok_or_else(|| {
+            io::Error::other("a leg made to copy only cannot measure redirected bytes")
+        })
     }
 
     /// Bytes the kernel redirected that the destination's TCP took.
@@ -144,9 +160,10 @@ impl Delivery {
     /// destination's peer acknowledged (userspace's own bytes are counted as
     /// acknowledged first, which can only make this smaller).
     pub fn redirected_acked(&self) -> io::Result<u64> {
+        let (_, acked_baseline) = self.baselines()?;
         let acked = socket::tcp_info(self.destination())?.tcpi_bytes_acked;
         Ok(acked
-            .saturating_sub(self.acked_baseline)
+            .saturating_sub(acked_baseline)
             .saturating_sub(self.written()))
     }
 }

@@ -98,17 +98,20 @@ where
     /// the leg. `buffer` is the initial userspace buffer: small for a spliced
     /// leg (it grows if the probe passes bytes up), large for a copied one.
     /// A spliced leg allocates it only when the probe first passes bytes up:
-    /// most spliced connections never need it.
+    /// most spliced connections never need it. Only a `spliceable` leg may
+    /// [`Self::run`] with a spliced source (it takes the baseline; one that
+    /// copies only saves those calls).
     pub fn new(
         source: R,
         destination: W,
         destination_fd: BorrowedFd<'_>,
         buffer: usize,
+        spliceable: bool,
     ) -> io::Result<Self> {
         Ok(Self {
             source,
             destination,
-            delivery: Rc::new(Delivery::new(destination_fd)?),
+            delivery: Rc::new(Delivery::new(destination_fd, spliceable)?),
             read: 0,
             buffer: Vec::new(),
             initial_buffer: buffer.clamp(1, MAX_BUFFER) as u32,
@@ -162,6 +165,11 @@ where
     /// writing. `spliced` is the source's place in the probe, if it has one.
     pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
         let spliced = spliced.filter(|s| s.splice.is_spliced(s.index));
+        if spliced.is_some() && !self.delivery.measures_redirects() {
+            return Err(LegError::Probe(io::Error::other(
+                "a spliced source for a leg made to copy only",
+            )));
+        }
         let mut quiet = QuietReads::default();
         if let Some(spliced) = spliced {
             spliced.splice.watch(
@@ -263,13 +271,13 @@ where
             }
         }
         // End of stream: the source's bytes all went through (no verdict
-        // runs any more), so the redirected count is final.
-        let redirected = match spliced {
-            Some(spliced) => spliced.stream()?.redirected,
-            None => 0,
-        };
-        self.wait_handed_to_tcp(self.delivery.written() + redirected)
-            .await?;
+        // runs any more), so the redirected count is final. Without a
+        // splice, every byte was written here: the FIN queues behind them.
+        if let Some(spliced) = spliced {
+            let redirected = spliced.stream()?.redirected;
+            self.wait_handed_to_tcp(self.delivery.written() + redirected)
+                .await?;
+        }
         self.destination
             .close()
             .await
