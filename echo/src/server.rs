@@ -26,11 +26,6 @@ use crate::{Cli, Mode, stats::Report};
 /// The echo probe, built by build.rs.
 static ECHO_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/echo-probe"));
 
-/// Initial userspace buffer of a spliced connection: it only ever sees bytes
-/// the probe passed up, so keep it small (it grows if needed).
-const SPLICED_BUFFER: usize = 256;
-const COPY_BUFFER: usize = 16 * 1024;
-
 /// What the main thread hands to one executor.
 struct ShardInput {
     core: usize,
@@ -173,14 +168,8 @@ async fn serve(stream: TcpStream, shard: Rc<Shard>) {
     // function, after every use of `socket`.
     let socket = unsafe { BorrowedFd::borrow_raw(fd) };
     let (reader, writer) = futures_lite::io::split(stream);
-    let spliceable = shard.probe.is_some();
-    let buffer = if spliceable {
-        SPLICED_BUFFER
-    } else {
-        COPY_BUFFER
-    };
     // The leg takes its baseline before the probe can echo anything.
-    let mut leg = match Leg::new(reader, writer, socket, buffer, spliceable) {
+    let mut leg = match Leg::new(reader, writer, socket, shard.probe.is_some()) {
         Ok(leg) => leg,
         Err(e) => {
             debug!("cannot serve connection: {e}");

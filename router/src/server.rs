@@ -46,10 +46,6 @@ use crate::{
 /// The router probe, built by build.rs.
 static ROUTER_PROBE: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router-probe"));
 
-/// Initial userspace buffer of a spliced direction (grows if the probe
-/// passes bytes up), and of a copied one.
-const SPLICED_BUFFER: usize = 256;
-const COPY_BUFFER: usize = 16 * 1024;
 /// Bytes read per call while reading the first packet.
 const FIRST_READ: usize = 4096;
 
@@ -721,9 +717,7 @@ async fn connect<'a>(
     // Before any byte of the client, the backend learns who it is.
     let header = route
         .proxy_protocol
-        .map(|version| {
-            proxy_protocol::header(version, client.peer_addr().ok(), client.local_addr().ok())
-        })
+        .map(|version| proxy_protocol::header(version, peer.0, client.local_addr().ok()))
         .unwrap_or_default();
     Some(splice_or_copy(
         client,
@@ -836,11 +830,6 @@ fn splice_or_copy<'a>(
     // (the client has it from the listener, see `runtime::bind_reuseport`).
     let _ = backend.set_nodelay(true);
     let spliceable = shard.probe.is_some();
-    let buffer = if spliceable {
-        SPLICED_BUFFER
-    } else {
-        COPY_BUFFER
-    };
     // Next to a probe the sockets leave glommio (see `halves`): an idle
     // connection then keeps no armed glommio poll. Their descriptors are the
     // halves' from here on.
@@ -865,24 +854,13 @@ fn splice_or_copy<'a>(
                     fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
                 // Legs take their baselines before anything is written to
                 // either side.
-                Leg::new(
-                    client_reader,
-                    backend_writer,
-                    backend_socket,
-                    buffer,
-                    spliceable,
-                )
-                .and_then(|up| {
-                    let down = Leg::new(
-                        backend_reader,
-                        client_writer,
-                        client_socket,
-                        buffer,
-                        spliceable,
-                    )?;
-                    Ok((up, down, fds))
-                })
-                .inspect_err(|_| reset_on_close(fds))
+                Leg::new(client_reader, backend_writer, backend_socket, spliceable)
+                    .and_then(|up| {
+                        let down =
+                            Leg::new(backend_reader, client_writer, client_socket, spliceable)?;
+                        Ok((up, down, fds))
+                    })
+                    .inspect_err(|_| reset_on_close(fds))
             },
         );
     let first = to_backend.assemble();

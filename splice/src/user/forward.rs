@@ -28,6 +28,11 @@ use super::{
     socket::{self, tcp_state},
 };
 
+/// Initial userspace buffer of a leg that may splice: it only sees the
+/// bytes the probe passes up, so it starts small (and grows if needed).
+const SPLICEABLE_BUFFER: usize = 256;
+/// Initial userspace buffer of a leg that copies everything.
+const COPY_BUFFER: usize = 16 * 1024;
 /// Largest userspace buffer a leg grows to.
 const MAX_BUFFER: usize = 256 * 1024;
 /// Longest pause between two checks of the destination while draining.
@@ -76,8 +81,6 @@ pub struct Leg<R, W> {
     read: u64,
     /// Empty until the first read that needs it (see [`Self::run`]).
     buffer: Vec<u8>,
-    /// The size `buffer` starts at.
-    initial_buffer: u32,
     /// The destination's peer sent FIN (seen once, it stays so).
     destination_half_closed: bool,
     /// Every byte the kernel redirected before this count is known to be in
@@ -95,17 +98,15 @@ where
     /// Makes a leg. Must happen before anything is written to `destination`
     /// (by userspace or the kernel): it takes the baseline the drain counts
     /// from. `destination_fd`, the socket behind `destination`, must outlive
-    /// the leg. `buffer` is the initial userspace buffer: small for a spliced
-    /// leg (it grows if the probe passes bytes up), large for a copied one.
-    /// A spliced leg allocates it only when the probe first passes bytes up:
-    /// most spliced connections never need it. Only a `spliceable` leg may
-    /// [`Self::run`] with a spliced source (it takes the baseline; one that
-    /// copies only saves those calls).
+    /// the leg. Only a `spliceable` leg may [`Self::run`] with a spliced
+    /// source: it takes the baseline (one that copies only saves those
+    /// calls), and its userspace buffer starts small, since it grows if the
+    /// probe passes bytes up. A spliced leg allocates it only when the probe
+    /// first passes bytes up: most spliced connections never need it.
     pub fn new(
         source: R,
         destination: W,
         destination_fd: BorrowedFd<'_>,
-        buffer: usize,
         spliceable: bool,
     ) -> io::Result<Self> {
         Ok(Self {
@@ -114,7 +115,6 @@ where
             delivery: Rc::new(Delivery::new(destination_fd, spliceable)?),
             read: 0,
             buffer: Vec::new(),
-            initial_buffer: buffer.clamp(1, MAX_BUFFER) as u32,
             destination_half_closed: false,
             redirected_taken: 0,
             parked: false,
@@ -286,7 +286,12 @@ where
 
     fn allocate_buffer(&mut self) {
         if self.buffer.is_empty() {
-            self.buffer = vec![0; self.initial_buffer as usize];
+            let size = if self.delivery.measures_redirects() {
+                SPLICEABLE_BUFFER
+            } else {
+                COPY_BUFFER
+            };
+            self.buffer = vec![0; size];
         }
     }
 

@@ -493,13 +493,12 @@ impl Splice {
 
     /// Puts `members[index]`, inserted without [`Member::start`], into
     /// `SPLICED`: the kernel forwards its bytes from its next unread one
-    /// at the insert on. Returns [`Splice::is_spliced`].
-    pub fn start(&mut self, index: usize) -> bool {
+    /// at the insert on (see [`Splice::is_spliced`]).
+    pub fn start(&mut self, index: usize) {
         let entry = &mut self.entries[index];
         if !entry.spliced {
             entry.start(&mut self.probe.borrow_mut());
         }
-        entry.spliced
     }
 
     /// Whether some socket had bytes waiting to be read when it was
