@@ -2,9 +2,10 @@
 //! round-robin or least-connections, counted on this core only: no
 //! cross-core locks; then those marked down), and connecting with a
 //! timeout, trying the next one on failure.
-use std::{cell::Cell, io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{cell::Cell, io, net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
-use glommio::net::TcpStream;
+use futures_lite::future;
+use splice::user::{halves::OwnSocket, readiness::Readiness};
 
 use crate::{
     config::{Balance, Route},
@@ -27,7 +28,7 @@ pub struct Pools {
 
 /// A backend connection.
 pub struct Connected<'a> {
-    pub stream: TcpStream,
+    pub socket: OwnSocket,
     pub addr: SocketAddr,
     /// Counts the connection for least-connections while it lives.
     pub guard: ActiveGuard<'a>,
@@ -92,18 +93,26 @@ impl Pools {
         &self,
         route: usize,
         timeout: Duration,
+        readiness: &Rc<Readiness>,
     ) -> (Option<Connected<'_>>, Vec<(SocketAddr, io::Error)>) {
         let pool = &self.pools[route];
         let mut failures = Vec::new();
         for i in self.order(route) {
             let addr = pool.backends[i];
             let health = self.health.backend(route, i);
-            match TcpStream::connect_timeout(addr, timeout).await {
-                Ok(stream) => {
+            let timed_out = async {
+                glommio::timer::sleep(timeout).await;
+                Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("timed out after {timeout:?}"),
+                ))
+            };
+            match future::or(OwnSocket::connect(addr, readiness), timed_out).await {
+                Ok(socket) => {
                     health.connected();
                     pool.active[i].set(pool.active[i].get() + 1);
                     let connected = Connected {
-                        stream,
+                        socket,
                         addr,
                         guard: ActiveGuard {
                             active: &pool.active[i],
@@ -113,7 +122,7 @@ impl Pools {
                 }
                 Err(e) => {
                     health.failed(&format_args!("client connection: {e}"));
-                    failures.push((addr, io::Error::other(e.to_string())));
+                    failures.push((addr, e));
                 }
             }
         }

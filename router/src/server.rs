@@ -5,7 +5,7 @@
 use std::{
     cell::{Cell, RefCell},
     net::{SocketAddr, TcpListener as StdListener},
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd, RawFd},
     rc::Rc,
     sync::{
         Arc,
@@ -16,9 +16,10 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
-use glommio::net::{TcpListener, TcpStream};
 use splice::user::{
-    KernelView, Leg, LegError, Member, ProbeConfig, Spliced, capabilities, halves,
+    KernelView, Leg, LegError, Member, ProbeConfig, Spliced, capabilities,
+    halves::{self, Half, OwnSocket},
+    readiness::Readiness,
     runtime::{self, Ready},
     shard::{ProbeSpec, ShardProbe},
     socket,
@@ -130,6 +131,8 @@ struct Shard {
     /// from.
     current: RefCell<(u64, Rc<Generation>)>,
     probe: Option<ShardProbe>,
+    /// Where this executor's sockets wait (see [`halves`]).
+    readiness: Rc<Readiness>,
     stats: Arc<RouterStats>,
     metrics: Arc<CoreMetrics>,
     labelled: Arc<Labelled>,
@@ -375,6 +378,15 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     if let Err(e) = dropped {
         return ready.report(Err(format!("dropping capabilities: {e}")));
     }
+    let readiness = match Readiness::start() {
+        Ok(readiness) => readiness,
+        Err(e) => {
+            return ready.report(Err(format!(
+                "creating the epoll set of core {}: {e}",
+                input.core
+            )));
+        }
+    };
     let probe = match loaded {
         Some((probe, view)) => {
             ready.report(Ok(Some(view)));
@@ -395,6 +407,7 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
         published: input.published,
         current: RefCell::new((version, generation)),
         probe,
+        readiness,
         stats: input.stats,
         metrics: input.metrics,
         labelled: input.labelled,
@@ -404,22 +417,24 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     });
     // Listeners come in configuration order: the index is the listener's.
     for (index, listener) in input.listeners.into_iter().enumerate() {
-        // SAFETY: the descriptor comes from a listener we own and hand over.
-        let listener = unsafe { TcpListener::from_raw_fd(listener.into_raw_fd()) };
+        // Non-blocking already (see `runtime::bind_reuseport`).
+        let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
         let shard = Rc::clone(&shard);
         glommio::spawn_local(async move {
             loop {
                 match listener.accept().await {
-                    Ok(stream) => match shard.limits.admit(index) {
+                    Ok((socket, peer)) => match shard.limits.admit(index) {
                         Ok(permit) => {
+                            let client = OwnSocket::new(socket, &shard.readiness);
                             glommio::spawn_local(serve(
-                                Box::new(stream),
+                                Box::new(halves::split(client)),
+                                Client(peer),
                                 Rc::clone(&shard),
                                 permit,
                             ))
                             .detach();
                         }
-                        Err(exceeded) => refuse_over_limit(stream, &shard, exceeded),
+                        Err(exceeded) => refuse_over_limit(socket, &shard, exceeded),
                     },
                     // Stopping: the main thread shut the listener down;
                     // dropping it closes this core's copy.
@@ -453,11 +468,10 @@ impl std::fmt::Display for Client {
 /// Closes a connection past a limit at once, with a reset: nothing is read,
 /// and the descriptor is free again before the next accept. Counted, and
 /// logged at most once a second per core.
-fn refuse_over_limit(stream: TcpStream, shard: &Shard, exceeded: Exceeded) {
+fn refuse_over_limit(socket: OwnedFd, shard: &Shard, exceeded: Exceeded) {
     add(&shard.stats.refused_limit, 1);
-    // SAFETY: the descriptor belongs to `stream`, alive for this call.
-    let _ = socket::reset_on_close(unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) });
-    drop(stream);
+    let _ = socket::reset_on_close(socket.as_fd());
+    drop(socket);
     let (last, unlogged) = shard.limit_log.get();
     let now = Instant::now();
     if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {
@@ -483,9 +497,14 @@ fn refuse_over_limit(stream: TcpStream, shard: &Shard, exceeded: Exceeded) {
 /// keeps a copy of each argument besides the one its body uses, for the
 /// connection's whole life; an `async move` block uses its captures in place.
 /// The client comes boxed for the same reason: the task holds its captures
-/// for its whole life, and the stream moves on into the legs.
+/// for its whole life, and the socket moves on into the legs.
 #[allow(clippy::manual_async_fn)]
-fn serve(mut client: Box<TcpStream>, shard: Rc<Shard>, permit: Permit) -> impl Future<Output = ()> {
+fn serve(
+    mut client: Box<(Half, Half)>,
+    peer: Client,
+    shard: Rc<Shard>,
+    permit: Permit,
+) -> impl Future<Output = ()> {
     async move {
         // Held until the connection ends.
         let _permit = &permit;
@@ -494,14 +513,13 @@ fn serve(mut client: Box<TcpStream>, shard: Rc<Shard>, permit: Permit) -> impl F
         let generation = shard.generation();
         add(&stats.splice.accepted, 1);
         let _active = Held::new(&stats.splice.active);
-        let peer = Client(client.peer_addr().ok());
         // The short-lived states (routing, connecting, refusing) end with
         // this block, so they share their room in the task with the
         // long-lived forwarding that comes out of it instead of adding to it.
         let forwarding = std::pin::pin!({
             // Boxed, as the backend connect and the refusal below: a task is
             // as large as its largest state.
-            let routed = Box::pin(route(&mut client, &generation)).await;
+            let routed = Box::pin(route(&mut client.0, &generation)).await;
             shard.metrics.first_packet.observe(accepted.elapsed());
             match routed {
                 Ok((first, decision)) => {
@@ -551,11 +569,12 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// Sends `answer` and a FIN, then reads and discards what the client still
 /// sends (bounded) so that the close does not reset the connection.
-async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
-    if !answer.is_empty() && client.write_all(answer).await.is_err() {
+async fn answer_then_close((mut reader, mut writer): (Half, Half), answer: &[u8]) {
+    if !answer.is_empty() && writer.write_all(answer).await.is_err() {
         return;
     }
-    if client.shutdown(std::net::Shutdown::Write).await.is_err() {
+    // Sends FIN.
+    if writer.close().await.is_err() {
         return;
     }
     let drain = async {
@@ -564,7 +583,7 @@ async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
         let mut sink = vec![0u8; 16 * 1024];
         let mut drained = 0;
         while drained < LINGER_BYTES {
-            match client.read(&mut sink).await {
+            match reader.read(&mut sink).await {
                 Ok(0) | Err(_) => break,
                 Ok(n) => drained += n,
             }
@@ -572,7 +591,6 @@ async fn answer_then_close(mut client: TcpStream, answer: &[u8]) {
     };
     let give_up = glommio::timer::sleep(LINGER_TIME);
     future::or(drain, give_up).await;
-    let _ = client.close().await;
 }
 
 /// Why a connection is refused, in which protocol to answer, and the route
@@ -596,7 +614,7 @@ impl From<(Protocol, Refusal)> for Refused {
 /// Reads the first packet and picks the route; on refusal, says in which
 /// protocol to answer.
 async fn route(
-    client: &mut TcpStream,
+    client: &mut Half,
     generation: &Generation,
 ) -> Result<(Vec<u8>, routes::Decision), Refused> {
     let config = &generation.config;
@@ -663,7 +681,7 @@ fn named_route(routes: &[crate::config::Route], first: &FirstPacket) -> Option<u
 /// both ended. `None` when no backend could be reached (the client was
 /// answered).
 async fn connect<'a>(
-    client: TcpStream,
+    client: (Half, Half),
     shard: &'a Shard,
     generation: &'a Generation,
     first: Vec<u8>,
@@ -676,11 +694,11 @@ async fn connect<'a>(
     let counters = &generation.routes[decision.route];
     let route_active = Held::new(&counters.active);
     let connecting = Instant::now();
-    let (connected, failures) = Box::pin(
-        generation
-            .pools
-            .connect(decision.route, generation.config.connect_timeout),
-    )
+    let (connected, failures) = Box::pin(generation.pools.connect(
+        decision.route,
+        generation.config.connect_timeout,
+        &shard.readiness,
+    ))
     .await;
     for (addr, error) in &failures {
         add(&stats.backend_failures, 1);
@@ -699,11 +717,11 @@ async fn connect<'a>(
             route = route.name,
             "refused connection"
         );
-        let mut client = client;
-        let _ = client
+        let (_, mut writer) = client;
+        let _ = writer
             .write_all(&refuse::response(protocol, Refusal::Unavailable))
             .await;
-        let _ = client.close().await;
+        let _ = writer.close().await;
         return None;
     };
     shard.metrics.backend_connect.observe(connecting.elapsed());
@@ -717,11 +735,14 @@ async fn connect<'a>(
     // Before any byte of the client, the backend learns who it is.
     let header = route
         .proxy_protocol
-        .map(|version| proxy_protocol::header(version, peer.0, client.local_addr().ok()))
+        .map(|version| {
+            let local = socket2::SockRef::from(&client.0.fd()).local_addr();
+            proxy_protocol::header(version, peer.0, local.ok().and_then(|a| a.as_socket()))
+        })
         .unwrap_or_default();
     Some(splice_or_copy(
         client,
-        backend.stream,
+        backend.socket,
         shard,
         ToBackend {
             header,
@@ -814,55 +835,34 @@ impl ToBackend {
 /// copies, without a probe or when the splice fails) until both directions
 /// ended.
 ///
-/// Not an `async fn`: the streams are split and the legs made here, so the
+/// Not an `async fn`: the backend is split and the legs made here, so the
 /// future (which lives as long as the connection) holds the legs only, not
 /// also the arguments and locals they were made from (an `async fn` keeps
 /// its arguments, and a local moved from, for its whole life: 1,896 B,
 /// ~800 of them dead, per connection).
 fn splice_or_copy<'a>(
-    client: TcpStream,
-    backend: TcpStream,
+    (client_reader, client_writer): (Half, Half),
+    backend: OwnSocket,
     shard: &'a Shard,
     to_backend: ToBackend,
     finish: Finish<'a>,
 ) -> impl Future<Output = ()> + 'a {
-    // Latency over batching: a proxy forwards small writes as they come
-    // (the client has it from the listener, see `runtime::bind_reuseport`).
-    let _ = backend.set_nodelay(true);
     let spliceable = shard.probe.is_some();
-    // Next to a probe the sockets leave glommio (see `halves`): an idle
-    // connection then keeps no armed glommio poll. Their descriptors are the
-    // halves' from here on.
-    let readiness = shard.probe.as_ref().map(ShardProbe::readiness);
-    let mut legs = halves::split(client, readiness)
-        .and_then(|client| match halves::split(backend, readiness) {
-            Ok(backend) => Ok((client, backend)),
-            Err(e) => {
-                let _ = socket::reset_on_close(client.0.fd());
-                Err(e)
-            }
+    let (backend_reader, backend_writer) = halves::split(backend);
+    let fds = [
+        client_reader.fd().as_raw_fd(),
+        backend_reader.fd().as_raw_fd(),
+    ];
+    // SAFETY: each socket lives as long as one of its halves: the legs hold
+    // them, and on failure the reset below comes first.
+    let [client_socket, backend_socket] = fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
+    // Legs take their baselines before anything is written to either side.
+    let mut legs = Leg::new(client_reader, backend_writer, backend_socket, spliceable)
+        .and_then(|up| {
+            let down = Leg::new(backend_reader, client_writer, client_socket, spliceable)?;
+            Ok((up, down, fds))
         })
-        .and_then(
-            |((client_reader, client_writer), (backend_reader, backend_writer))| {
-                let fds = [
-                    client_reader.fd().as_raw_fd(),
-                    backend_reader.fd().as_raw_fd(),
-                ];
-                // SAFETY: each socket lives as long as one of its halves: the
-                // legs hold them, and on failure the reset below comes first.
-                let [client_socket, backend_socket] =
-                    fds.map(|fd| unsafe { BorrowedFd::borrow_raw(fd) });
-                // Legs take their baselines before anything is written to
-                // either side.
-                Leg::new(client_reader, backend_writer, backend_socket, spliceable)
-                    .and_then(|up| {
-                        let down =
-                            Leg::new(backend_reader, client_writer, client_socket, spliceable)?;
-                        Ok((up, down, fds))
-                    })
-                    .inspect_err(|_| reset_on_close(fds))
-            },
-        );
+        .inspect_err(|_| reset_on_close(fds));
     let first = to_backend.assemble();
     async move {
         let stats = &shard.stats;
@@ -872,7 +872,7 @@ fn splice_or_copy<'a>(
             let (up, down, [client_fd, backend_fd]) = match &mut legs {
                 Ok((up, down, fds)) => (up, down, *fds),
                 Err(e) => {
-                    // Both sockets were reset (or never taken).
+                    // Both sockets were reset.
                     debug!("cannot forward: {e}");
                     add(&stats.splice.resets, 1);
                     forwarded.reset = true;

@@ -202,6 +202,43 @@ fn a_dead_backend_is_skipped_and_all_dead_is_refused_cleanly() {
     });
 }
 
+/// A backend that never answers the SYN is given up after
+/// `connect_timeout`: the client gets its 502 then, not when the kernel's
+/// own retries end, and the router keeps serving.
+#[test]
+fn a_backend_that_never_answers_is_given_up_after_the_connect_timeout() {
+    both_modes("connect_timeout", |mode| {
+        let silent = backends::SilentPort::new();
+        let alive = Backend::named("alive");
+        let config = common::config_file(
+            &format!("connect-timeout-{mode}"),
+            "connect_timeout = \"300ms\"\n",
+        );
+        let routes = [
+            format!("host:silent.test={}", silent.addr),
+            format!("host:a.test={}", alive.addr),
+        ];
+        let config = config.to_str().unwrap();
+        let mut router = start(mode, &routes, &["--config", config]);
+        let url = format!("http://{}/", router.addr);
+        let asked = Instant::now();
+        let refused = curl(&["-i", "-H", "Host: silent.test", &url]);
+        let waited = asked.elapsed();
+        assert!(
+            refused.starts_with("HTTP/1.1 502 Bad Gateway"),
+            "{mode}: {refused}"
+        );
+        assert!(
+            waited >= Duration::from_millis(300) && waited < Duration::from_secs(3),
+            "{mode}: answered after {waited:?}"
+        );
+        assert_eq!(curl(&["-H", "Host: a.test", &url]), "alive\n", "{mode}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_unavailable"), 1, "{mode}: {stats:?}");
+        assert_eq!(stats.get("backend_failures"), 1, "{mode}: {stats:?}");
+    });
+}
+
 /// 256 MiB each way on one connection, both sides sending at once and
 /// closing as soon as they are done: every byte arrives (SHA-256).
 #[test]

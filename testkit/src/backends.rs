@@ -313,3 +313,46 @@ pub fn closed_port() -> SocketAddr {
     thread::sleep(Duration::from_millis(10));
     addr
 }
+
+/// A loopback port that never completes a handshake: its listener's accept
+/// queue is full (backlog 0, filled by connections nobody accepts), so the
+/// kernel drops every further SYN. Silent for as long as it lives.
+pub struct SilentPort {
+    pub addr: SocketAddr,
+    _listener: socket2::Socket,
+    _fillers: Vec<socket2::Socket>,
+}
+
+impl SilentPort {
+    pub fn new() -> Self {
+        use socket2::{Domain, Socket, Type};
+        let listener = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        listener
+            .bind(&SocketAddr::from((Ipv4Addr::LOCALHOST, 0)).into())
+            .unwrap();
+        listener.listen(0).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let fillers = (0..2)
+            .map(|_| {
+                let filler = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+                filler.set_nonblocking(true).unwrap();
+                // In progress (or done): the queue takes the first, the
+                // kernel drops the second's SYN.
+                let _ = filler.connect(&addr.into());
+                filler
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(50));
+        Self {
+            addr,
+            _listener: listener,
+            _fillers: fillers,
+        }
+    }
+}
+
+impl Default for SilentPort {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,22 +1,28 @@
-//! A connection's socket as its two legs share it: the source of one leg
-//! and the destination of the other.
+//! A router's sockets, outside glommio: accepted, connected, read and
+//! written with plain non-blocking calls, waiting in the executor's
+//! [`Readiness`] set, and shared by a connection's two legs (the source of
+//! one and the destination of the other).
 //!
-//! A socket stays a glommio stream, or, for a connection forwarded next to
-//! a probe, leaves glommio for the forwarding: it is then read and written
-//! with plain non-blocking calls and waits in the executor's
-//! [`Readiness`] set, which costs no armed glommio poll per socket (see
-//! there).
+//! A glommio stream costs, per connection, an io_uring request for its
+//! accept or connect and a readiness poll armed from its creation on, which
+//! is cancelled when the stream goes (task work delivered to the executor);
+//! and an idle proxied connection keeps one armed on both sockets (see
+//! [`Readiness`]). A socket here costs an entry in the kernel's epoll set and
+//! a few bytes in [`Readiness`]: only the set itself is polled through
+//! glommio.
 use std::{
-    cell::{Cell, RefCell},
+    cell::Cell,
+    future::poll_fn,
     io,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd},
+    net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
     pin::Pin,
     rc::Rc,
     task::{Context, Poll},
 };
 
 use futures_lite::{AsyncRead, AsyncWrite};
-use glommio::net::TcpStream;
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 
 use super::{
     readiness::{Interest, Key, Readiness},
@@ -24,25 +30,12 @@ use super::{
 };
 
 /// One side's view of a shared socket: it reads and writes.
-pub enum Half {
-    Glommio(Rc<RefCell<TcpStream>>),
-    Own(Rc<OwnSocket>),
-}
+pub struct Half(Rc<OwnSocket>);
 
-/// Two halves of `stream`, one for each leg. With `readiness`, the socket
-/// leaves glommio (its descriptor number changes: take it from the halves,
-/// see [`Half::fd`]); if it cannot, the stream is closed with a reset.
-pub fn split(stream: TcpStream, readiness: Option<&Rc<Readiness>>) -> io::Result<(Half, Half)> {
-    Ok(match readiness {
-        Some(readiness) => {
-            let socket = Rc::new(OwnSocket::take(stream, readiness)?);
-            (Half::Own(Rc::clone(&socket)), Half::Own(socket))
-        }
-        None => {
-            let stream = Rc::new(RefCell::new(stream));
-            (Half::Glommio(Rc::clone(&stream)), Half::Glommio(stream))
-        }
-    })
+/// Two halves of `socket`, one for each leg.
+pub fn split(socket: OwnSocket) -> (Half, Half) {
+    let socket = Rc::new(socket);
+    (Half(Rc::clone(&socket)), Half(socket))
 }
 
 impl Half {
@@ -50,18 +43,12 @@ impl Half {
     /// wait only for the end of the stream from now on, and the flow control
     /// wakes them for bytes the probe passes up (see [`Interest::End`]).
     pub fn set_spliced(&self) {
-        if let Self::Own(socket) = self {
-            socket.spliced.set(true);
-        }
+        self.0.spliced.set(true);
     }
 
     /// The socket's descriptor; valid as long as a half lives.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        match self {
-            // SAFETY: the stream owns the descriptor and lives in `self`.
-            Self::Glommio(stream) => unsafe { BorrowedFd::borrow_raw(stream.borrow().as_raw_fd()) },
-            Self::Own(socket) => socket.fd.as_fd(),
-        }
+        self.0.fd.as_fd()
     }
 }
 
@@ -71,12 +58,10 @@ impl AsyncRead for Half {
         cx: &mut Context<'_>,
         buffer: &mut [u8],
     ) -> Poll<io::Result<usize>> {
-        match &*self {
-            Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_read(cx, buffer),
-            Self::Own(own) => own.poll_io(cx, own.read_interest(), |fd| {
-                socket::recv_nonblocking(fd, buffer)
-            }),
-        }
+        let own = &self.0;
+        own.poll_io(cx, own.read_interest(), |fd| {
+            socket::recv_nonblocking(fd, buffer)
+        })
     }
 }
 
@@ -86,31 +71,22 @@ impl AsyncWrite for Half {
         cx: &mut Context<'_>,
         bytes: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &*self {
-            Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_write(cx, bytes),
-            Self::Own(own) => own.poll_io(cx, Interest::Write, |fd| {
-                socket::send_nonblocking(fd, bytes)
-            }),
-        }
+        self.0.poll_io(cx, Interest::Write, |fd| {
+            socket::send_nonblocking(fd, bytes)
+        })
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &*self {
-            Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_flush(cx),
-            Self::Own(_) => Poll::Ready(Ok(())),
-        }
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
     }
 
     /// Shuts the socket down for writing (sends FIN).
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &*self {
-            Self::Glommio(stream) => Pin::new(&mut *stream.borrow_mut()).poll_close(cx),
-            Self::Own(own) => Poll::Ready(socket::shutdown_write(own.fd.as_fd())),
-        }
+    fn poll_close(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(socket::shutdown_write(self.0.fd.as_fd()))
     }
 }
 
-/// A socket taken out of glommio, waiting in a [`Readiness`] set.
+/// A non-blocking socket (or listener) waiting in a [`Readiness`] set.
 pub struct OwnSocket {
     fd: OwnedFd,
     key: Key,
@@ -119,22 +95,61 @@ pub struct OwnSocket {
 }
 
 impl OwnSocket {
-    /// Takes `stream`'s socket out of glommio: a copy of its descriptor
-    /// stays, the stream (and the poll it had armed) goes.
-    fn take(stream: TcpStream, readiness: &Rc<Readiness>) -> io::Result<Self> {
-        // SAFETY: the stream owns the descriptor and outlives this borrow.
-        let fd = unsafe { BorrowedFd::borrow_raw(stream.as_raw_fd()) };
-        let copy = fd.try_clone_to_owned().inspect_err(|_| {
-            // Closed as a failure, not as an end of stream.
-            let _ = socket::reset_on_close(fd);
-        })?;
-        drop(stream);
-        Ok(Self {
-            fd: copy,
+    /// Registers the non-blocking socket `fd` (under a key only: it enters
+    /// the epoll set at its first wait).
+    pub fn new(fd: OwnedFd, readiness: &Rc<Readiness>) -> Self {
+        Self {
+            fd,
             key: readiness.key(),
             readiness: Rc::clone(readiness),
             spliced: Cell::new(false),
-        })
+        }
+    }
+
+    /// Connects a new non-blocking TCP socket to `addr`, with `TCP_NODELAY`:
+    /// a proxy forwards small writes as they come.
+    pub async fn connect(addr: SocketAddr, readiness: &Rc<Readiness>) -> io::Result<Self> {
+        let socket = Socket::new(
+            Domain::for_address(addr),
+            Type::STREAM.nonblocking().cloexec(),
+            Some(Protocol::TCP),
+        )?;
+        socket.set_nodelay(true)?;
+        let addr = SockAddr::from(addr);
+        let in_progress = match socket.connect(&addr) {
+            Ok(()) => false,
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => true,
+            Err(e) => return Err(e),
+        };
+        let own = Self::new(socket.into(), readiness);
+        if in_progress {
+            // Asked again once writable: EISCONN then means connected, and
+            // a failed connection returns its error.
+            poll_fn(|cx| {
+                own.poll_io(cx, Interest::Write, |fd| {
+                    match SockRef::from(&fd).connect(&addr) {
+                        Err(e) if e.raw_os_error() == Some(libc::EISCONN) => Ok(()),
+                        Err(e) if e.raw_os_error() == Some(libc::EALREADY) => {
+                            Err(io::ErrorKind::WouldBlock.into())
+                        }
+                        other => other,
+                    }
+                })
+            })
+            .await?;
+        }
+        Ok(own)
+    }
+
+    /// Accepts a connection on this listening socket: a new non-blocking
+    /// socket, and its peer's address.
+    pub async fn accept(&self) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+        poll_fn(|cx| self.poll_io(cx, Interest::Read, accept_nonblocking)).await
+    }
+
+    /// The socket's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
     }
 
     fn read_interest(&self) -> Interest {
@@ -147,12 +162,12 @@ impl OwnSocket {
 
     /// Runs `operation` (a non-blocking system call); if it would block,
     /// waits for `interest`.
-    fn poll_io(
+    fn poll_io<T>(
         &self,
         cx: &Context<'_>,
         interest: Interest,
-        mut operation: impl FnMut(BorrowedFd<'_>) -> io::Result<usize>,
-    ) -> Poll<io::Result<usize>> {
+        mut operation: impl FnMut(BorrowedFd<'_>) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
         loop {
             let error = match operation(self.fd.as_fd()) {
                 Ok(n) => return Poll::Ready(Ok(n)),
@@ -182,4 +197,28 @@ impl Drop for OwnSocket {
         // Closing the descriptor (next) removes it from the set.
         self.readiness.forget(self.key);
     }
+}
+
+/// `accept4(2)` of a non-blocking, close-on-exec socket, with its peer.
+fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
+    let mut accepted = -1;
+    // SAFETY: `try_init` hands a zeroed storage and its length, which
+    // accept4 fills in.
+    let ((), peer) = unsafe {
+        SockAddr::try_init(|storage, len| {
+            accepted = libc::accept4(
+                listener.as_raw_fd(),
+                storage.cast(),
+                len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            if accepted < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(())
+            }
+        })?
+    };
+    // SAFETY: accept4 returned a new descriptor, owned from here on.
+    Ok((unsafe { OwnedFd::from_raw_fd(accepted) }, peer.as_socket()))
 }

@@ -9,10 +9,10 @@
 //! - [`forward`]: one direction of a connection: copies what userspace must
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
-//! - [`halves`]: a connection's socket shared by its two legs, a glommio
-//!   stream or a socket taken out of glommio for the forwarding;
-//! - [`readiness`]: the epoll set where the sockets taken out of glommio
-//!   wait (one per executor, the only thing glommio polls for them);
+//! - [`halves`]: a router's sockets outside glommio (accept, connect), and
+//!   a connection's socket shared by its two legs;
+//! - [`readiness`]: the epoll set where those sockets wait (one per
+//!   executor, the only thing glommio polls for them);
 //! - [`quiet_read`]: a spliced source's read, which does not answer every
 //!   empty wake-up the kernel sends it, and parks on a busy stream;
 //! - `epoll`: the epoll set that [`readiness`] and [`source_ends`] use;

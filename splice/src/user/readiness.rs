@@ -1,5 +1,6 @@
-//! Readiness of the sockets an executor took out of glommio: one epoll set
-//! per executor, which glommio watches as a single descriptor.
+//! Readiness of the sockets an executor keeps outside glommio (see
+//! [`super::halves`]): one epoll set per executor, which glommio watches as
+//! a single descriptor.
 //!
 //! glommio keeps a readiness poll armed on each of its streams from its
 //! creation on and after every short read, and an idle proxied connection

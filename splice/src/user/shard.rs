@@ -10,7 +10,6 @@ use std::{
 
 use super::{
     InsertError, KernelView, Member, Probe, ProbeConfig, Splice, flow,
-    readiness::Readiness,
     stats::{SpliceStats, add},
 };
 
@@ -26,8 +25,6 @@ pub struct ProbeSpec {
 /// An executor's loaded probe.
 pub struct ShardProbe {
     probe: Rc<RefCell<Probe>>,
-    /// Where the sockets of this executor's forwarded connections wait.
-    readiness: Rc<Readiness>,
     stats: Arc<SpliceStats>,
     warned_full: Cell<bool>,
 }
@@ -47,23 +44,14 @@ impl ShardProbe {
             .map_err(|e| format!("opening the probe maps of core {core}: {e}"))?;
         let probe = Rc::new(RefCell::new(probe));
         glommio::spawn_local(flow::run(Rc::clone(&probe))).detach();
-        let readiness = Readiness::start()
-            .map_err(|e| format!("creating the epoll set of core {core}: {e}"))?;
         Ok((
             Self {
                 probe,
-                readiness,
                 stats,
                 warned_full: Cell::new(false),
             },
             view,
         ))
-    }
-
-    /// The epoll set where this executor's forwarded sockets wait (see
-    /// [`super::halves::split`]).
-    pub fn readiness(&self) -> &Rc<Readiness> {
-        &self.readiness
     }
 
     /// Splices `members`, or says (in the counters and, once, in the log)
