@@ -271,12 +271,14 @@ where
             }
         }
         // End of stream: the source's bytes all went through (no verdict
-        // runs any more), so the redirected count is final. Without a
-        // splice, every byte was written here: the FIN queues behind them.
+        // runs any more), so the redirected count is final. Bytes written
+        // here are in the destination's TCP already (the FIN queues behind
+        // them): only redirected ones not yet known taken are waited for,
+        // none when the kernel redirected nothing (a client that sent only
+        // its first packet).
         if let Some(spliced) = spliced {
             let redirected = spliced.stream()?.redirected;
-            self.wait_handed_to_tcp(self.delivery.written() + redirected)
-                .await?;
+            self.wait_redirected_taken(redirected).await?;
         }
         self.destination
             .close()
