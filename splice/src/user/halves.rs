@@ -142,9 +142,16 @@ impl OwnSocket {
     }
 
     /// Accepts a connection on this listening socket: a new non-blocking
-    /// socket, and its peer's address.
+    /// socket, and its peer's address. A connection that failed while it
+    /// waited in the queue is skipped: accept(2) reports its error, which
+    /// says nothing about the listener.
     pub async fn accept(&self) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
-        poll_fn(|cx| self.poll_io(cx, Interest::Read, accept_nonblocking)).await
+        loop {
+            match poll_fn(|cx| self.poll_io(cx, Interest::Read, accept_nonblocking)).await {
+                Err(e) if failed_in_queue(&e) => continue,
+                accepted => return accepted,
+            }
+        }
     }
 
     /// The socket's descriptor.
@@ -221,4 +228,23 @@ fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<S
     };
     // SAFETY: accept4 returned a new descriptor, owned from here on.
     Ok((unsafe { OwnedFd::from_raw_fd(accepted) }, peer.as_socket()))
+}
+
+/// Errors accept(2) returns for a queued connection that failed, not for
+/// the listener (its manual page: retry as for EAGAIN).
+fn failed_in_queue(error: &io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(
+            libc::ECONNABORTED
+                | libc::EPROTO
+                | libc::ENETDOWN
+                | libc::ENOPROTOOPT
+                | libc::EHOSTDOWN
+                | libc::ENONET
+                | libc::EHOSTUNREACH
+                | libc::EOPNOTSUPP
+                | libc::ENETUNREACH
+        )
+    )
 }
