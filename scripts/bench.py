@@ -387,7 +387,7 @@ class Bench:
                 # The baseline is the first level's (one connection, after
                 # the executors' first allocations), not a fresh process's.
                 base_rss = rss if base_rss is None else base_rss
-                for rep in range(max(3, self.reps - 2) if not self.quick else 1):
+                for rep in range(self.reps):
                     cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
                     m = iperf(port, 1, self.seconds(2))
                     m["proxy_cpu_s"] = (cpu_seconds(c.pid) - cpu0) if c.pid else 0.0
