@@ -248,3 +248,21 @@ fn failed_in_queue(error: &io::Error) -> bool {
         )
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_skips_failed_queued_connections_but_not_listener_errors() {
+        let error = io::Error::from_raw_os_error;
+        for errno in [libc::ECONNABORTED, libc::EPROTO, libc::ENETUNREACH] {
+            assert!(failed_in_queue(&error(errno)), "errno {errno}");
+        }
+        // Out of descriptors or memory: retrying at once would spin.
+        for errno in [libc::EMFILE, libc::ENFILE, libc::ENOBUFS, libc::ENOMEM] {
+            assert!(!failed_in_queue(&error(errno)), "errno {errno}");
+        }
+        assert!(!failed_in_queue(&io::ErrorKind::WouldBlock.into()));
+    }
+}
