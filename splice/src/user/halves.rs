@@ -15,7 +15,7 @@ use std::{
     future::poll_fn,
     io,
     net::SocketAddr,
-    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     pin::Pin,
     rc::Rc,
     task::{Context, Poll},
@@ -154,11 +154,6 @@ impl OwnSocket {
         }
     }
 
-    /// The socket's descriptor.
-    pub fn fd(&self) -> BorrowedFd<'_> {
-        self.fd.as_fd()
-    }
-
     fn read_interest(&self) -> Interest {
         if self.spliced.get() {
             Interest::End
@@ -208,26 +203,9 @@ impl Drop for OwnSocket {
 
 /// `accept4(2)` of a non-blocking, close-on-exec socket, with its peer.
 fn accept_nonblocking(listener: BorrowedFd<'_>) -> io::Result<(OwnedFd, Option<SocketAddr>)> {
-    let mut accepted = -1;
-    // SAFETY: `try_init` hands a zeroed storage and its length, which
-    // accept4 fills in.
-    let ((), peer) = unsafe {
-        SockAddr::try_init(|storage, len| {
-            accepted = libc::accept4(
-                listener.as_raw_fd(),
-                storage.cast(),
-                len,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            );
-            if accepted < 0 {
-                Err(io::Error::last_os_error())
-            } else {
-                Ok(())
-            }
-        })?
-    };
-    // SAFETY: accept4 returned a new descriptor, owned from here on.
-    Ok((unsafe { OwnedFd::from_raw_fd(accepted) }, peer.as_socket()))
+    let (socket, peer) =
+        SockRef::from(&listener).accept4(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)?;
+    Ok((socket.into(), peer.as_socket()))
 }
 
 /// Errors accept(2) returns for a queued connection that failed, not for
