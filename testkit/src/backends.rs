@@ -62,13 +62,7 @@ impl Backend {
 
     /// Sends back every byte it receives, and FIN after the client's FIN.
     pub fn echo() -> Self {
-        spawn(|mut stream| {
-            let Ok(mut writer) = stream.try_clone() else {
-                return;
-            };
-            let _ = io::copy(&mut stream, &mut writer);
-            let _ = writer.shutdown(Shutdown::Write);
-        })
+        spawn(|stream| greet_then_echo(stream, b""))
     }
 
     /// Says who it is: to an HTTP request, a `200` whose body is
@@ -91,13 +85,8 @@ impl Backend {
                 );
                 return;
             }
-            let Ok(mut writer) = stream.try_clone() else {
-                return;
-            };
-            let _ = writer.write_all(format!("{name}:").as_bytes());
-            let _ = writer.write_all(&first[..n]);
-            let _ = io::copy(&mut stream, &mut writer);
-            let _ = writer.shutdown(Shutdown::Write);
+            let greeting = [format!("{name}:").as_bytes(), &first[..n]].concat();
+            greet_then_echo(stream, &greeting);
         })
     }
 
@@ -157,16 +146,7 @@ impl Backend {
     /// Sends `banner` as soon as it accepts (as SMTP or Redis replicas
     /// speak first), then echoes.
     pub fn speaks_first(banner: &'static [u8]) -> Self {
-        spawn(move |mut stream| {
-            if stream.write_all(banner).is_err() {
-                return;
-            }
-            let Ok(mut writer) = stream.try_clone() else {
-                return;
-            };
-            let _ = io::copy(&mut stream, &mut writer);
-            let _ = writer.shutdown(Shutdown::Write);
-        })
+        spawn(move |stream| greet_then_echo(stream, banner))
     }
 
     /// Reads one HTTP request head, answers `reply` and closes at once, as a
@@ -296,11 +276,17 @@ impl SwitchableBackend {
 }
 
 /// `name:` then an echo of the stream, FIN after the client's.
-fn say_name(name: &str, mut stream: TcpStream) {
+fn say_name(name: &str, stream: TcpStream) {
+    greet_then_echo(stream, format!("{name}:").as_bytes());
+}
+
+/// Sends `greeting`, then an echo of the stream, and FIN after the
+/// client's.
+fn greet_then_echo(mut stream: TcpStream, greeting: &[u8]) {
     let Ok(mut writer) = stream.try_clone() else {
         return;
     };
-    let _ = writer.write_all(format!("{name}:").as_bytes());
+    let _ = writer.write_all(greeting);
     let _ = io::copy(&mut stream, &mut writer);
     let _ = writer.shutdown(Shutdown::Write);
 }
