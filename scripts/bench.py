@@ -139,6 +139,19 @@ def machine_cpu():
 # ---------------------------------------------------------------- contenders
 
 
+def settle(pid, quiet_cpu_s=0.005, interval=0.1, limit=10.0):
+    """Waits until process `pid` (if any) used less than `quiet_cpu_s` of CPU
+    over `interval` (it finished setting up or tearing down connections),
+    at most `limit` seconds, then half a second more."""
+    deadline = time.time() + limit
+    while pid and time.time() < deadline:
+        before = cpu_seconds(pid)
+        time.sleep(interval)
+        if cpu_seconds(pid) - before < quiet_cpu_s:
+            break
+    time.sleep(0.5)
+
+
 class Contender:
     """A proxy (or none) started for one workload, towards given backends."""
 
@@ -367,37 +380,60 @@ class Bench:
 
     def scaling(self, ports, levels):
         """N connections held idle through the proxy, one active iperf3
-        stream: throughput and the proxy's RSS per held connection."""
+        stream: throughput and the proxy's RSS per held connection.
+
+        The levels are swept up, then down, in turn (1 → top, top → 1, ...):
+        a drift of the machine's speed during a contender's sweeps then
+        weighs on every level alike, and no level is always measured first
+        (the first one, N = 1, was the slow one in two full runs)."""
         for c in [Direct(), Router("ebpf"), Router("copy")]:
             port = c.start(self.procs, self.workdir, {"kind": "default", "backend": ports["iperf"], "idle": ports["idle"]})
+            holds = []  # (connections, process), in the order they were opened
             base_rss = None
-            for level in levels:
-                idle_target = c.idle_port if c.pid else ports["idle"]
-                first = "ROUTE idle\\r\\nx" if c.pid else "x"
-                hold = subprocess.Popen(
-                    [LOADGEN, "hold", "--addr", f"127.0.0.1:{idle_target}", "--first", first, "--connections", str(level - 1), "--seconds", "300"],
-                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                )
-                line = hold.stdout.readline()
-                if "workload=hold" not in line:
-                    hold.kill()
-                    raise RuntimeError(f"{c.name}: holding {level - 1} connections failed: {line!r}")
-                time.sleep(0.5)
-                rss = rss_kib(c.pid) if c.pid else 0
-                # The baseline is the first level's (one connection, after
-                # the executors' first allocations), not a fresh process's.
-                base_rss = rss if base_rss is None else base_rss
-                for rep in range(self.reps):
+            for rep in range(self.reps):
+                for level in levels if rep % 2 == 0 else levels[::-1]:
+                    self.hold(c, ports, holds, level - 1)
+                    rss = rss_kib(c.pid) if c.pid else 0
+                    # The baseline is the first visit of the first level (one
+                    # connection, after the executors' first allocations),
+                    # not a fresh process's.
+                    base_rss = rss if base_rss is None else base_rss
                     cpu0 = cpu_seconds(c.pid) if c.pid else 0.0
                     m = iperf(port, 1, self.seconds(2))
                     m["proxy_cpu_s"] = (cpu_seconds(c.pid) - cpu0) if c.pid else 0.0
                     m.update(level=level, rss_kib=rss, base_rss_kib=base_rss)
                     self.results.append({"workload": "scaling", "contender": c.name, "rep": rep, **m})
-                    print(f"  scaling    {level:>5} conns {c.name:15} {m['gbit_per_s']:.2f} Gbit/s rss {rss} KiB", flush=True)
-                hold.stdin.close()
-                hold.wait(60)
+                    print(f"  scaling    {level:>5} conns {c.name:15} rep {rep + 1}/{self.reps} {m['gbit_per_s']:.2f} Gbit/s rss {rss} KiB", flush=True)
+            self.hold(c, ports, holds, 0)
             if c.pid:
                 self.procs.stop(next(p for p in self.procs.procs if p.pid == c.pid))
+
+    def hold(self, c, ports, holds, target):
+        """Opens or closes idle connections through contender `c` until
+        `target` are held: closing drops the last opened group, opening adds
+        one group (so a sweep down undoes a sweep up, group by group)."""
+        held = sum(n for n, _ in holds)
+        if held == target:
+            return
+        while held > target:
+            n, process = holds.pop()
+            process.stdin.close()
+            process.wait(60)
+            held -= n
+        if held < target:
+            idle_target = c.idle_port if c.pid else ports["idle"]
+            first = "ROUTE idle\\r\\nx" if c.pid else "x"
+            process = subprocess.Popen(
+                [LOADGEN, "hold", "--addr", f"127.0.0.1:{idle_target}", "--first", first, "--connections", str(target - held), "--seconds", "300"],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            )
+            line = process.stdout.readline()
+            if "workload=hold" not in line:
+                process.kill()
+                raise RuntimeError(f"{c.name}: holding {target - held} more connections failed: {line!r}")
+            holds.append((target - held, process))
+        settle(c.pid)
+
 
     def run(self):
         started = time.time()
@@ -513,6 +549,8 @@ def report(bench, out, command):
 
     lines.extend(["## Scaling: N concurrent connections, 1 active iperf3 stream", "",
                   "N − 1 connections are held idle through the proxy (each routed by a preamble and answered once), plus the active stream. "
+                  "Each repetition sweeps the levels, upwards and downwards in turn (the idle connections are opened on the way up and closed on the way down), "
+                  "so that no level is always measured first and a drift of the machine's speed weighs on every level alike. "
                   f"The top level is {TOP_LEVEL:,}, not 10,000: a proxied connection takes two descriptors and the open-files hard limit here is {FD_HARD_LIMIT:,} (it cannot be raised); "
                   "the router derives its default connection limit from it (9,872 here: half the descriptors left after its reserve) and refuses past it.", "",
                   "| contender | N | Gbit/s median (min–max) | vs N=1 | proxy RSS KiB | RSS per held connection |", "|---|---:|---:|---:|---:|---:|"])
