@@ -142,14 +142,14 @@ def machine_cpu():
 def settle(pid, quiet_cpu_s=0.005, interval=0.1, limit=10.0):
     """Waits until process `pid` (if any) used less than `quiet_cpu_s` of CPU
     over `interval` (it finished setting up or tearing down connections),
-    at most `limit` seconds, then half a second more."""
+    at most `limit` seconds, then a fifth of a second more."""
     deadline = time.time() + limit
     while pid and time.time() < deadline:
         before = cpu_seconds(pid)
         time.sleep(interval)
         if cpu_seconds(pid) - before < quiet_cpu_s:
             break
-    time.sleep(0.5)
+    time.sleep(0.2)
 
 
 class Contender:
