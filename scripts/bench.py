@@ -443,18 +443,19 @@ class Bench:
         # others: the whole run stays within 15 minutes.
         short = self.seconds(2)
         print(f"bench: {self.reps} repetitions, bulk {bulk}s, others {short}s; logs in {self.workdir}", flush=True)
-        if "bulk1" not in self.skip:
-            self.interleaved("bulk1", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 1, bulk))
-        if "bulk64" not in self.skip:
-            self.interleaved("bulk64", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 64, short))
-        if "latency" not in self.skip:
-            self.interleaved("latency", {"kind": "default", "backend": ports["sockperf"]}, lambda p: sockperf(p, short))
-        if "conn_http" not in self.skip:
-            self.interleaved("conn_http", {"kind": "host", "backend": ports["http"]}, lambda p: wrk(p, short))
-        if "conn_tls" not in self.skip:
-            self.interleaved("conn_tls", {"kind": "sni", "backend": ports["tls"]}, lambda p: tls_connect(p, short))
-        if "scaling" not in self.skip:
-            self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, TOP_LEVEL])
+        workloads = [
+            ("bulk1", lambda: self.interleaved("bulk1", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 1, bulk))),
+            ("bulk64", lambda: self.interleaved("bulk64", {"kind": "default", "backend": ports["iperf"]}, lambda p: iperf(p, 64, short))),
+            ("latency", lambda: self.interleaved("latency", {"kind": "default", "backend": ports["sockperf"]}, lambda p: sockperf(p, short))),
+            ("conn_http", lambda: self.interleaved("conn_http", {"kind": "host", "backend": ports["http"]}, lambda p: wrk(p, short))),
+            ("conn_tls", lambda: self.interleaved("conn_tls", {"kind": "sni", "backend": ports["tls"]}, lambda p: tls_connect(p, short))),
+            ("scaling", lambda: self.scaling(ports, [1, 100, 1000] if self.quick else [1, 100, 1000, TOP_LEVEL])),
+        ]
+        for name, measure in workloads:
+            if name not in self.skip:
+                begun = time.time()
+                measure()
+                print(f"bench: {name} took {time.time() - begun:.0f} s", flush=True)
         self.elapsed = time.time() - started
 
 
