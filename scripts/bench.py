@@ -388,6 +388,10 @@ class Bench:
         (the first one, N = 1, was the slow one in two full runs)."""
         for c in [Direct(), Router("ebpf"), Router("copy")]:
             port = c.start(self.procs, self.workdir, {"kind": "default", "backend": ports["iperf"], "idle": ports["idle"]})
+            # The router answers on one core while another may still be
+            # loading its probe (the verifier's log buffer alone is
+            # megabytes): the baseline RSS is read once it is quiet.
+            settle(c.pid)
             holds = []  # (connections, process), in the order they were opened
             base_rss = None
             for rep in range(self.reps):
