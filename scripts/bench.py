@@ -561,20 +561,15 @@ def report(bench, out, command):
                   "RSS is read at each level's first visit, before its first run. Per held connection: the growth from N = 1, and from the level below.", "",
                   "| contender | N | Gbit/s median (min–max) | vs N=1 | proxy RSS KiB | RSS per held connection | from the level below |", "|---|---:|---:|---:|---:|---:|---:|"])
     levels = sorted({r["level"] for r in rows if r["workload"] == "scaling"})
+    def per_connection(value):
+        return "–" if value is None else f"{value:.0f} B"
+
     for n in ("direct", "router ebpf", "router copy"):
         base = None
-        below = None  # (level, RSS) of the level below
-        for level in levels:
-            rs = [r for r in rows if r["workload"] == "scaling" and r["contender"] == n and r["level"] == level]
-            if not rs:
-                continue
-            v = [r["gbit_per_s"] for r in rs]
+        for level, rss, per, step in rss_growth(rows, n):
+            v = [r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == n and r["level"] == level]
             base = base or med(v)
-            rss, base_rss = rs[0]["rss_kib"], rs[0]["base_rss_kib"]
-            per = f"{(rss - base_rss) * 1024 / (level - 1):.0f} B" if level > levels[0] and rss else "–"
-            step = f"{(rss - below[1]) * 1024 / (level - below[0]):.0f} B" if below and rss else "–"
-            below = (level, rss)
-            lines.append(f"| {n} | {level} | {med(v):.2f} ({min(v):.2f}–{max(v):.2f}) | {med(v) / base:.2f} | {rss or '–'} | {per} | {step} |")
+            lines.append(f"| {n} | {level} | {med(v):.2f} ({min(v):.2f}–{max(v):.2f}) | {med(v) / base:.2f} | {rss or '–'} | {per_connection(per)} | {per_connection(step)} |")
     lines.append("")
 
     goals = [
@@ -609,21 +604,38 @@ def report(bench, out, command):
     print("\n".join(lines))
 
 
+def rss_growth(rows, name):
+    """Per scaling level of contender `name`, in order: (level, RSS KiB at
+    its first visit, bytes per held connection since N = 1, since the level
+    below). RSS is each level's first visit: memory freed when connections
+    close stays with the process. The per-connection figures are None where
+    there is nothing to compare (the first level, or no RSS: direct)."""
+    scaling = [r for r in rows if r["workload"] == "scaling" and r["contender"] == name]
+    growth, below = [], None
+    for level in sorted({r["level"] for r in scaling}):
+        first = next(r for r in scaling if r["level"] == level)
+        rss = first["rss_kib"]
+        per = (rss - first["base_rss_kib"]) * 1024 / (level - 1) if below and rss else None
+        step = (rss - below[1]) * 1024 / (level - below[0]) if below and rss else None
+        growth.append((level, rss, per, step))
+        below = (level, rss)
+    return growth
+
+
 def scaling_figures(rows, name):
     """(RSS bytes per held connection at the top level, from N = 1 and from
     the level below it; worst relative deviation of the median throughput
-    from the 1-connection level). RSS is each level's first visit: memory
-    freed when connections close stays with the process."""
-    scaling = [r for r in rows if r["workload"] == "scaling" and r["contender"] == name]
-    levels = sorted({r["level"] for r in scaling})
-    if len(levels) < 2:
+    from the 1-connection level)."""
+    growth = rss_growth(rows, name)
+    if len(growth) < 2:
         return float("nan"), float("nan"), float("nan")
-    at = {lv: [r for r in scaling if r["level"] == lv] for lv in levels}
-    top, below = at[levels[-1]][0], at[levels[-2]][0]
-    per_conn = (top["rss_kib"] - top["base_rss_kib"]) * 1024 / (levels[-1] - 1)
-    marginal = (top["rss_kib"] - below["rss_kib"]) * 1024 / (levels[-1] - levels[-2])
-    speed = {lv: med([r["gbit_per_s"] for r in at[lv]]) for lv in levels}
-    spread = max((speed[lv] / speed[levels[0]] - 1 for lv in levels), key=abs)
+    _, _, per_conn, marginal = growth[-1]
+    speed = {
+        level: med([r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == name and r["level"] == level])
+        for level, _, _, _ in growth
+    }
+    first = speed[growth[0][0]]
+    spread = max((s / first - 1 for s in speed.values()), key=abs)
     return per_conn, marginal, spread
 
 
