@@ -7,10 +7,10 @@
 //! up (less than half a window unacknowledged): the scan, not the
 //! destination, was too slow for that stream, as TCP's receive-buffer
 //! autotuning reasons. A destination that does not keep up never grows its
-//! window, so what the probe redirects to it stays within one window; its
-//! send queue can still fill with bytes passed up that the leg forwarded,
-//! up to the send buffer below (measured: 33 MB queued for a reader that
-//! stopped, docs/RELIABILITY.md, "Memory limits"). (Measured with
+//! window, so what the probe redirects to it stays within one window; and
+//! the leg forwards bytes passed up only while the destination's send
+//! queue holds less than a window (`forward.rs`: a reader that stopped had
+//! 33 MB queued for it before, docs/RELIABILITY.md). (Measured with
 //! iperf3 over loopback, one stream: a fixed 4 MiB window let ~95% of the
 //! bytes take the userspace path at 10 Gbit/s.)
 //!

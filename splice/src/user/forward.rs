@@ -226,6 +226,7 @@ where
                 // Boxed, as the write below: the future of a leg is as large
                 // as its largest state, and these are the rare ones.
                 Box::pin(self.wait_redirected_taken(redirected)).await?;
+                Box::pin(self.wait_for_room(spliced.splice.window(spliced.index))).await?;
             }
             let bytes = if self.buffer.is_empty() {
                 &first_byte[..n]
@@ -308,6 +309,52 @@ where
         Ok(())
     }
 
+    /// Waits until the destination's send queue holds less than `window`
+    /// bytes its peer has not acknowledged: bytes passed up then go on at
+    /// the pace of the destination's reader, as the credit makes redirected
+    /// ones do. Without it a reader that stopped let the leg fill the
+    /// destination's send buffer, which is sized for four windows (and
+    /// doubled by the kernel): 33 MB queued at the initial window
+    /// (docs/RELIABILITY.md, "Memory limits"). A reset destination has an
+    /// empty queue, so the write that follows meets its error.
+    async fn wait_for_room(&self, window: u64) -> Result<(), LegError> {
+        let fd = self.delivery.destination();
+        let mut pause = MIN_SEND_PAUSE;
+        loop {
+            let queued = socket::bytes_queued(fd).map_err(LegError::Destination)?;
+            if queued < window {
+                return Ok(());
+            }
+            if self.delivery.is_abandoned() {
+                return Err(abandoned());
+            }
+            self.check_destination(|| format!("destination closed with {queued} bytes queued"))?;
+            glommio::timer::sleep(pause).await;
+            // As long as a full send buffer makes `send_all` wait between
+            // two looks at the destination.
+            pause = (pause * 2).min(SEND_WAIT_SLICE);
+        }
+    }
+
+    /// Fails if the destination died: a pending socket error, or a closed
+    /// socket (TCP keeps its queue counters as they were when it reset).
+    fn check_destination(&self, closed: impl FnOnce() -> String) -> Result<(), LegError> {
+        let fd = self.delivery.destination();
+        if let Some(e) = socket::take_error(fd).map_err(LegError::Destination)? {
+            return Err(LegError::Destination(e));
+        }
+        let state = socket::tcp_info(fd)
+            .map_err(LegError::Destination)?
+            .tcpi_state;
+        if state == tcp_state::CLOSE {
+            return Err(LegError::Destination(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                closed(),
+            )));
+        }
+        Ok(())
+    }
+
     /// Writes all of `bytes` to the destination, counting them in `delivery`.
     ///
     /// glommio waits for room with an io_uring poll, which always reports
@@ -372,19 +419,9 @@ where
             if handed >= target {
                 return Ok(());
             }
-            let fd = self.delivery.destination();
-            if let Some(e) = socket::take_error(fd).map_err(LegError::Destination)? {
-                return Err(LegError::Destination(e));
-            }
-            let state = socket::tcp_info(fd)
-                .map_err(LegError::Destination)?
-                .tcpi_state;
-            if state == tcp_state::CLOSE {
-                return Err(LegError::Destination(io::Error::new(
-                    io::ErrorKind::ConnectionReset,
-                    format!("destination closed with {handed} of {target} bytes handed over"),
-                )));
-            }
+            self.check_destination(|| {
+                format!("destination closed with {handed} of {target} bytes handed over")
+            })?;
             glommio::timer::sleep(pause).await;
             pause = (pause * 2).min(MAX_DRAIN_PAUSE);
         }

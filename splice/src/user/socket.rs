@@ -124,13 +124,18 @@ pub fn bytes_handed_to_tcp(fd: BorrowedFd<'_>) -> io::Result<u64> {
 /// from, read together.
 pub fn bytes_handed_and_acked(fd: BorrowedFd<'_>) -> io::Result<(u64, u64)> {
     let acked = tcp_info(fd)?.tcpi_bytes_acked;
+    Ok((acked + bytes_queued(fd)?, acked))
+}
+
+/// Bytes in the send queue not yet acknowledged by the peer (SIOCOUTQ).
+pub fn bytes_queued(fd: BorrowedFd<'_>) -> io::Result<u64> {
     let mut queued: libc::c_int = 0;
     // SAFETY: SIOCOUTQ writes one int into `queued`.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCOUTQ, &raw mut queued) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((acked + queued.max(0) as u64, acked))
+    Ok(queued.max(0) as u64)
 }
 
 /// Bytes waiting in the receive queue (FIONREAD).
