@@ -273,8 +273,9 @@ fn the_backend_closing_first_leaves_the_other_direction_open() {
 /// destination's TCP), plus what TCP's buffers hold outside it, each at
 /// most the machine's maximum: the source socket's receive buffer (bytes
 /// passed up), the reader's receive buffer (acknowledged bytes it did not
-/// read) and the sender's send buffer. Measured in ebpf mode: 37.6-51.7 MB
-/// in five of seven runs, 64.1 and 70.5 MB in two; copy mode 8-25 MB.
+/// read) and the sender's send buffer. Measured: ebpf mode 8.8-10.7 MB,
+/// copy mode 8.4-10.1 MB (three runs); ebpf mode 37.6-70.5 MB before its
+/// leg waited for room in the destination (`splice/src/user/forward.rs`).
 fn held_bound() -> u64 {
     let max_of = |sysctl: &str| -> u64 {
         let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")).unwrap();
