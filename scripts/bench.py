@@ -270,12 +270,21 @@ class Socat(Contender):
 # ---------------------------------------------------------------- workloads
 
 
-def iperf(port, streams, seconds):
-    out = json.loads(run(["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"], seconds + 30))
+def iperf_command(port, streams, seconds):
+    return ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-P", str(streams), "-J"]
+
+
+def iperf_result(stdout):
+    """Throughput and bytes of an `iperf3 -J` run, or the error it reported."""
+    out = json.loads(stdout)
     if "error" in out:
         raise RuntimeError(f"iperf3: {out['error']}")
     end = out["end"]["sum_received"]
     return {"gbit_per_s": end["bits_per_second"] / 1e9, "bytes": end["bytes"]}
+
+
+def iperf(port, streams, seconds):
+    return iperf_result(run(iperf_command(port, streams, seconds), seconds + 30))
 
 
 def sockperf_ping_pong(port, seconds):
@@ -567,7 +576,7 @@ def report(bench, out, command):
     for n in ("direct", "router ebpf", "router copy"):
         base = None
         for level, rss, per, step in rss_growth(rows, n):
-            v = [r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == n and r["level"] == level]
+            v = scaling_speeds(rows, n, level)
             base = base or med(v)
             lines.append(f"| {n} | {level} | {med(v):.2f} ({min(v):.2f}–{max(v):.2f}) | {med(v) / base:.2f} | {rss or '–'} | {per_connection(per)} | {per_connection(step)} |")
     lines.append("")
@@ -604,6 +613,11 @@ def report(bench, out, command):
     print("\n".join(lines))
 
 
+def scaling_speeds(rows, name, level):
+    """Gbit/s of contender `name`'s scaling runs with `level` connections."""
+    return [r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == name and r["level"] == level]
+
+
 def rss_growth(rows, name):
     """Per scaling level of contender `name`, in order: (level, RSS KiB at
     its first visit, bytes per held connection since N = 1, since the level
@@ -631,7 +645,7 @@ def scaling_figures(rows, name):
         return float("nan"), float("nan"), float("nan")
     _, _, per_conn, marginal = growth[-1]
     speed = {
-        level: med([r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == name and r["level"] == level])
+        level: med(scaling_speeds(rows, name, level))
         for level, _, _, _ in growth
     }
     first = speed[growth[0][0]]
@@ -675,7 +689,7 @@ def plots(rows, names, where):
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for n in ("direct", "router ebpf", "router copy"):
         levels = sorted({r["level"] for r in rows if r["workload"] == "scaling" and r["contender"] == n})
-        ax.plot(levels, [med([r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == n and r["level"] == lv]) for lv in levels], marker="o", label=n)
+        ax.plot(levels, [med(scaling_speeds(rows, n, lv)) for lv in levels], marker="o", label=n)
     ax.set_xscale("log")
     ax.set_xlabel("concurrent connections (1 active)")
     ax.set_ylabel("Gbit/s")

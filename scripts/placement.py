@@ -19,7 +19,6 @@ Needs root; run scripts/bench.sh once first (it installs the peers and builds
 the router). Prints a Markdown table; nothing is written.
 """
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import threading
 from pathlib import Path
 
 # The benchmark's own helpers (this script's folder is on sys.path).
-from bench import Direct, Haproxy, Nginx, Processes, Router, free_port, settle, wait_port
+from bench import Direct, Haproxy, Nginx, Processes, Router, free_port, iperf_command, iperf_result, med, settle, wait_port
 
 CONTENDERS = [Direct, lambda: Router("ebpf"), lambda: Router("copy"), lambda: Haproxy(True), Nginx]
 
@@ -49,7 +48,7 @@ def last_cpu(pid):
 
 def iperf3(port, seconds, client_cpu=None):
     """The iperf3 client of one stream, started (pinned to `client_cpu` if set)."""
-    command = ["iperf3", "-c", "127.0.0.1", "-p", str(port), "-t", str(seconds), "-J"]
+    command = iperf_command(port, 1, seconds)
     if client_cpu is not None:
         command = ["taskset", "-c", str(client_cpu), *command]
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
@@ -59,7 +58,7 @@ def finish(client, seconds):
     out, _ = client.communicate(timeout=seconds + 30)
     if client.returncode != 0:
         raise RuntimeError(f"iperf3 exited {client.returncode}")
-    return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e9
+    return iperf_result(out)["gbit_per_s"]
 
 
 def stream(port, seconds, client_cpu):
@@ -93,8 +92,8 @@ def sharing(port, seconds, server_pid):
 
 
 def summary(values):
-    values = sorted(values)
-    return values[len(values) // 2], values[0], values[-1]
+    """Median (as the bench's), minimum and maximum."""
+    return med(values), min(values), max(values)
 
 
 def main():
