@@ -315,8 +315,9 @@ where
     /// ones do. Without it a reader that stopped let the leg fill the
     /// destination's send buffer, which is sized for four windows (and
     /// doubled by the kernel): 33 MB queued at the initial window
-    /// (docs/RELIABILITY.md, "Memory limits"). A reset destination has an
-    /// empty queue, so the write that follows meets its error.
+    /// (docs/RELIABILITY.md, "Memory limits"). A reset destination keeps
+    /// its queue count, so a wait that lasts checks the destination is
+    /// alive.
     async fn wait_for_room(&self, window: u64) -> Result<(), LegError> {
         let fd = self.delivery.destination();
         let mut pause = MIN_SEND_PAUSE;
