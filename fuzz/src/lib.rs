@@ -4,7 +4,7 @@
 //! packet goes through the routing decision and a refusal gets an answer.
 use router::{
     config::{Config, Route},
-    refuse,
+    refuse, rewrite,
     routes::{self, Refusal},
     sniff::{self, FirstPacket, Sniff},
 };
@@ -27,6 +27,23 @@ pub fn routes() -> Vec<Route> {
     config.routes
 }
 
+/// An `http_close` route's rewrite keeps the request routed the same way,
+/// with one `Connection: close` header.
+fn check_connection_close(bytes: &[u8], head: usize, host: Option<&str>, limit: usize) {
+    assert!(head <= bytes.len(), "HTTP head longer than the bytes");
+    let rewritten = rewrite::connection_close(bytes, head);
+    match sniff::sniff(&rewritten, limit + 64) {
+        Sniff::Done(FirstPacket::Http { host: again, head }) => {
+            assert_eq!(again.as_deref(), host, "the rewrite changed the host");
+            let head = String::from_utf8_lossy(&rewritten[..head]).to_ascii_lowercase();
+            assert_eq!(head.matches("\nconnection:").count(), 1, "{head:?}");
+        }
+        // One header more than the 64 the sniffer reads.
+        Sniff::Invalid(_, "more than 64 request headers") => {}
+        other => panic!("the rewrite broke the request: {other:?}"),
+    }
+}
+
 /// Sniffs `bytes` as the router does, checks the invariants, routes the
 /// result. Panics (a fuzzing finding) when an invariant breaks.
 pub fn check_first_packet(bytes: &[u8], routes: &[Route]) {
@@ -38,6 +55,9 @@ pub fn check_first_packet(bytes: &[u8], routes: &[Route]) {
         Sniff::Done(first) => {
             if let FirstPacket::Preamble { len, .. } = &first {
                 assert!(*len <= bytes.len(), "preamble longer than the bytes");
+            }
+            if let FirstPacket::Http { host, head } = &first {
+                check_connection_close(bytes, *head, host.as_deref(), limit);
             }
             let protocol = first.protocol();
             match routes::decide(routes, &first) {

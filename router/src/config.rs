@@ -101,23 +101,12 @@ pub enum Pattern {
 
 impl Pattern {
     pub fn parse(text: &str) -> Result<Self, String> {
-        let lower = text.trim_end_matches('.').to_ascii_lowercase();
-        let (suffix, name) = match lower.strip_prefix("*.") {
-            Some(rest) => (true, rest.to_owned()),
-            None => (false, lower),
+        let (suffix, name) = match text.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, text),
         };
-        let valid = !name.is_empty()
-            && name.len() <= 253
-            && name.split('.').all(|label| {
-                !label.is_empty()
-                    && label.len() <= 63
-                    && label
-                        .bytes()
-                        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-            });
-        if !valid {
-            return Err(format!("`{text}` is not a host name or `*.suffix` pattern"));
-        }
+        let name = crate::host::normalize(name.as_bytes())
+            .ok_or_else(|| format!("`{text}` is not a host name or `*.suffix` pattern"))?;
         Ok(if suffix {
             Self::Suffix(name)
         } else {
@@ -158,6 +147,11 @@ pub struct Route {
     /// Check the backends (default: `None`, no checks: every connection
     /// tries the pool in order).
     pub health_check: Option<HealthCheck>,
+    /// Make the backend close an HTTP connection after its first response
+    /// (the request goes out with `Connection: close`): later requests on a
+    /// kept-alive connection are not routed, so this keeps them from
+    /// reaching another virtual host of the backend.
+    pub http_close: bool,
 }
 
 /// The whole configuration, validated.
@@ -295,6 +289,8 @@ struct RawRoute {
     balance: Balance,
     proxy_protocol: Option<ProxyProtocol>,
     health_check: Option<RawHealthCheck>,
+    #[serde(default)]
+    http_close: bool,
 }
 
 /// Where a span starts, as `line N`.
@@ -483,6 +479,7 @@ impl Config {
                 balance: route.balance,
                 proxy_protocol: route.proxy_protocol,
                 health_check,
+                http_close: route.http_close,
             });
             config.validate_route(i).map_err(|m| {
                 fail(
@@ -512,6 +509,9 @@ impl Config {
                     .into(),
             );
         }
+        if route.http_close && !matches!(route.matcher, Matcher::Host(_) | Matcher::Default) {
+            return Err("`http_close` applies to HTTP: a `host` or `default` route".into());
+        }
         if let Matcher::Preamble { name, .. } = &route.matcher {
             let taken = self.routes[..index].iter().any(
                 |r| matches!(&r.matcher, Matcher::Preamble { name: other, .. } if other == name),
@@ -537,7 +537,7 @@ impl Config {
     /// Adds a route given as `--route` (`host:NAME=ADDR[,ADDR...]`,
     /// `sni:NAME=...`, `preamble:NAME[:TOKEN]=...`, `default=...`), with
     /// options among the addresses: `proxy_protocol=v1|v2`,
-    /// `balance=round-robin|least-connections`.
+    /// `balance=round-robin|least-connections`, `http_close=true`.
     pub fn add_route_flag(&mut self, spec: &str) -> Result<(), ConfigError> {
         let shown = redact_route_flag(spec);
         let fail = |m: String| ConfigError(format!("--route {shown}: {m}"));
@@ -547,6 +547,7 @@ impl Config {
         let mut backends = Vec::new();
         let mut balance = Balance::RoundRobin;
         let mut proxy_protocol = None;
+        let mut http_close = false;
         for item in addrs.split(',').map(str::trim) {
             // An address never holds `=`: an item that does is an option.
             match item.split_once('=') {
@@ -556,6 +557,11 @@ impl Config {
                 }
                 Some(("balance", "round-robin")) => balance = Balance::RoundRobin,
                 Some(("balance", "least-connections")) => balance = Balance::LeastConnections,
+                Some(("http_close", "true")) => http_close = true,
+                Some(("http_close", "false")) => http_close = false,
+                Some(("http_close", other)) => {
+                    return Err(fail(format!("`{other}`: http_close is true or false")));
+                }
                 Some(("balance", other)) => {
                     return Err(fail(format!(
                         "`{other}`: balance is round-robin or least-connections"
@@ -563,7 +569,7 @@ impl Config {
                 }
                 Some((option, _)) => {
                     return Err(fail(format!(
-                        "unknown option `{option}` (options: proxy_protocol=v1|v2, balance=...)"
+                        "unknown option `{option}` (options: proxy_protocol=v1|v2, balance=..., http_close=true)"
                     )));
                 }
             }
@@ -609,6 +615,7 @@ impl Config {
             balance,
             proxy_protocol,
             health_check: self.health_check,
+            http_close,
         });
         self.validate_route(self.routes.len() - 1).map_err(fail)
     }
@@ -999,5 +1006,7 @@ health_check = { enabled = false }
         assert!(!suffix.matches("badexample.com"));
         assert!(Pattern::parse("*").is_err());
         assert!(Pattern::parse("a..b").is_err());
+        assert!(Pattern::parse("a.test..").is_err());
+        assert!(Pattern::parse("*..a.test").is_err());
     }
 }

@@ -4,8 +4,10 @@
 //!
 //! - [`config`]: the configuration (TOML or flags), validated;
 //! - [`sniff`]: what a first packet says;
+//! - [`host`]: which host names are valid, as routes compare them;
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
+//! - [`rewrite`]: what a route changes in the first packet (`http_close`);
 //! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
@@ -14,7 +16,8 @@
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
 //! - [`stats`]: the counters and the `stats:` line;
-//! - [`metrics`]: the Prometheus metrics and their HTTP endpoint;
+//! - [`metrics`]: the Prometheus metrics;
+//! - [`endpoint`]: their HTTP endpoint, with `/healthz` and `/readyz`;
 //! - [`demo`]: the demo backends of `router --demo`.
 //!
 //! Without the default feature `server` only the parsers are built
@@ -25,7 +28,10 @@ pub mod config;
 #[cfg(feature = "server")]
 pub mod demo;
 #[cfg(feature = "server")]
+pub mod endpoint;
+#[cfg(feature = "server")]
 pub mod health;
+pub mod host;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]
@@ -35,6 +41,7 @@ pub mod proxy_protocol;
 pub mod refuse;
 #[cfg(feature = "server")]
 pub mod reload;
+pub mod rewrite;
 pub mod routes;
 #[cfg(feature = "server")]
 pub mod server;

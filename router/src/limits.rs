@@ -2,7 +2,9 @@
 //! executor: a connection takes a [`Permit`] when it is accepted and gives it
 //! back when it ends; one that finds a limit reached is refused at once
 //! (reset, before anything is read), so that a flood of idle connections
-//! (slowloris) cannot exhaust the router's descriptors.
+//! (slowloris) cannot exhaust the router's descriptors. A reload sets new
+//! limits: a lower one refuses new connections until fewer are open, and
+//! closes none.
 use std::sync::{
     Arc,
     atomic::{AtomicUsize, Ordering},
@@ -22,7 +24,7 @@ pub struct Limits {
 #[derive(Debug)]
 struct Counter {
     open: AtomicUsize,
-    max: usize,
+    max: AtomicUsize,
 }
 
 /// Which limit refused a connection.
@@ -43,15 +45,20 @@ impl Counter {
     fn new(max: usize) -> Self {
         Self {
             open: AtomicUsize::new(0),
-            max,
+            max: AtomicUsize::new(max),
         }
+    }
+
+    fn max(&self) -> usize {
+        self.max.load(Ordering::Relaxed)
     }
 
     /// Takes a place if one is free.
     fn take(&self) -> bool {
+        let max = self.max();
         self.open
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
-                (open < self.max).then_some(open + 1)
+                (open < max).then_some(open + 1)
             })
             .is_ok()
     }
@@ -85,11 +92,11 @@ impl Limits {
     pub fn admit(self: &Arc<Self>, listener: usize) -> Result<Permit, Exceeded> {
         let counter = &self.listeners[listener];
         if !counter.take() {
-            return Err(Exceeded::Listener(counter.max));
+            return Err(Exceeded::Listener(counter.max()));
         }
         if !self.total.take() {
             counter.give_back();
-            return Err(Exceeded::Total(self.total.max));
+            return Err(Exceeded::Total(self.total.max()));
         }
         Ok(Permit {
             limits: Arc::clone(self),
@@ -100,6 +107,26 @@ impl Limits {
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.total.open.load(Ordering::Acquire)
+    }
+
+    /// The limits in force: in total, and per listener (`None`: none).
+    pub fn max(&self) -> (usize, Option<usize>) {
+        let per_listener = self.listeners.first().map(Counter::max);
+        (
+            self.total.max(),
+            per_listener.filter(|&max| max != usize::MAX),
+        )
+    }
+
+    /// Puts new limits in force (a reload): connections open past a lower
+    /// one stay, and new ones are refused until fewer are open.
+    pub fn set(&self, total: usize, per_listener: Option<usize>) {
+        self.total.max.store(total, Ordering::Relaxed);
+        for counter in &self.listeners {
+            counter
+                .max
+                .store(per_listener.unwrap_or(usize::MAX), Ordering::Relaxed);
+        }
     }
 }
 
@@ -128,6 +155,26 @@ mod tests {
         assert_eq!(limits.open(), 2);
         let _b2 = limits.admit(1).unwrap();
         assert_eq!(limits.open(), 3);
+    }
+
+    #[test]
+    fn new_limits_apply_to_the_next_connection_and_close_none() {
+        let limits = Limits::new(2, None, 1);
+        let a = limits.admit(0).unwrap();
+        let b = limits.admit(0).unwrap();
+        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Total(2));
+        limits.set(3, None);
+        let c = limits.admit(0).unwrap();
+        limits.set(1, Some(1));
+        assert_eq!(limits.max(), (1, Some(1)));
+        assert_eq!(limits.open(), 3);
+        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Listener(1));
+        drop((a, b));
+        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Listener(1));
+        drop(c);
+        let _d = limits.admit(0).unwrap();
+        limits.set(5, None);
+        assert_eq!(limits.max(), (5, None));
     }
 
     #[test]

@@ -1,26 +1,22 @@
 //! Prometheus metrics (`--metrics ADDR`): the connection path only bumps
 //! per-core atomics (no lock, no allocation); a [`Collector`] sums them over
 //! the cores when scraped, reads the probes' in-kernel counters, and
-//! prometheus-client encodes the whole in the Prometheus text format. A tiny
-//! HTTP/1.1 responder on its own thread ([`serve`]) answers `GET /metrics`
-//! and `GET /healthz`, so a scrape never runs on an executor.
+//! prometheus-client encodes the whole in the Prometheus text format, which
+//! [`crate::endpoint`] serves.
 //!
 //! Adding a metric (e.g. a backend health gauge): give the per-core struct
 //! that owns the state an atomic ([`BackendCounters`] for a per-backend
 //! one), and encode the sum in [`RouterCollector::encode`] with [`gauge`],
 //! [`counter`] or their `*_family` forms; or register another metric or
-//! [`Collector`] on the [`Registry`] that [`registry`] returns before
-//! handing it to [`serve`].
+//! [`Collector`] on the [`Registry`] that [`registry`] returns.
 use std::{
     collections::BTreeMap,
-    fmt,
-    io::{self, Read as _, Write as _},
-    net::{SocketAddr, TcpListener, TcpStream},
+    fmt, io,
+    net::SocketAddr,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
-    thread,
     time::Duration,
 };
 
@@ -202,6 +198,8 @@ impl Labelled {
 /// Process-wide state the metrics report besides the counters.
 #[derive(Debug, Default)]
 pub struct Lifecycle {
+    /// Serving: every executor started (with its probe, if any).
+    pub ready: AtomicBool,
     /// Stopping: listeners closed, live connections finishing.
     pub draining: AtomicBool,
     pub reloads_ok: AtomicU64,
@@ -656,124 +654,6 @@ pub fn encode(registry: &Registry) -> String {
     let mut text = String::with_capacity(16 * 1024);
     prometheus_text::encode(&mut text, registry).expect("writing to a String cannot fail");
     text
-}
-
-/// How long a scraper may take to send its request or read the answer:
-/// requests are served one at a time, so a stalled client must not hold
-/// the next scrape for long.
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Longest request head accepted.
-const MAX_REQUEST: usize = 8 * 1024;
-
-/// Binds the metrics listener. With SO_REUSEADDR: the responder closes
-/// first, so its side of each scrape waits in TIME_WAIT, which would keep
-/// a restarted router from binding the port for a minute.
-pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_address(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(128)?;
-    Ok(socket.into())
-}
-
-/// Serves `GET /metrics` and `GET /healthz` on `listener`, one request per
-/// connection, on a thread of its own (`router-metrics`).
-pub fn serve(
-    listener: TcpListener,
-    registry: Registry,
-    lifecycle: Arc<Lifecycle>,
-) -> io::Result<thread::JoinHandle<()>> {
-    thread::Builder::new()
-        .name("router-metrics".into())
-        .spawn(move || {
-            for stream in listener.incoming() {
-                match stream {
-                    Ok(stream) => {
-                        if let Err(e) = answer(stream, &registry, &lifecycle) {
-                            tracing::debug!("metrics request: {e}");
-                        }
-                    }
-                    Err(e) => {
-                        tracing::warn!("metrics listener: accept failed: {e}");
-                        thread::sleep(Duration::from_millis(10));
-                    }
-                }
-            }
-        })
-}
-
-fn answer(mut stream: TcpStream, registry: &Registry, lifecycle: &Lifecycle) -> io::Result<()> {
-    stream.set_read_timeout(Some(CLIENT_TIMEOUT))?;
-    stream.set_write_timeout(Some(CLIENT_TIMEOUT))?;
-    let mut head = Vec::with_capacity(1024);
-    let mut buffer = [0u8; 1024];
-    let (method, path) = loop {
-        let n = stream.read(&mut buffer)?;
-        if n == 0 {
-            return Ok(());
-        }
-        head.extend_from_slice(&buffer[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut request = httparse::Request::new(&mut headers);
-        match request.parse(&head) {
-            Ok(httparse::Status::Complete(_)) => {
-                break (
-                    request.method.unwrap_or_default().to_owned(),
-                    request.path.unwrap_or_default().to_owned(),
-                );
-            }
-            Ok(httparse::Status::Partial) if head.len() < MAX_REQUEST => {}
-            Ok(httparse::Status::Partial) => {
-                return respond(&mut stream, 431, "text/plain", "request too large\n");
-            }
-            Err(_) => return respond(&mut stream, 400, "text/plain", "bad request\n"),
-        }
-    };
-    // The query string does not matter (Prometheus may add one).
-    let path = path.split('?').next().unwrap_or_default();
-    match (method.as_str(), path) {
-        ("GET", "/metrics") => respond(
-            &mut stream,
-            200,
-            prometheus_text::CONTENT_TYPE,
-            &encode(registry),
-        ),
-        ("GET", "/healthz") if lifecycle.draining.load(Relaxed) => {
-            respond(&mut stream, 503, "text/plain", "draining\n")
-        }
-        ("GET", "/healthz") => respond(&mut stream, 200, "text/plain", "ok\n"),
-        ("GET", _) => respond(
-            &mut stream,
-            404,
-            "text/plain",
-            "not found: try /metrics or /healthz\n",
-        ),
-        _ => respond(&mut stream, 405, "text/plain", "only GET\n"),
-    }
-}
-
-fn respond(stream: &mut TcpStream, status: u16, content_type: &str, body: &str) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        503 => "Service Unavailable",
-        _ => "",
-    };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
 }
 
 #[cfg(test)]

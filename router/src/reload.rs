@@ -115,19 +115,65 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
     (merged, warnings)
 }
 
-/// One line on what a reload changed, for the log.
+/// One line on what a reload changed, for the log: every setting it put in
+/// force, by name, with its old and new value.
 pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
     let names = |c: &Config| c.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>();
-    let changed_routes = old.routes != new.routes;
+    let mut changed = Vec::new();
+    let mut compare = |what: &str, old: String, new: String| {
+        if old != new {
+            changed.push(format!("{what} {old} -> {new}"));
+        }
+    };
+    let duration = |d: Duration| humantime::format_duration(d).to_string();
+    let limit = |l: Option<usize>| l.map_or_else(|| "default".to_owned(), |l| l.to_string());
+    compare(
+        "first_packet_timeout",
+        duration(old.first_packet_timeout),
+        duration(new.first_packet_timeout),
+    );
+    compare(
+        "first_packet_max",
+        old.first_packet_max.to_string(),
+        new.first_packet_max.to_string(),
+    );
+    compare(
+        "connect_timeout",
+        duration(old.connect_timeout),
+        duration(new.connect_timeout),
+    );
+    compare(
+        "drain_timeout",
+        duration(old.drain_timeout),
+        duration(new.drain_timeout),
+    );
+    compare(
+        "max_connections",
+        limit(old.max_connections),
+        limit(new.max_connections),
+    );
+    compare(
+        "max_connections_per_listener",
+        limit(old.max_connections_per_listener),
+        limit(new.max_connections_per_listener),
+    );
+    compare(
+        "health_check",
+        format!("{:?}", old.health_check),
+        format!("{:?}", new.health_check),
+    );
+    if old.routes != new.routes {
+        changed.push("routes".to_owned());
+    }
     format!(
-        "configuration reloaded in {:.2} ms: {} route(s) {:?}{}",
+        "configuration reloaded in {:.2} ms: {} route(s) {:?}; {}",
         took.as_secs_f64() * 1e3,
         new.routes.len(),
         names(new),
-        if changed_routes {
-            " (routes changed)"
+        if changed.is_empty() {
+            "nothing changed".to_owned()
         } else {
-            " (routes unchanged)"
+            format!("changed: {}", changed.join(", "))
         }
     )
 }
@@ -158,6 +204,24 @@ mod tests {
         assert!(warnings[0].starts_with("`listen` changed"), "{warnings:?}");
         let (_, warnings) = merge(&running, running.clone());
         assert!(warnings.is_empty());
+    }
+
+    #[test]
+    fn the_summary_names_every_setting_put_in_force() {
+        let old = config("127.0.0.1:1", "default=127.0.0.1:1");
+        let mut new = old.clone();
+        assert!(summary(&old, &new, Duration::ZERO).ends_with("; nothing changed"));
+        new.max_connections = Some(20);
+        new.max_connections_per_listener = Some(3);
+        new.connect_timeout = Duration::from_millis(500);
+        let line = summary(&old, &new, Duration::ZERO);
+        assert!(
+            line.ends_with(
+                "changed: connect_timeout 2s -> 500ms, max_connections default -> 20, \
+                 max_connections_per_listener default -> 3"
+            ),
+            "{line}"
+        );
     }
 
     #[test]

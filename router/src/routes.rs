@@ -54,6 +54,9 @@ pub struct Decision {
     /// Bytes at the start of the stream not to forward (a stripped
     /// preamble).
     pub skip: usize,
+    /// The length of an HTTP request head to send with `Connection: close`
+    /// (the route's `http_close`).
+    pub close_http: Option<usize>,
 }
 
 /// Picks the route for `first`, or why there is none.
@@ -91,19 +94,30 @@ pub fn decide(routes: &[Route], first: &FirstPacket) -> Result<Decision, Refusal
         return Ok(Decision {
             route: index,
             skip: if *keep { 0 } else { *len },
+            close_http: None,
         });
     }
     routes
         .iter()
         .position(|route| match (&route.matcher, first) {
-            (Matcher::Host(pattern), FirstPacket::Http { host: Some(host) }) => {
-                pattern.matches(host)
-            }
+            (
+                Matcher::Host(pattern),
+                FirstPacket::Http {
+                    host: Some(host), ..
+                },
+            ) => pattern.matches(host),
             (Matcher::Sni(pattern), FirstPacket::Tls { sni: Some(sni) }) => pattern.matches(sni),
             (Matcher::Default, _) => true,
             _ => false,
         })
-        .map(|route| Decision { route, skip: 0 })
+        .map(|index| Decision {
+            route: index,
+            skip: 0,
+            close_http: match first {
+                FirstPacket::Http { head, .. } if routes[index].http_close => Some(*head),
+                _ => None,
+            },
+        })
         .ok_or(Refusal::NoRoute)
 }
 
@@ -129,6 +143,7 @@ mod tests {
     fn http(host: &str) -> FirstPacket {
         FirstPacket::Http {
             host: Some(host.into()),
+            head: 0,
         }
     }
 
@@ -163,7 +178,11 @@ mod tests {
         let routes = routes();
         assert_eq!(
             decide(&routes, &preamble("db", Some("s3cret"))),
-            Ok(Decision { route: 2, skip: 20 })
+            Ok(Decision {
+                route: 2,
+                skip: 20,
+                close_http: None
+            })
         );
         assert_eq!(
             decide(&routes, &preamble("db", Some("s3cres"))),

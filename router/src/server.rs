@@ -206,9 +206,10 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
     }
     let metrics_listener = match config.metrics {
-        Some(addr) => {
-            Some(metrics::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
-        }
+        Some(addr) => Some(
+            crate::endpoint::bind(addr)
+                .with_context(|| format!("cannot serve metrics on {addr}"))?,
+        ),
         None => None,
     };
     let probe = probe_spec(&config)?;
@@ -251,11 +252,12 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .collect();
     // Listeners are bound: from here on, every thread needs at most what
     // loading the probes takes (executors inherit this).
-    let loading: &[u32] = if probe.is_some() {
-        capabilities::LOAD
+    let (loading, running): (&[u32], &[u32]) = if probe.is_some() {
+        (capabilities::LOAD, capabilities::RUNTIME)
     } else {
-        &[]
+        (&[], &[])
     };
+    capabilities::limit_bounding_set(running);
     capabilities::retain_only(loading).context("dropping capabilities")?;
     let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
     // Probes loaded: the main thread keeps what the connections need.
@@ -265,7 +267,14 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         &[]
     })
     .context("dropping capabilities")?;
-    info!(kept = ?capabilities::names(kept), "capabilities dropped");
+    let bounding = match capabilities::bounding_set() {
+        Some(set) if set & !kept == 0 => "cleared",
+        Some(_) => {
+            "unchanged (clearing it needs CAP_SETPCAP; no_new_privs keeps exec from using it)"
+        }
+        None => "unknown",
+    };
+    info!(kept = ?capabilities::names(kept), bounding, no_new_privs = true, "capabilities dropped");
     let kernel: Vec<KernelView> = views.into_iter().flatten().collect();
     let mode = if kernel.len() == cores {
         "ebpf"
@@ -294,7 +303,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                 ),
                 lifecycle: Arc::clone(&lifecycle),
             };
-            metrics::serve(
+            crate::endpoint::serve(
                 listener,
                 metrics::registry(collector),
                 Arc::clone(&lifecycle),
@@ -305,6 +314,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     info!(?bound, mode, cores, ?metrics_addr, "serving");
+    lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);
     if let Some(addr) = metrics_addr {
         println!("router: metrics on http://{addr}/metrics");
@@ -321,6 +331,8 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         stats_interval: options.stats_interval,
         reload: options.reload,
         config,
+        limits,
+        default_max_connections: Limits::default_total(open_files),
     }
     .run();
     Ok(())
@@ -746,7 +758,10 @@ async fn connect<'a>(
         shard,
         ToBackend {
             header,
-            first,
+            first: match decision.close_http {
+                Some(head) => crate::rewrite::connection_close(&first, head),
+                None => first,
+            },
             skip: decision.skip,
         },
         Finish {

@@ -19,10 +19,11 @@ use splice::user::{
     KernelView,
     runtime::{self, Signal},
 };
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::{
     config::Config,
+    limits::Limits,
     metrics::{Labelled, Lifecycle},
     reload::{self, Published},
     server::Reloader,
@@ -46,6 +47,10 @@ pub struct Supervisor<'a> {
     pub reload: Reloader,
     /// The configuration in force.
     pub config: Arc<Config>,
+    /// The connection limits every executor checks, and the total used when
+    /// the configuration sets none.
+    pub limits: Arc<Limits>,
+    pub default_max_connections: usize,
 }
 
 impl Supervisor<'_> {
@@ -106,6 +111,12 @@ impl Supervisor<'_> {
             warn!("SIGHUP: {warning}");
         }
         let merged = Arc::new(merged);
+        self.limits.set(
+            merged
+                .max_connections
+                .unwrap_or(self.default_max_connections),
+            merged.max_connections_per_listener,
+        );
         self.labelled.register(&merged);
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
@@ -149,14 +160,20 @@ impl Supervisor<'_> {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 warn!(
-                    "drain_timeout ({}) passed with {open} connection(s) still open: exiting",
+                    "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
+                     resetting them",
                     humantime::format_duration(timeout)
                 );
+                cut_open_connections();
                 return;
             }
             match runtime::wait_for_signal(left.min(DRAIN_POLL)) {
                 Some(Signal::Stop) => {
-                    warn!("second stop signal: exiting now with {open} connection(s) open");
+                    warn!(
+                        "second stop signal: exiting now with {open} connection(s) open, \
+                         resetting them"
+                    );
+                    cut_open_connections();
                     return;
                 }
                 Some(Signal::Report) => self.print_report(),
@@ -164,5 +181,15 @@ impl Supervisor<'_> {
                 None => {}
             }
         }
+    }
+}
+
+/// Makes the exit that follows reset every open connection on both sides:
+/// a peer must not take a cut stream for a finished one (the kernel would
+/// send FIN when it closes the sockets).
+fn cut_open_connections() {
+    match splice::user::socket::reset_every_connection_on_close() {
+        Ok(sockets) => debug!(sockets, "connections cut: their sockets send RST on exit"),
+        Err(e) => warn!("cannot mark the open connections for a reset: {e}"),
     }
 }

@@ -751,3 +751,81 @@ fn raise_open_files_limit() {
         }
     }
 }
+
+/// `/healthz` stays fast while 1,000 slow clients hold the metrics port,
+/// each trickling a request one byte at a time: connections are served
+/// concurrently, the oldest gives way past the bound, and a request that
+/// outlives its deadline is closed. (Mode-independent: copy mode.)
+#[test]
+fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() {
+    const SLOW: usize = 1000;
+    raise_open_files_limit();
+    let echo = Backend::echo();
+    let mut router = start(
+        "copy",
+        &[format!("default={}", echo.addr)],
+        &["--metrics", "127.0.0.1:0"],
+    );
+    let metrics = metrics_addr(&mut router);
+    let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n\r\n";
+    let mut slow: Vec<TcpStream> = (0..SLOW)
+        .map(|_| {
+            let mut stream = clients::connect(metrics).expect("a slow client connects");
+            stream.write_all(&request[..1]).unwrap();
+            stream
+        })
+        .collect();
+    let stop = Arc::new(AtomicBool::new(false));
+    // Every slow client sends its next byte every 500 ms, never finishing.
+    let trickle = {
+        let stop = Arc::clone(&stop);
+        let streams: Vec<TcpStream> = slow.iter().map(|s| s.try_clone().unwrap()).collect();
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut sent = 1;
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                for mut stream in &streams {
+                    let _ = stream.write_all(&request[sent % (request.len() - 4)..][..1]);
+                }
+                sent += 1;
+                thread::sleep(Duration::from_millis(500));
+            }
+        })
+    };
+    let mut worst = Duration::ZERO;
+    for _ in 0..20 {
+        let started = Instant::now();
+        assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".into()));
+        worst = worst.max(started.elapsed());
+        thread::sleep(Duration::from_millis(100));
+    }
+    let started = Instant::now();
+    let scrape = Metrics::scrape(metrics);
+    let scrape_took = started.elapsed();
+    eprintln!("with {SLOW} slow clients: /healthz worst {worst:?} of 20, /metrics {scrape_took:?}");
+    assert!(
+        worst < Duration::from_millis(500),
+        "/healthz took {worst:?}"
+    );
+    assert!(scrape.get("router_connections_accepted_total") == 0);
+    // Every slow client is closed, by eviction or at its deadline, though
+    // it still sends.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for stream in &mut slow {
+        stream
+            .set_read_timeout(Some(
+                deadline
+                    .saturating_duration_since(Instant::now())
+                    .max(Duration::from_millis(1)),
+            ))
+            .unwrap();
+        let mut byte = [0u8; 1];
+        match stream.read(&mut byte) {
+            Ok(0) => {}
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+            other => panic!("a slow client still held after its deadline: {other:?}"),
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    trickle.join().unwrap();
+}

@@ -690,6 +690,111 @@ fn slowloris_connections_are_closed_at_the_first_packet_deadline() {
     assert_eq!(a.accepted(), 1);
 }
 
+/// A stream the router cuts is cut for both peers: when `--drain-timeout`
+/// passes with a download and an upload still running, the downloading
+/// client reads an intact prefix and then a reset (not the FIN of a
+/// finished download), and the backend of the upload sees a reset too.
+#[test]
+fn a_stream_cut_at_the_drain_timeout_ends_with_a_reset_on_both_sides() {
+    const SIZE: usize = 64 << 20;
+    both_modes("cut_reset", |mode| {
+        let source = Backend::source(SIZE, 31, Arc::new(AtomicU64::new(0)));
+        let (reports, backend_end) = mpsc::channel();
+        let sink = Backend::watcher(reports);
+        let mut router = start(
+            mode,
+            &[
+                format!("preamble:down={}", source.addr),
+                format!("preamble:up={}", sink.addr),
+            ],
+            &["--drain-timeout", "1s"],
+        );
+        let mut download = clients::connect(router.addr).unwrap();
+        download.write_all(b"ROUTE down\r\n").unwrap();
+        let mut hasher = Sha256::new();
+        let mut head = vec![0u8; 1 << 20];
+        download.read_exact(&mut head).expect("the first MiB");
+        hasher.update(&head);
+        let upload = clients::connect(router.addr).unwrap();
+        let mut writer = upload.try_clone().unwrap();
+        let uploading = thread::spawn(move || {
+            writer.write_all(b"ROUTE up\r\n")?;
+            let chunk = vec![7u8; 1 << 16];
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                writer.write_all(&chunk)?;
+                thread::sleep(Duration::from_millis(1));
+            }
+            Ok::<_, std::io::Error>(())
+        });
+        thread::sleep(Duration::from_millis(200));
+        router.signal(libc::SIGTERM);
+        router
+            .wait_exit(Duration::from_secs(5))
+            .expect("exit at the drain timeout");
+        assert!(
+            router.stderr().contains("resetting them"),
+            "{}",
+            router.stderr()
+        );
+        let (rest, end) = read_to_end(&download, &mut hasher);
+        let received = head.len() as u64 + rest;
+        assert_eq!(
+            end,
+            End::Reset,
+            "{mode}: a cut download after {received} bytes"
+        );
+        assert!(received < SIZE as u64, "{mode}");
+        assert!(
+            <[u8; 32]>::from(hasher.finalize()) == prefix_hash(received, 31),
+            "{mode}: the {received} bytes received are not the stream's prefix"
+        );
+        let upload_end = uploading.join().unwrap().expect_err("the upload was cut");
+        assert!(
+            matches!(
+                upload_end.kind(),
+                ErrorKind::ConnectionReset | ErrorKind::BrokenPipe
+            ),
+            "{mode}: {upload_end}"
+        );
+        let backend_saw = backend_end
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the upload's backend saw an end");
+        assert_eq!(
+            backend_saw,
+            Err(ErrorKind::ConnectionReset),
+            "{mode}: upload backend"
+        );
+        drop(upload);
+    });
+}
+
+/// A connection through the router to the echo route `e`, held open once
+/// its first bytes came back.
+fn open_echoed(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let mut stream = clients::connect(addr)?;
+    stream.write_all(b"ROUTE e\r\nping")?;
+    let mut echoed = [0u8; 4];
+    stream.read_exact(&mut echoed)?;
+    Ok(stream)
+}
+
+/// Whether a new connection is refused at a limit: reset at once (seen by
+/// the connect itself when the reset comes before it returned) or closed
+/// without a byte.
+fn refused_at_limit(addr: SocketAddr) -> bool {
+    let stream = match clients::connect(addr) {
+        Ok(stream) => stream,
+        Err(e) => return e.kind() == ErrorKind::ConnectionReset,
+    };
+    let mut buffer = [0u8; 16];
+    match (&stream).read(&mut buffer) {
+        Ok(0) => true,
+        Err(e) => e.kind() == ErrorKind::ConnectionReset,
+        Ok(_) => false,
+    }
+}
+
 /// Connection limits: per listener (2) and in total (3), over two
 /// listeners and every core. A connection past a limit is closed at once,
 /// counted as `refused_limit` and logged; a freed place is taken again.
@@ -710,27 +815,7 @@ fn connections_past_a_limit_are_refused_counted_and_logged() {
         ],
     );
     let first = router.addr;
-    let open = |addr: SocketAddr| -> std::io::Result<TcpStream> {
-        let mut stream = clients::connect(addr)?;
-        stream.write_all(b"ROUTE e\r\nping")?;
-        let mut echoed = [0u8; 4];
-        stream.read_exact(&mut echoed)?;
-        Ok(stream)
-    };
-    // Refused: reset at once (seen by the connect itself when the reset
-    // comes before it returned) or closed without a byte.
-    let refused = |addr: SocketAddr| {
-        let stream = match clients::connect(addr) {
-            Ok(stream) => stream,
-            Err(e) => return e.kind() == ErrorKind::ConnectionReset,
-        };
-        let mut buffer = [0u8; 16];
-        match (&stream).read(&mut buffer) {
-            Ok(0) => true,
-            Err(e) => e.kind() == ErrorKind::ConnectionReset,
-            Ok(_) => false,
-        }
-    };
+    let (open, refused) = (open_echoed, refused_at_limit);
     let a1 = open(first).expect("first connection");
     let _a2 = open(first).expect("second connection");
     assert!(refused(first), "a third connection on the first listener");
@@ -759,10 +844,102 @@ fn connections_past_a_limit_are_refused_counted_and_logged() {
     assert!(stderr.contains("max_connections_per_listener"), "{stderr}");
 }
 
+/// A reload puts new limits in force both ways: 5 → 20 lets 20 in; 20 → 3
+/// closes none of the 20 open but refuses new ones until fewer than 3 are
+/// open; the same for the per-listener limit. The log names each change.
+#[test]
+fn a_reload_applies_new_connection_limits_both_ways() {
+    both_modes("reload-limits", |mode| {
+        let echo = Backend::echo();
+        let limits = |total: usize, per_listener: usize| {
+            format!(
+                "max_connections = {total}\nmax_connections_per_listener = {per_listener}\n\
+                 [[route]]\nname = \"e\"\npreamble = \"e\"\nbackends = [\"{}\"]\n",
+                echo.addr
+            )
+        };
+        let path = config_file(&format!("reload-limits-{mode}"), &limits(5, 100));
+        let mut router = start(mode, &[], &["--config", path.to_str().unwrap()]);
+        let addr = router.addr;
+        let reload = |router: &mut Server, text: &str, expect: &str| {
+            std::fs::write(&path, text).unwrap();
+            router.signal(libc::SIGHUP);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !router.stderr().contains(expect) {
+                assert!(
+                    Instant::now() < deadline,
+                    "no {expect:?}:\n{}",
+                    router.stderr()
+                );
+                thread::sleep(Duration::from_millis(10));
+            }
+        };
+        let mut held: Vec<TcpStream> = (0..5).map(|_| open_echoed(addr).unwrap()).collect();
+        assert!(
+            refused_at_limit(addr),
+            "a sixth connection under max_connections = 5"
+        );
+        reload(&mut router, &limits(20, 100), "max_connections 5 -> 20");
+        for i in 5..20 {
+            held.push(open_echoed(addr).unwrap_or_else(|e| panic!("connection {i}: {e}")));
+        }
+        assert!(
+            refused_at_limit(addr),
+            "a 21st connection under max_connections = 20"
+        );
+        reload(&mut router, &limits(3, 100), "max_connections 20 -> 3");
+        // None of the open ones is closed; new ones wait for fewer than 3.
+        for stream in &mut held {
+            stream.write_all(b"x").unwrap();
+            let mut echoed = [0u8; 1];
+            stream.read_exact(&mut echoed).unwrap();
+        }
+        assert!(refused_at_limit(addr), "20 open under max_connections = 3");
+        held.truncate(2);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let third = loop {
+            if let Ok(stream) = open_echoed(addr) {
+                break stream;
+            }
+            assert!(Instant::now() < deadline, "2 open, max 3: still refused");
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            refused_at_limit(addr),
+            "a fourth connection under max_connections = 3"
+        );
+        drop(third);
+        reload(
+            &mut router,
+            &limits(100, 1),
+            "max_connections_per_listener 100 -> 1",
+        );
+        held.truncate(0);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let only = loop {
+            if let Ok(stream) = open_echoed(addr) {
+                break stream;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "none open, 1 per listener: refused"
+            );
+            thread::sleep(Duration::from_millis(50));
+        };
+        assert!(
+            refused_at_limit(addr),
+            "a second connection, 1 per listener"
+        );
+        drop(only);
+    });
+}
+
 /// The router as `nobody` with only CAP_BPF, CAP_NET_ADMIN and CAP_PERFMON
 /// (ambient) splices in the kernel; once its probes are loaded every thread
 /// keeps CAP_NET_ADMIN alone (inserting sockets and writing routes in maps
-/// it holds needs neither CAP_BPF nor CAP_PERFMON). Without CAP_PERFMON it
+/// it holds needs neither CAP_BPF nor CAP_PERFMON), with no ambient
+/// capability and `no_new_privs` set; as root the bounding set is cleared
+/// to CAP_NET_ADMIN too. Without CAP_PERFMON it
 /// refuses to start, naming it (the verifier would reject the probe: see
 /// `capabilities::LOAD`).
 #[test]
@@ -812,24 +989,65 @@ fn it_splices_as_nobody_with_three_capabilities_and_keeps_one() {
     assert!(stats.get("kernel_redirected_bytes") > 0, "{stats:?}");
     let status = std::fs::read_to_string(format!("/proc/{}/status", router.pid())).unwrap();
     assert!(status.contains("Uid:\t65534"), "{status}");
+    let threads = thread_capabilities(router.pid());
+    eprintln!("threads (name, CapEff, CapPrm, CapAmb, CapBnd, NoNewPrivs): {threads:x?}");
+    for (name, effective, permitted, ambient, _bounding, no_new_privs) in &threads {
+        assert_eq!((*effective, *permitted), (NET_ADMIN, NET_ADMIN), "{name}");
+        assert_eq!(*ambient, 0, "{name}: ambient set");
+        assert_eq!(*no_new_privs, 1, "{name}: no_new_privs");
+    }
+    assert!(threads.iter().any(|(name, ..)| name.starts_with("shard")));
+    // Without CAP_SETPCAP the bounding set cannot shrink: it stays as given
+    // (full here), which no_new_privs makes harmless; the log says so.
+    assert!(
+        router.stderr().contains("clearing it needs CAP_SETPCAP"),
+        "{}",
+        router.stderr()
+    );
+    drop(router);
+
+    // As root (CAP_SETPCAP), the bounding set is cleared to the one kept.
+    let mut router = start("ebpf", std::slice::from_ref(&route), &[]);
+    let echoed = exchange_then_close(router.addr, payload.clone()).unwrap();
+    assert!(echoed == payload, "echo differs");
+    router.wait_stats(idle, Duration::from_secs(10));
+    let threads = thread_capabilities(router.pid());
+    eprintln!("as root: {threads:x?}");
+    for (name, effective, permitted, ambient, bounding, no_new_privs) in &threads {
+        if name.starts_with("shard") || name == "router" {
+            assert_eq!(
+                (*effective, *permitted, *ambient, *bounding, *no_new_privs),
+                (NET_ADMIN, NET_ADMIN, 0, NET_ADMIN, 1),
+                "{name}"
+            );
+        }
+    }
+}
+
+/// Each thread of `pid`: its name, CapEff, CapPrm, CapAmb, CapBnd and
+/// NoNewPrivs.
+fn thread_capabilities(pid: i32) -> Vec<(String, u64, u64, u64, u64, u64)> {
     let mut threads = Vec::new();
-    for task in std::fs::read_dir(format!("/proc/{}/task", router.pid())).unwrap() {
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let name = std::fs::read_to_string(dir.join("comm")).unwrap();
         let status = std::fs::read_to_string(dir.join("status")).unwrap();
-        let set = |key: &str| {
-            let hex = status
+        let field = |key: &str, radix: u32| {
+            let value = status
                 .lines()
                 .find_map(|l| l.strip_prefix(key))
-                .unwrap()
+                .unwrap_or_else(|| panic!("no {key} in {status}"))
                 .trim();
-            u64::from_str_radix(hex, 16).unwrap()
+            u64::from_str_radix(value, radix).unwrap()
         };
-        threads.push((name.trim().to_owned(), set("CapEff:"), set("CapPrm:")));
+        threads.push((
+            name.trim().to_owned(),
+            field("CapEff:", 16),
+            field("CapPrm:", 16),
+            field("CapAmb:", 16),
+            field("CapBnd:", 16),
+            field("NoNewPrivs:", 10),
+        ));
     }
-    eprintln!("threads (name, CapEff, CapPrm): {threads:x?}");
-    for (name, effective, permitted) in &threads {
-        assert_eq!((*effective, *permitted), (NET_ADMIN, NET_ADMIN), "{name}");
-    }
-    assert!(threads.iter().any(|(name, ..)| name.starts_with("shard")));
+    threads
 }

@@ -759,3 +759,152 @@ fn a_kernel_without_sockmap_is_named_and_auto_mode_copies() {
         router.stderr()
     );
 }
+
+/// Only `host:a.test` is routed, to a backend that would serve any virtual
+/// host: an absolute-form target naming another host, two `Host` headers,
+/// or a `Host` that is no host name gets `400` before the backend hears a
+/// byte; the absolute-form authority is what routes. An `http_close` route
+/// sends the request on with `Connection: close` in place of the client's
+/// `Connection` and `Keep-Alive`, so the backend answers one request only.
+#[test]
+fn host_routing_cannot_be_bypassed_to_reach_another_virtual_host() {
+    both_modes("host_bypass", |mode| {
+        let (a, echo) = (Backend::named("a"), Backend::echo());
+        let routes = [
+            format!("host:a.test={}", a.addr),
+            format!("host:close.test={},http_close=true", echo.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        for head in [
+            "GET http://internal.test/ HTTP/1.1\r\nHost: a.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\r\nHost: internal.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [a.test]evil.test\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test:evil\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test...\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a.test\u{a0}\r\n\r\n",
+        ] {
+            let response =
+                String::from_utf8_lossy(&send(router.addr, head.as_bytes())).into_owned();
+            assert!(
+                response.starts_with("HTTP/1.1 400 Bad Request\r\n"),
+                "{mode}: {head:?} got {response:?}"
+            );
+        }
+        assert_eq!(
+            a.accepted(),
+            0,
+            "{mode}: a refused request reached the backend"
+        );
+        let response = send(
+            router.addr,
+            b"GET http://A.test:80/x HTTP/1.1\r\nHost: a.test\r\n\r\n",
+        );
+        assert!(response.ends_with(b"\r\n\r\na\n"), "{mode}: {response:?}");
+        let echoed = send(
+            router.addr,
+            b"GET / HTTP/1.1\r\nHost: close.test\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nX: y\r\n\r\n",
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&echoed),
+            "GET / HTTP/1.1\r\nHost: close.test\r\nX: y\r\nConnection: close\r\n\r\n",
+            "{mode}"
+        );
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_invalid"), 6, "{mode}: {stats:?}");
+        assert_eq!(stats.get("routed"), 2, "{mode}: {stats:?}");
+    });
+}
+
+/// What is not HTTP/1.x reaches the default route at once even when it
+/// starts like an HTTP method: an h2c preface (cleartext gRPC), RTSP and
+/// SIP `OPTIONS`, a Redis inline command, a word with no space. A malformed
+/// HTTP/1.x head is still refused.
+#[test]
+fn protocols_that_start_like_an_http_method_reach_the_default_route() {
+    both_modes("not_http1", |mode| {
+        let (a, echo) = (Backend::named("a"), Backend::echo());
+        let routes = [
+            format!("host:a.test={}", a.addr),
+            format!("default={}", echo.addr),
+        ];
+        let mut router = start(mode, &routes, &[]);
+        for first in [
+            &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"[..],
+            b"OPTIONS rtsp://a.test/media RTSP/1.0\r\nCSeq: 1\r\n\r\n",
+            b"OPTIONS sip:b@a.test SIP/2.0\r\nCSeq: 1 OPTIONS\r\n\r\n",
+            b"SET k v\r\n",
+            b"HELLO",
+        ] {
+            let started = Instant::now();
+            let echoed = exchange_then_close(router.addr, first.to_vec())
+                .unwrap_or_else(|e| panic!("{mode}: {:?}: {e}", String::from_utf8_lossy(first)));
+            assert_eq!(echoed, first, "{mode}");
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "{mode}: {:?} waited {:?}",
+                String::from_utf8_lossy(first),
+                started.elapsed()
+            );
+        }
+        let response = send(router.addr, b"GET / HTTP/1.1\r\nHost a.test\r\n\r\n");
+        assert!(
+            response.starts_with(b"HTTP/1.1 400 "),
+            "{mode}: {response:?}"
+        );
+        assert_eq!(a.accepted(), 0, "{mode}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("routed"), 5, "{mode}: {stats:?}");
+        assert_eq!(stats.get("refused_invalid"), 1, "{mode}: {stats:?}");
+    });
+}
+
+/// An urgent byte (`MSG_OOB`) is passed on in its place in the stream, in
+/// both directions and in both modes (the kernel's redirect forwards it as
+/// a plain byte; userspace reads it inline), never dropped.
+#[test]
+fn urgent_bytes_are_passed_on_in_their_place_in_both_modes() {
+    use std::net::{TcpListener, TcpStream};
+    // Sends `12`, then `3` as urgent data, then `45`, after the client's
+    // first bytes; then echoes the rest.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut stream: TcpStream = stream;
+                let mut first = [0u8; 3];
+                if stream.read_exact(&mut first).is_err() {
+                    return;
+                }
+                let socket = socket2::SockRef::from(&stream);
+                let _ = (&stream).write_all(b"12");
+                thread::sleep(Duration::from_millis(50));
+                let _ = socket.send_out_of_band(b"3");
+                thread::sleep(Duration::from_millis(50));
+                let _ = (&stream).write_all(b"45");
+                let _ = socket.set_out_of_band_inline(true);
+                let mut writer = stream.try_clone().unwrap();
+                let _ = std::io::copy(&mut stream, &mut writer);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    both_modes("urgent", |mode| {
+        let router = start(mode, &[format!("preamble:u={backend}")], &[]);
+        let mut client = clients::connect(router.addr).unwrap();
+        client.write_all(b"ROUTE u\r\nabc").unwrap();
+        let mut heard = [0u8; 5];
+        client.read_exact(&mut heard).unwrap();
+        assert_eq!(&heard, b"12345", "{mode}: backend to client");
+        let socket = socket2::SockRef::from(&client);
+        (&client).write_all(b"d").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        socket.send_out_of_band(b"X").unwrap();
+        thread::sleep(Duration::from_millis(50));
+        (&client).write_all(b"ef").unwrap();
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut echoed = Vec::new();
+        client.read_to_end(&mut echoed).unwrap();
+        assert_eq!(echoed, b"dXef", "{mode}: client to backend and back");
+    });
+}

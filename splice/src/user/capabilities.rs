@@ -107,12 +107,17 @@ fn last_capability() -> u32 {
 
 /// Drops, for the calling thread, every capability but those of `keep`
 /// that it has: from the effective, permitted and inheritable sets, the
-/// ambient set and the bounding set, so that nothing can bring them back.
-/// Capabilities belong to threads: call it on every thread that should lose
-/// them (threads started afterwards inherit the reduced sets). Returns the
-/// capabilities kept.
+/// ambient set and (with CAP_SETPCAP, as root has it) the bounding set; and
+/// sets `no_new_privs`, so that no exec can bring any back, whatever the
+/// bounding set. Capabilities belong to threads: call it on every thread
+/// that should lose them (threads started afterwards inherit the reduced
+/// sets). Returns the capabilities kept.
 pub fn retain_only(keep: &[u32]) -> std::io::Result<u64> {
-    let keep_mask = keep.iter().fold(0u64, |mask, cap| mask | (1 << cap));
+    // SAFETY: plain prctl with integer arguments; it needs no privilege.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let keep_mask = mask(keep);
     let mut header = CapHeader {
         version: LINUX_CAPABILITY_VERSION_3,
         pid: 0,
@@ -126,16 +131,8 @@ pub fn retain_only(keep: &[u32]) -> std::io::Result<u64> {
     }
     let permitted = u64::from(data[0].permitted) | (u64::from(data[1].permitted) << 32);
     let kept = permitted & keep_mask;
-    // The bounding set first, while CAP_SETPCAP (if any) is still there;
-    // without it the bounding set cannot change, which is fine: a thread
-    // without a capability in its permitted set cannot regain it without
-    // exec, and the router never executes anything.
-    for cap in 0..=last_capability() {
-        if keep_mask & (1 << cap) == 0 {
-            // SAFETY: plain prctl with integer arguments.
-            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
-        }
-    }
+    // The bounding set first, while CAP_SETPCAP (if any) is still there.
+    limit_bounding_set(keep);
     // SAFETY: plain prctl with integer arguments.
     unsafe {
         libc::prctl(
@@ -169,6 +166,36 @@ pub fn retain_only(keep: &[u32]) -> std::io::Result<u64> {
         return Err(std::io::Error::last_os_error());
     }
     Ok(kept)
+}
+
+fn mask(caps: &[u32]) -> u64 {
+    caps.iter().fold(0, |mask, cap| mask | (1 << cap))
+}
+
+/// Drops from the calling thread's bounding set every capability not in
+/// `keep`, where it may: that takes CAP_SETPCAP, and a later call no longer
+/// has it once [`retain_only`] dropped it, so a process that will narrow
+/// its capabilities in steps calls this first with the last step's set.
+/// Without CAP_SETPCAP nothing changes, which is fine: a thread regains a
+/// capability outside its permitted set only through exec, and
+/// `no_new_privs` makes exec gain nothing.
+pub fn limit_bounding_set(keep: &[u32]) {
+    let keep_mask = mask(keep);
+    for cap in 0..=last_capability() {
+        if keep_mask & (1 << cap) == 0 {
+            // SAFETY: plain prctl with integer arguments.
+            unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap as libc::c_ulong, 0, 0, 0) };
+        }
+    }
+}
+
+/// The calling thread's bounding set (`CapBnd`), for logs.
+pub fn bounding_set() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/thread-self/status").ok()?;
+    let hex = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapBnd:"))?;
+    u64::from_str_radix(hex.trim(), 16).ok()
 }
 
 /// Names of the capabilities in `mask` that this module knows, for logs.

@@ -106,8 +106,9 @@ impl OwnSocket {
         }
     }
 
-    /// Connects a new non-blocking TCP socket to `addr`, with `TCP_NODELAY`:
-    /// a proxy forwards small writes as they come.
+    /// Connects a new non-blocking TCP socket to `addr`, with `TCP_NODELAY`
+    /// (a proxy forwards small writes as they come) and `SO_OOBINLINE` (an
+    /// urgent byte is read with the stream and passed on, not dropped).
     pub async fn connect(addr: SocketAddr, readiness: &Rc<Readiness>) -> io::Result<Self> {
         let socket = Socket::new(
             Domain::for_address(addr),
@@ -115,6 +116,7 @@ impl OwnSocket {
             Some(Protocol::TCP),
         )?;
         socket.set_nodelay(true)?;
+        socket.set_out_of_band_inline(true)?;
         let addr = SockAddr::from(addr);
         let in_progress = match socket.connect(&addr) {
             Ok(()) => false,

@@ -62,6 +62,10 @@ fn bind_one(addr: SocketAddr) -> io::Result<TcpListener> {
     // Accepted sockets inherit it: proxies forward small writes as they
     // come, and no call per connection is needed.
     socket.set_nodelay(true)?;
+    // Urgent (MSG_OOB) bytes stay in the stream, as the kernel's redirect
+    // forwards them, so both modes pass every byte on (accepted sockets
+    // inherit it too).
+    socket.set_out_of_band_inline(true)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
     }

@@ -1,7 +1,7 @@
 //! Raw socket queries the splice design relies on, on top of `libc`.
 use std::{
     io, mem,
-    os::fd::{AsRawFd, BorrowedFd},
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
 };
 
 /// TCP states from `include/net/tcp_states.h`, as `tcpi_state` reports them.
@@ -226,4 +226,36 @@ fn shutdown(fd: BorrowedFd<'_>, how: libc::c_int) -> io::Result<()> {
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
     let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
     Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+}
+
+/// Makes every connected TCP socket this process holds send RST when it is
+/// closed (listening sockets are left alone): for an exit that cuts live
+/// connections, so that no peer takes a cut stream for a finished one.
+/// Returns how many sockets it changed.
+pub fn reset_every_connection_on_close() -> io::Result<usize> {
+    let mut changed = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let Ok(fd) = entry?.file_name().to_string_lossy().parse::<RawFd>() else {
+            continue;
+        };
+        // A duplicate of our own: the listed descriptor may be closed (and
+        // its number reused) meanwhile, the duplicate cannot.
+        // SAFETY: F_DUPFD_CLOEXEC reads no memory; a closed `fd` gives EBADF.
+        let copy = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+        if copy < 0 {
+            continue;
+        }
+        // SAFETY: `copy` is a new descriptor that nothing else owns.
+        let copy = unsafe { OwnedFd::from_raw_fd(copy) };
+        let socket = socket2::SockRef::from(&copy);
+        let connected_tcp = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+            && socket
+                .protocol()
+                .is_ok_and(|p| p == Some(socket2::Protocol::TCP))
+            && socket.is_listener().is_ok_and(|listening| !listening);
+        if connected_tcp && reset_on_close(copy.as_fd()).is_ok() {
+            changed += 1;
+        }
+    }
+    Ok(changed)
 }

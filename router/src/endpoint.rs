@@ -1,0 +1,236 @@
+//! The HTTP endpoint of `--metrics ADDR`: `GET /metrics` (Prometheus text),
+//! `GET /healthz` (liveness) and `GET /readyz` (readiness), `HEAD` of each.
+//!
+//! A liveness probe that times out gets the process killed, so no client
+//! can hold the endpoint: each connection is served on a thread of its own,
+//! within one deadline for the whole request (reading the head and writing
+//! the answer), and at most [`MAX_CONNECTIONS`] are open at once; past that
+//! the oldest is closed to make room, since a slow client is the one that
+//! stays longest. Nothing here runs on an executor.
+use std::{
+    collections::VecDeque,
+    io::{self, Read as _, Write as _},
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    thread,
+    time::{Duration, Instant},
+};
+
+use prometheus_client::{encoding::prometheus_text, registry::Registry};
+
+use crate::metrics::{Lifecycle, encode};
+
+/// How long one request may take, from accept to the last byte answered.
+pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Connections served at once; a new one past this closes the oldest.
+pub const MAX_CONNECTIONS: usize = 64;
+/// Longest request head accepted.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Stack of a connection's thread: it parses a head and writes a buffer.
+const THREAD_STACK: usize = 128 * 1024;
+
+/// Binds the endpoint's listener. With SO_REUSEADDR: the endpoint closes
+/// first, so its side of each scrape waits in TIME_WAIT, which would keep
+/// a restarted router from binding the port for a minute.
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+/// The connections being served, oldest first, by a number of their own.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    streams: VecDeque<(u64, TcpStream)>,
+}
+
+/// Serves the endpoint on `listener` from a thread of its own
+/// (`router-metrics`) and one short-lived thread per connection.
+pub fn serve(
+    listener: TcpListener,
+    registry: Registry,
+    lifecycle: Arc<Lifecycle>,
+) -> io::Result<thread::JoinHandle<()>> {
+    let registry = Arc::new(registry);
+    let open = Arc::new(Mutex::new(Open::default()));
+    thread::Builder::new()
+        .name("router-metrics".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        tracing::warn!("metrics listener: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    }
+                };
+                let accepted = Instant::now();
+                let Some(id) = admit(&open, &stream) else {
+                    continue;
+                };
+                let (registry, lifecycle, open) = (
+                    Arc::clone(&registry),
+                    Arc::clone(&lifecycle),
+                    Arc::clone(&open),
+                );
+                let spawned = thread::Builder::new()
+                    .name("router-metrics-request".into())
+                    .stack_size(THREAD_STACK)
+                    .spawn(move || {
+                        let deadline = accepted + REQUEST_DEADLINE;
+                        if let Err(e) = answer(&stream, deadline, &registry, &lifecycle) {
+                            tracing::debug!("metrics request: {e}");
+                        }
+                        let mut open = open.lock().expect("no panic under this lock");
+                        open.streams.retain(|(other, _)| *other != id);
+                    });
+                if let Err(e) = spawned {
+                    tracing::warn!("metrics request: cannot start its thread: {e}");
+                }
+            }
+        })
+}
+
+/// Counts `stream` among the open connections, closing the oldest if there
+/// is no room; `None` if it cannot be tracked (then it is dropped).
+fn admit(open: &Mutex<Open>, stream: &TcpStream) -> Option<u64> {
+    let copy = stream.try_clone().ok()?;
+    let mut open = open.lock().expect("no panic under this lock");
+    if open.streams.len() >= MAX_CONNECTIONS
+        && let Some((_, oldest)) = open.streams.pop_front()
+    {
+        // Its thread's read or write ends at once, and the thread with it.
+        let _ = oldest.shutdown(Shutdown::Both);
+    }
+    let id = open.next;
+    open.next += 1;
+    open.streams.push_back((id, copy));
+    Some(id)
+}
+
+/// Time left before `deadline`, as a socket timeout (never zero, which
+/// would mean none).
+fn left(deadline: Instant) -> io::Result<Duration> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "request deadline passed",
+        ));
+    }
+    Ok(left)
+}
+
+fn answer(
+    mut stream: &TcpStream,
+    deadline: Instant,
+    registry: &Registry,
+    lifecycle: &Lifecycle,
+) -> io::Result<()> {
+    let mut head = Vec::with_capacity(1024);
+    let mut buffer = [0u8; 1024];
+    let (method, path) = loop {
+        stream.set_read_timeout(Some(left(deadline)?))?;
+        let n = stream.read(&mut buffer)?;
+        if n == 0 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buffer[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 32];
+        let mut request = httparse::Request::new(&mut headers);
+        match request.parse(&head) {
+            Ok(httparse::Status::Complete(_)) => {
+                break (
+                    request.method.unwrap_or_default().to_owned(),
+                    request.path.unwrap_or_default().to_owned(),
+                );
+            }
+            Ok(httparse::Status::Partial) if head.len() < MAX_REQUEST => {}
+            Ok(httparse::Status::Partial) => {
+                return respond(
+                    stream,
+                    deadline,
+                    431,
+                    "text/plain",
+                    "request too large\n",
+                    true,
+                );
+            }
+            Err(_) => return respond(stream, deadline, 400, "text/plain", "bad request\n", true),
+        }
+    };
+    let with_body = method == "GET";
+    if !with_body && method != "HEAD" {
+        return respond(
+            stream,
+            deadline,
+            405,
+            "text/plain",
+            "only GET and HEAD\n",
+            true,
+        );
+    }
+    // The query string does not matter (Prometheus may add one).
+    let path = path.split('?').next().unwrap_or_default();
+    let draining = lifecycle.draining.load(Relaxed);
+    let (status, content_type, body) = match path {
+        "/metrics" => (200, prometheus_text::CONTENT_TYPE, encode(registry)),
+        "/healthz" if draining => (503, "text/plain", "draining\n".to_owned()),
+        "/healthz" => (200, "text/plain", "ok\n".to_owned()),
+        "/readyz" if draining => (503, "text/plain", "draining\n".to_owned()),
+        "/readyz" if !lifecycle.ready.load(Relaxed) => (503, "text/plain", "starting\n".to_owned()),
+        "/readyz" => (200, "text/plain", "ready\n".to_owned()),
+        _ => (
+            404,
+            "text/plain",
+            "not found: try /metrics, /healthz or /readyz\n".to_owned(),
+        ),
+    };
+    respond(stream, deadline, status, content_type, &body, with_body)
+}
+
+fn respond(
+    mut stream: &TcpStream,
+    deadline: Instant,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    with_body: bool,
+) -> io::Result<()> {
+    let reason = match status {
+        200 => "OK",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "",
+    };
+    let mut answer = format!(
+        "HTTP/1.1 {status} {reason}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    if with_body {
+        answer.extend_from_slice(body.as_bytes());
+    }
+    let mut rest = &answer[..];
+    while !rest.is_empty() {
+        stream.set_write_timeout(Some(left(deadline)?))?;
+        let n = stream.write(rest)?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        rest = &rest[n..];
+    }
+    Ok(())
+}
