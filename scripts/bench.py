@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROUTER = ROOT / "target/release/router"
+# The other build's contenders, with --compare.
+BEFORE = " (before)"
 LOADGEN = ROOT / "target/release/loadgen"
 USER_HZ = os.sysconf("SC_CLK_TCK")
 NAME = "bench.test"
@@ -175,9 +177,10 @@ class Direct(Contender):
 
 
 class Router(Contender):
-    def __init__(self, mode):
+    def __init__(self, mode, binary=ROUTER, tag=""):
         self.mode = mode
-        self.name = f"router {mode}"
+        self.binary = binary
+        self.name = f"router {mode}{tag}"
 
     def start(self, procs, workdir, routes):
         port = free_port()
@@ -186,7 +189,7 @@ class Router(Contender):
         flags.append(f"--route={kind}{':' + NAME if kind != 'default' else ''}=127.0.0.1:{backend}")
         proc = procs.start(
             f"router-{self.mode}",
-            [ROUTER, "--listen", f"127.0.0.1:{port}", "--mode", self.mode, *flags],
+            [self.binary, "--listen", f"127.0.0.1:{port}", "--mode", self.mode, *flags],
             env={**os.environ, "RUST_LOG": "warn"},
         )
         wait_port(port, proc)
@@ -353,8 +356,18 @@ class Bench:
         time.sleep(1)  # iperf3 recovers from the check (see `interleaved`)
         return p
 
+    def routers(self):
+        """The router in both modes; with --compare, each beside the other
+        binary (an A/B of two builds in one session)."""
+        if not self.args.compare:
+            return [Router("ebpf"), Router("copy")]
+        before = Path(self.args.compare).resolve()
+        return [Router("ebpf"), Router("ebpf", before, BEFORE), Router("copy"), Router("copy", before, BEFORE)]
+
     def contenders(self):
-        return [Direct(), Router("ebpf"), Router("copy"), Haproxy(False), Haproxy(True), Nginx(), Socat()]
+        if self.args.compare:
+            return [Direct(), *self.routers()]
+        return [Direct(), *self.routers(), Haproxy(False), Haproxy(True), Nginx(), Socat()]
 
     def interleaved(self, workload, routes, measure, contenders=None):
         """Starts every contender, then runs `measure(port)` rep by rep,
@@ -395,7 +408,7 @@ class Bench:
         a drift of the machine's speed during a contender's sweeps then
         weighs on every level alike, and no level is always measured first
         (the first one, N = 1, was the slow one in two full runs)."""
-        for c in [Direct(), Router("ebpf"), Router("copy")]:
+        for c in [Direct(), *self.routers()]:
             port = c.start(self.procs, self.workdir, {"kind": "default", "backend": ports["iperf"], "idle": ports["idle"]})
             # The router answers on one core while another may still be
             # starting (loading its probe): its RSS peaks at 43-44 MB then
@@ -613,6 +626,36 @@ def report(bench, out, command):
     print("\n".join(lines))
 
 
+def compare_report(bench, out, command):
+    """--compare: each workload's medians, this build against the other."""
+    rows = bench.results
+    lines = [
+        "# A/B: this build against another, side by side", "",
+        f"`{command}`: {bench.reps} interleaved repetitions, {bench.elapsed / 60:.1f} min; "
+        f"`{BEFORE.strip()}` is `{bench.args.compare}`. Medians (min–max).", "",
+        "| workload | mode | this build | before | this / before |", "|---|---|---:|---:|---:|",
+    ]
+    figures = [("bulk1", "gbit_per_s", "Gbit/s"), ("bulk64", "gbit_per_s", "Gbit/s"),
+               ("latency", "p50_us", "µs p50"), ("latency", "p99_us", "µs p99"),
+               ("conn_http", "conn_per_s", "conn/s"), ("conn_tls", "conn_per_s", "conn/s")]
+    for workload, key, unit in figures:
+        for mode in ("ebpf", "copy"):
+            cells = []
+            for name in (f"router {mode}", f"router {mode}{BEFORE}"):
+                v = [r[key] for r in rows if r["workload"] == workload and r["contender"] == name and key in r]
+                cells.append((med(v), min(v, default=float("nan")), max(v, default=float("nan"))))
+            (a, a0, a1), (b, b0, b1) = cells
+            lines.append(f"| {workload} ({unit}) | {mode} | {a:.2f} ({a0:.2f}–{a1:.2f}) | {b:.2f} ({b0:.2f}–{b1:.2f}) | {a / b:.3f} |")
+    for mode in ("ebpf", "copy"):
+        per = [scaling_figures(rows, name)[0] for name in (f"router {mode}", f"router {mode}{BEFORE}")]
+        lines.append(f"| RSS per held connection (B, top level, from N = 1) | {mode} | {per[0]:.0f} | {per[1]:.0f} | {per[0] / per[1]:.3f} |")
+    lines.append("")
+    Path(out).write_text("\n".join(lines) + "\n")
+    Path(out).with_suffix(".json").write_text(
+        json.dumps({"command": command, "elapsed_s": bench.elapsed, "reps": bench.reps, "rows": rows}, indent=1) + "\n")
+    print("\n".join(lines))
+
+
 def scaling_speeds(rows, name, level):
     """Gbit/s of contender `name`'s scaling runs with `level` connections."""
     return [r["gbit_per_s"] for r in rows if r["workload"] == "scaling" and r["contender"] == name and r["level"] == level]
@@ -719,9 +762,11 @@ def main():
     parser.add_argument("--command", default="scripts/bench.sh", help=argparse.SUPPRESS)
     parser.add_argument("--skip", help="comma-separated workloads not to measure (bulk1,bulk64,latency,conn_http,conn_tls,scaling)")
     parser.add_argument("--prior-log", help="take the skipped workloads' runs from this earlier run's output")
+    parser.add_argument("--compare", metavar="ROUTER", help="A/B: run only the router, in both modes, beside this other router binary; write a comparison (default target/bench-compare/COMPARE.md)")
     parser.add_argument("--from-json", help="measure nothing: rewrite the report (and plots) from an earlier run's RESULTS.json")
     args = parser.parse_args()
-    out = Path(args.out or (ROOT / ("target/bench-quick/RESULTS.md" if args.quick else "docs/bench/RESULTS.md")))
+    default = "target/bench-compare/COMPARE.md" if args.compare else "target/bench-quick/RESULTS.md" if args.quick else "docs/bench/RESULTS.md"
+    out = Path(args.out or (ROOT / default))
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.from_json:
         earlier = json.loads(Path(args.from_json).read_text())
@@ -736,7 +781,7 @@ def main():
         bench.run()
     finally:
         bench.procs.stop_all()
-    report(bench, out, args.command)
+    (compare_report if args.compare else report)(bench, out, args.command)
     failed = [r for r in bench.results if "failed" in r]
     if failed:
         print(f"\nbench: {len(failed)} runs failed (logs kept in {bench.workdir}):", file=sys.stderr)

@@ -1,24 +1,45 @@
-//! Splicing TCP sockets inside the kernel with a SockMap and an sk_skb stream
-//! verdict.
+//! The userspace side of splicing: what a loader does around the probe.
 //!
-//! One crate serves both halves of the design so that their shared `#[repr(C)]`
-//! types cannot drift apart:
-//! - [`shared`] (always, `no_std`): map names and the key/value types both the
-//!   probe and userspace read and write;
-//! - `verdict` (only when compiled for `target_arch = "bpf"`): the maps and the
-//!   stream verdict program body that the probe crates export;
-//! - `user` (feature `user`): loading a probe per core, inserting sockets,
-//!   flow control, and the careful drain-then-close that loses no byte;
-//! - `build` (feature `build`): building a probe crate from a build script.
-#![cfg_attr(not(any(feature = "user", feature = "build")), no_std)]
+//! - [`capabilities`]: can this process load probes at all?
+//! - [`probe`]: one loaded copy of a probe (per executor), its slots, and
+//!   [`probe::Splice`], the guard of the sockets it holds;
+//! - [`streams`]: the probe's per-socket stream state, memory-mapped;
+//! - [`flow`]: the flow control that parks a spliced source whose
+//!   destination lags, one task per executor;
+//! - [`forward`]: one direction of a connection: copies what userspace must
+//!   and, at end of stream, waits until every byte reached the destination
+//!   socket before sending FIN;
+//! - [`halves`]: a router's sockets outside glommio (accept, connect), and
+//!   a connection's socket shared by its two legs;
+//! - [`readiness`]: the epoll set where those sockets wait (one per
+//!   executor, the only thing glommio polls for them);
+//! - [`quiet_read`]: a spliced source's read, which does not answer every
+//!   empty wake-up the kernel sends it, and parks on a busy stream;
+//! - `epoll`: the epoll set that [`readiness`] and [`source_ends`] use;
+//! - [`source_ends`]: how the flow control learns that a parked source
+//!   ended (one epoll set per probe, checked by the scan);
+//! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
+//!   bytes handed to TCP, kick, reset);
+//! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
+//! - [`shard`]: an executor's probe as connection tasks use it;
+//! - [`stats`]: the counters of a splicing server and its `stats:` line;
+//! - [`runtime`]: listeners, one pinned executor per core, signals.
+pub mod capabilities;
+mod epoll;
+pub mod flow;
+pub mod forward;
+pub mod halves;
+pub mod kernel_view;
+pub mod probe;
+pub mod quiet_read;
+pub mod readiness;
+pub mod runtime;
+pub mod shard;
+pub mod socket;
+pub mod source_ends;
+pub mod stats;
+pub mod streams;
 
-pub mod shared;
-
-#[cfg(target_arch = "bpf")]
-pub mod verdict;
-
-#[cfg(feature = "user")]
-pub mod user;
-
-#[cfg(feature = "build")]
-pub mod build;
+pub use forward::{Leg, LegError, Spliced};
+pub use kernel_view::{KernelTotals, KernelView};
+pub use probe::{InsertError, LoadError, Member, Probe, ProbeConfig, Splice};
