@@ -1,4 +1,4 @@
-//! Builds the echo probe into OUT_DIR (see `splice::build`).
+//! Builds the echo probe into OUT_DIR (see `splice_build`).
 fn main() -> anyhow::Result<()> {
-    splice::build::build_probe("echo-probe")
+    splice_build::build_probe("echo-probe")
 }

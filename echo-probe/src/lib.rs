@@ -3,4 +3,4 @@
 //! bpfel-unknown-none by `echo`'s build script).
 #![no_std]
 
-pub use splice::shared::*;
+pub use splice_common::*;

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use glommio::net::{TcpListener, TcpStream};
-use splice::user::{
+use splice::{
     KernelView, Leg, Member, ProbeConfig, Spliced,
     runtime::{self, Ready, Signal},
     shard::{ProbeSpec, ShardProbe},
@@ -109,7 +109,7 @@ fn probe_spec(cli: &Cli) -> anyhow::Result<Option<ProbeSpec>> {
         return Ok(None);
     }
     // Fail with the clearest message before starting anything.
-    splice::user::capabilities::check()?;
+    splice::capabilities::check()?;
     let object = match &cli.probe_object {
         Some(path) => std::fs::read(path)
             .with_context(|| format!("reading probe object {}", path.display()))?,

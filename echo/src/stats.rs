@@ -2,7 +2,7 @@
 //! the executors, then the probes' in-kernel counters.
 use std::sync::Arc;
 
-use splice::user::{
+use splice::{
     KernelView,
     stats::{self, SpliceStats},
 };

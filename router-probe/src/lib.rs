@@ -3,4 +3,4 @@
 //! for bpfel-unknown-none by `router`'s build script).
 #![no_std]
 
-pub use splice::shared::*;
+pub use splice_common::*;

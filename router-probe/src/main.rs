@@ -12,10 +12,10 @@ mod probe {
 
     #[stream_verdict]
     pub fn router_verdict(ctx: SkBuffContext) -> u32 {
-        splice::verdict::verdict(&ctx)
+        splice_ebpf::verdict(&ctx)
     }
 
-    splice::probe_support!();
+    splice_ebpf::probe_support!();
 }
 
 /// Built for the host only so that `cargo check --workspace` works; the real

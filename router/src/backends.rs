@@ -5,7 +5,7 @@
 use std::{cell::Cell, io, net::SocketAddr, rc::Rc, sync::Arc, time::Duration};
 
 use futures_lite::future;
-use splice::user::{halves::OwnSocket, readiness::Readiness};
+use splice::{halves::OwnSocket, readiness::Readiness};
 
 use crate::{
     config::{Balance, Route},

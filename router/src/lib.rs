@@ -12,12 +12,15 @@
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
 //! - [`proxy_protocol`]: the PROXY protocol header sent to backends;
-//! - [`server`]: the executors, the listeners and each connection's life;
+//! - [`startup`]: process start-up, then the main thread's supervision;
+//! - [`executor`]: one executor per core: its probe, its accept loops;
+//! - [`shard`]: an executor's state, as its connections use it;
+//! - [`connection`]: one connection's life: routing, connecting,
+//!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
-//! - [`stats`]: the counters and the `stats:` line;
-//! - [`metrics`]: the Prometheus metrics;
-//! - [`endpoint`]: their HTTP endpoint, with `/healthz` and `/readyz`;
+//! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
+//!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
 //!
 //! Without the default feature `server` only the parsers are built
@@ -26,16 +29,16 @@
 pub mod backends;
 pub mod config;
 #[cfg(feature = "server")]
+pub mod connection;
+#[cfg(feature = "server")]
 pub mod demo;
 #[cfg(feature = "server")]
-pub mod endpoint;
+pub mod executor;
 #[cfg(feature = "server")]
 pub mod health;
 pub mod host;
 #[cfg(feature = "server")]
 pub mod limits;
-#[cfg(feature = "server")]
-pub mod metrics;
 #[cfg(feature = "server")]
 pub mod proxy_protocol;
 pub mod refuse;
@@ -44,9 +47,11 @@ pub mod reload;
 pub mod rewrite;
 pub mod routes;
 #[cfg(feature = "server")]
-pub mod server;
+pub mod shard;
 pub mod sniff;
 #[cfg(feature = "server")]
-pub mod stats;
+pub mod startup;
 #[cfg(feature = "server")]
 pub mod supervise;
+#[cfg(feature = "server")]
+pub mod telemetry;

@@ -10,7 +10,7 @@ use clap::Parser;
 use router::{
     config::{Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
     demo::{self, DemoBackends},
-    server,
+    startup,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -122,7 +122,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     }
     // Before any thread starts (the demo's backends): only the main thread
     // takes SIGHUP, SIGTERM and the others, whose default would kill us.
-    splice::user::runtime::block_signals().context("blocking signals")?;
+    splice::runtime::block_signals().context("blocking signals")?;
     let demo_backends = if cli.demo {
         Some(Arc::new(
             demo::start().context("starting the demo backends")?,
@@ -140,7 +140,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let demo_for_ready = demo_backends.clone();
     let demo_for_reload = demo_backends.clone();
     let reload_cli = cli.clone();
-    let options = server::RunOptions {
+    let options = startup::RunOptions {
         stats_interval: cli
             .stats
             .then(|| Duration::from_secs_f64(cli.stats_interval)),
@@ -160,7 +160,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         reload: Box::new(move || build_config(&reload_cli, demo_for_reload.as_deref())),
     };
-    let result = server::run(config, options);
+    let result = startup::run(config, options);
     drop(demo_backends);
     result
 }

@@ -15,6 +15,10 @@ use std::{
 
 use crate::{config::Config, health::Health};
 
+/// Builds the configuration anew for a reload (SIGHUP): re-reads the file
+/// and re-applies the command line, as at start.
+pub type Reloader = Box<dyn FnMut() -> anyhow::Result<Config>>;
+
 /// The configuration executors should use, with the health of its backends
 /// and a version that changes on every publication.
 pub struct Published {

@@ -15,7 +15,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use splice::user::{
+use splice::{
     KernelView,
     runtime::{self, Signal},
 };
@@ -24,10 +24,11 @@ use tracing::{debug, error, info, warn};
 use crate::{
     config::Config,
     limits::Limits,
-    metrics::{Labelled, Lifecycle},
-    reload::{self, Published},
-    server::Reloader,
-    stats::{Report, RouterStats},
+    reload::{self, Published, Reloader},
+    telemetry::{
+        counters::{Labelled, Lifecycle},
+        stats::{Report, RouterStats},
+    },
 };
 
 /// How often a draining router checks whether its connections ended.
@@ -188,7 +189,7 @@ impl Supervisor<'_> {
 /// a peer must not take a cut stream for a finished one (the kernel would
 /// send FIN when it closes the sockets).
 fn cut_open_connections() {
-    match splice::user::socket::reset_every_connection_on_close() {
+    match splice::socket::reset_every_connection_on_close() {
         Ok(sockets) => debug!(sockets, "connections cut: their sockets send RST on exit"),
         Err(e) => warn!("cannot mark the open connections for a reset: {e}"),
     }

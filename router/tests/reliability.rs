@@ -268,14 +268,14 @@ fn the_backend_closing_first_leaves_the_other_direction_open() {
 }
 
 /// The most one direction may hold between a sender and a reader that
-/// stopped, by the design (`splice/src/user/flow.rs`): the in-flight limit
+/// stopped, by the design (`splice/src/flow.rs`): the in-flight limit
 /// (bytes redirected and not yet acknowledged: the redirect queue and the
 /// destination's TCP), plus what TCP's buffers hold outside it, each at
 /// most the machine's maximum: the source socket's receive buffer (bytes
 /// passed up), the reader's receive buffer (acknowledged bytes it did not
 /// read) and the sender's send buffer. Measured: ebpf mode 8.8-10.7 MB,
 /// copy mode 8.4-10.1 MB (three runs); ebpf mode 37.6-70.5 MB before its
-/// leg waited for room in the destination (`splice/src/user/forward.rs`).
+/// leg waited for room in the destination (`splice/src/forward.rs`).
 fn held_bound() -> u64 {
     let max_of = |sysctl: &str| -> u64 {
         let text = std::fs::read_to_string(format!("/proc/sys/net/ipv4/{sysctl}")).unwrap();

@@ -25,8 +25,10 @@ pub fn build_probe(probe: &str) -> anyhow::Result<()> {
             .ok_or_else(|| anyhow!("no parent for {}", package.manifest_path))?;
         Ok(dir.to_string())
     };
-    // The probe's code mostly lives in this crate.
-    println!("cargo:rerun-if-changed={}", package_dir("splice")?);
+    // The probe's code mostly lives in these crates.
+    for shared in ["splice-common", "splice-ebpf"] {
+        println!("cargo:rerun-if-changed={}", package_dir(shared)?);
+    }
     let root_dir = package_dir(probe)?;
     aya_build::build_ebpf(
         [aya_build::Package {

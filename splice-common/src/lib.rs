@@ -1,4 +1,5 @@
 //! Types and names shared by the probe (in the kernel) and its loader.
+//! Who writes which field is said on each type.
 //!
 //! The maps of one loaded probe:
 //! - `HELD`: a SockMap with no program; every socket of a splice sits here,
@@ -25,6 +26,7 @@
 //! redirects again: never out of order. (Taking the socket out of
 //! `SPLICED` instead is unsafe: a verdict loop running on another CPU drops
 //! the buffers it meets after the program is gone.)
+#![no_std]
 
 /// Name of the SockMap every spliced socket stays in.
 pub const HELD_MAP: &str = "HELD";

@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::SkBuffContext,
 };
 
-use crate::shared::{
+use splice_common::{
     Control, Counter, DEFAULT_CAPACITY, MAP_MMAPABLE, Route, SocketCookie, Stream, stream_flags,
 };
 

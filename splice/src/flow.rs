@@ -1,4 +1,4 @@
-//! Flow control for spliced sockets (see [`crate::shared`]): one task per
+//! Flow control for spliced sockets (see [`splice_common`]): one task per
 //! executor keeps every spliced source's credit a window ahead of what its
 //! destination's peer acknowledged.
 //!
@@ -49,7 +49,7 @@ use std::{
 };
 
 use super::{probe::Probe, quiet_read::PausedReader, socket};
-use crate::shared::Control;
+use splice_common::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
 /// A direction's window when it is spliced.

@@ -4,7 +4,7 @@
 //! The same loop serves spliced and copied connections. It copies whatever it
 //! can read from the source to the destination: everything, for a copied
 //! connection; for a spliced source, only what the probe passed up (past
-//! the credit, see [`crate::shared`]), after the bytes the kernel redirected
+//! the credit, see [`splice_common`]), after the bytes the kernel redirected
 //! before them reached the destination, and it then tells the probe what it
 //! forwarded so that the kernel can take over again.
 //!
@@ -18,7 +18,7 @@ use std::{io, os::fd::BorrowedFd, rc::Rc, time::Duration};
 
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, future};
 
-use crate::shared::{Control, Stream};
+use splice_common::{Control, Stream};
 use thiserror::Error;
 
 use super::{

@@ -4,7 +4,7 @@ use std::{io, ops::AddAssign, os::fd::AsFd};
 
 use aya::maps::{HashMap, IterableMap as _, Map, MapData, MapError, PerCpuArray};
 
-use crate::shared::{Counter, Route, SocketCookie};
+use splice_common::{Counter, Route, SocketCookie};
 
 /// Duplicated descriptors of one probe's route map and counters.
 pub struct KernelView {

@@ -1,6 +1,10 @@
-//! The userspace side of splicing: what a loader does around the probe.
+//! Splicing TCP sockets inside the kernel, the userspace side: what a
+//! loader does around the probe (`splice-common` holds the types both
+//! sides share, `splice-ebpf` the in-kernel code).
 //!
 //! - [`capabilities`]: can this process load probes at all?
+//! - [`pipe`]: a connection's two sockets joined until both directions
+//!   end, spliced or copied: the one place that knows a splice's order;
 //! - [`probe`]: one loaded copy of a probe (per executor), its slots, and
 //!   [`probe::Splice`], the guard of the sockets it holds;
 //! - [`streams`]: the probe's per-socket stream state, memory-mapped;
@@ -30,6 +34,7 @@ pub mod flow;
 pub mod forward;
 pub mod halves;
 pub mod kernel_view;
+pub mod pipe;
 pub mod probe;
 pub mod quiet_read;
 pub mod readiness;

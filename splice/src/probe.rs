@@ -26,7 +26,7 @@ use super::{
     source_ends::SourceEnds,
     streams::MappedArray,
 };
-use crate::shared::{
+use splice_common::{
     CONTROL_MAP, COUNTERS_MAP, Control, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP,
     SocketCookie, Stream, stream_flags,
 };
@@ -117,7 +117,7 @@ pub struct ProbeConfig {
     pub capacity: u32,
     /// Most bytes of one direction the kernel may hold for a destination
     /// that has not taken them yet: the ceiling of the window the flow
-    /// control keeps ahead of the destination (see [`crate::shared`] and
+    /// control keeps ahead of the destination (see [`splice_common`] and
     /// [`flow`]; each direction starts at [`flow::INITIAL_WINDOW`] or this,
     /// whichever is smaller).
     pub in_flight_limit: u64,

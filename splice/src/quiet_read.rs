@@ -35,7 +35,7 @@
 //! 0.05–0.08; 64 streams 0.19–0.20 → 0.08–0.09, with 18.3 → 21.3 Gbit/s.
 //! With pauses alone (up to 8 ms) 64 streams still made ~26,000 io_uring
 //! calls a second (each leg re-polling every 8 ms); parked, see the
-//! benchmark analysis.
+//! docs/performance.md.
 use std::{
     cell::Cell,
     future::Future,

@@ -7,7 +7,7 @@
 //! always waits for a read on both sockets: two polls of 496 B each (plus the
 //! kernel's request), for as long as the connection lives, and at thousands
 //! of connections a long list that io_uring walks on every cancellation (see
-//! the benchmark analysis). A socket registered here costs an entry in the
+//! docs/performance.md). A socket registered here costs an entry in the
 //! kernel's epoll set and a few bytes in [`Readiness`]; only the set itself
 //! is polled through glommio.
 //!

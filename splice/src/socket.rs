@@ -1,8 +1,14 @@
-//! Raw socket queries the splice design relies on, on top of `libc`.
+//! Socket queries and options the splice design relies on: socket2's where
+//! it has them, `libc` for the rest (TCP_INFO, SIOCOUTQ, FIONREAD,
+//! TCP_REPAIR, SO_SNDBUFFORCE, SO_RCVLOWAT).
 use std::{
     io, mem,
+    net::Shutdown,
     os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    time::Duration,
 };
+
+use socket2::{Protocol, SockRef, Type};
 
 /// TCP states from `include/net/tcp_states.h`, as `tcpi_state` reports them.
 pub mod tcp_state {
@@ -55,25 +61,12 @@ fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, value: T) -> i
 
 /// The kernel's cookie of a socket: the key of the probe's `ROUTES` map.
 pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt::<u64>(fd, libc::SOL_SOCKET, libc::SO_COOKIE)
+    SockRef::from(&fd).cookie()
 }
 
 /// `send(2)` without blocking (and without SIGPIPE).
 pub fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
-    // SAFETY: `bytes` is valid for reads of its length.
-    let sent = unsafe {
-        libc::send(
-            fd.as_raw_fd(),
-            bytes.as_ptr().cast(),
-            bytes.len(),
-            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
-        )
-    };
-    if sent < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(sent as usize)
-    }
+    SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
 }
 
 /// `recv(2)` without blocking.
@@ -195,37 +188,23 @@ pub fn kick_receive_queue(fd: BorrowedFd<'_>) -> io::Result<()> {
 /// Makes the next close send RST instead of FIN (SO_LINGER with 0 timeout):
 /// the way to pass a reset on to the other side of a connection.
 pub fn reset_on_close(fd: BorrowedFd<'_>) -> io::Result<()> {
-    let linger = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    setsockopt(fd, libc::SOL_SOCKET, libc::SO_LINGER, linger)
+    SockRef::from(&fd).set_linger(Some(Duration::ZERO))
 }
 
 /// `shutdown(SHUT_RD)`: wakes the socket's readers (their reads end)
 /// without sending anything to the peer.
 pub fn shutdown_read(fd: BorrowedFd<'_>) -> io::Result<()> {
-    shutdown(fd, libc::SHUT_RD)
+    SockRef::from(&fd).shutdown(Shutdown::Read)
 }
 
 /// `shutdown(SHUT_WR)`: sends FIN after what is queued.
 pub fn shutdown_write(fd: BorrowedFd<'_>) -> io::Result<()> {
-    shutdown(fd, libc::SHUT_WR)
-}
-
-fn shutdown(fd: BorrowedFd<'_>, how: libc::c_int) -> io::Result<()> {
-    // SAFETY: plain syscall on a valid descriptor.
-    if unsafe { libc::shutdown(fd.as_raw_fd(), how) } == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
+    SockRef::from(&fd).shutdown(Shutdown::Write)
 }
 
 /// The pending socket error (`SO_ERROR`), cleared by reading it.
 pub fn take_error(fd: BorrowedFd<'_>) -> io::Result<Option<io::Error>> {
-    let errno = getsockopt::<libc::c_int>(fd, libc::SOL_SOCKET, libc::SO_ERROR)?;
-    Ok((errno != 0).then(|| io::Error::from_raw_os_error(errno)))
+    SockRef::from(&fd).take_error()
 }
 
 /// Makes every connected TCP socket this process holds send RST when it is
@@ -247,11 +226,9 @@ pub fn reset_every_connection_on_close() -> io::Result<usize> {
         }
         // SAFETY: `copy` is a new descriptor that nothing else owns.
         let copy = unsafe { OwnedFd::from_raw_fd(copy) };
-        let socket = socket2::SockRef::from(&copy);
-        let connected_tcp = socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
-            && socket
-                .protocol()
-                .is_ok_and(|p| p == Some(socket2::Protocol::TCP))
+        let socket = SockRef::from(&copy);
+        let connected_tcp = socket.r#type().is_ok_and(|t| t == Type::STREAM)
+            && socket.protocol().is_ok_and(|p| p == Some(Protocol::TCP))
             && socket.is_listener().is_ok_and(|listening| !listening);
         if connected_tcp && reset_on_close(copy.as_fd()).is_ok() {
             changed += 1;

@@ -1,6 +1,6 @@
 //! The probe's `STREAMS` and `CONTROL` arrays mapped into memory, so that
-//! userspace reads a socket's [`crate::shared::Stream`] and writes its
-//! [`crate::shared::Control`] without a system call: the flow control
+//! userspace reads a socket's [`splice_common::Stream`] and writes its
+//! [`splice_common::Control`] without a system call: the flow control
 //! touches every spliced source often.
 use std::{
     io,

@@ -26,10 +26,10 @@ mod probe {
         if unsafe { core::ptr::read_volatile(value) } == 0 {
             return sk_action::SK_PASS;
         }
-        splice::verdict::verdict(&ctx)
+        splice_ebpf::verdict(&ctx)
     }
 
-    splice::probe_support!();
+    splice_ebpf::probe_support!();
 }
 
 #[cfg(not(target_arch = "bpf"))]

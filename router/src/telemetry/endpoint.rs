@@ -18,7 +18,7 @@ use std::{
 
 use prometheus_client::{encoding::prometheus_text, registry::Registry};
 
-use crate::metrics::{Lifecycle, encode};
+use super::{counters::Lifecycle, prometheus::encode};
 
 /// How long one request may take, from accept to the last byte answered.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);

@@ -9,7 +9,7 @@ use std::{
     },
 };
 
-use splice::user::{
+use splice::{
     KernelView,
     stats::{self, SpliceStats},
 };

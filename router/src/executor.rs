@@ -1,0 +1,153 @@
+//! One executor per core: loads its probe, keeps only the capabilities
+//! connections need, builds its [`Shard`], and accepts on its copy of each
+//! listener; each accepted connection is a task of its own
+//! ([`crate::connection`]).
+use std::{
+    cell::{Cell, RefCell},
+    net::TcpListener as StdListener,
+    os::fd::OwnedFd,
+    rc::Rc,
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use futures_lite::future;
+use splice::{
+    KernelView,
+    capabilities::{self, Capability},
+    halves::{self, OwnSocket},
+    readiness::Readiness,
+    runtime::Ready,
+    shard::{ProbeSpec, ShardProbe},
+};
+use tracing::warn;
+
+use crate::{
+    config::Mode,
+    connection::{self, Client, refusing::refuse_over_limit},
+    limits::Limits,
+    reload::Published,
+    shard::{Generation, Shard},
+    telemetry::{
+        counters::{CoreMetrics, Labelled, Lifecycle},
+        stats::RouterStats,
+    },
+};
+
+/// What the main thread hands to one executor.
+pub(crate) struct ShardInput {
+    pub(crate) core: usize,
+    pub(crate) listeners: Vec<StdListener>,
+    pub(crate) published: Arc<Published>,
+    pub(crate) probe: Option<ProbeSpec>,
+    pub(crate) stats: Arc<RouterStats>,
+    pub(crate) metrics: Arc<CoreMetrics>,
+    pub(crate) labelled: Arc<Labelled>,
+    pub(crate) lifecycle: Arc<Lifecycle>,
+    pub(crate) limits: Arc<Limits>,
+}
+
+pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
+    let (version, config, health) = input.published.current();
+    let loaded = match &input.probe {
+        Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats.splice)) {
+            Ok((probe, view)) => Some((probe, view)),
+            Err(message) if config.mode == Mode::Auto => {
+                warn!("{message}; this core forwards in userspace");
+                None
+            }
+            Err(message) => return ready.report(Err(message)),
+        },
+        None => None,
+    };
+    // The probe is loaded (or not needed): this executor's threads keep only
+    // what connections need. Capabilities belong to threads: the executor's
+    // own, and its blocking-pool thread (one per executor), started before
+    // the load with the loading set.
+    let keep: &'static [Capability] = if loaded.is_some() {
+        capabilities::RUNTIME
+    } else {
+        &[]
+    };
+    let dropped = capabilities::retain_only(keep).and(
+        glommio::executor()
+            .spawn_blocking(move || capabilities::retain_only(keep))
+            .await,
+    );
+    if let Err(e) = dropped {
+        return ready.report(Err(format!("dropping capabilities: {e}")));
+    }
+    let readiness = match Readiness::start() {
+        Ok(readiness) => readiness,
+        Err(e) => {
+            return ready.report(Err(format!(
+                "creating the epoll set of core {}: {e}",
+                input.core
+            )));
+        }
+    };
+    let probe = match loaded {
+        Some((probe, view)) => {
+            ready.report(Ok(Some(view)));
+            Some(probe)
+        }
+        None => {
+            ready.report(Ok(None));
+            None
+        }
+    };
+    if input.core == 0 {
+        // One checker for every core: they share its verdicts (atomics).
+        health.spawn_checks();
+    }
+    let generation = Rc::new(Generation::new(config, input.core, &input.labelled, health));
+    let shard = Rc::new(Shard {
+        core: input.core,
+        published: input.published,
+        current: RefCell::new((version, generation)),
+        probe,
+        readiness,
+        stats: input.stats,
+        metrics: input.metrics,
+        labelled: input.labelled,
+        lifecycle: input.lifecycle,
+        limits: input.limits,
+        limit_log: Cell::new((None, 0)),
+    });
+    // Listeners come in configuration order: the index is the listener's.
+    for (index, listener) in input.listeners.into_iter().enumerate() {
+        // Non-blocking already (see `runtime::bind_reuseport`).
+        let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
+        let shard = Rc::clone(&shard);
+        glommio::spawn_local(async move {
+            loop {
+                match listener.accept().await {
+                    Ok((socket, peer)) => match shard.limits.admit(index) {
+                        Ok(permit) => {
+                            let client = OwnSocket::new(socket, &shard.readiness);
+                            glommio::spawn_local(connection::serve(
+                                Box::new(halves::split(client)),
+                                Client(peer),
+                                Rc::clone(&shard),
+                                permit,
+                            ))
+                            .detach();
+                        }
+                        Err(exceeded) => refuse_over_limit(socket, &shard, exceeded),
+                    },
+                    // Stopping: the main thread shut the listener down;
+                    // dropping it closes this core's copy.
+                    Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
+                    Err(e) => {
+                        // Typically EMFILE: back off instead of spinning.
+                        warn!("accept failed: {e}");
+                        glommio::timer::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            }
+        })
+        .detach();
+    }
+    // The executor lives as long as this task: forever.
+    future::pending::<()>().await;
+}

@@ -1,0 +1,224 @@
+//! Process start-up: binds every listener (one SO_REUSEPORT copy per core),
+//! sets the connection limits, drops capabilities, starts one executor per
+//! core ([`crate::shard`]) and the metrics endpoint, then gives the main
+//! thread to the [`Supervisor`] (signals: report, reload, drain) until the
+//! router stops.
+use std::{
+    net::{SocketAddr, TcpListener as StdListener},
+    sync::{Arc, atomic::Ordering::Relaxed},
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use splice::{
+    KernelView, ProbeConfig,
+    capabilities::{self, Capability},
+    runtime,
+    shard::ProbeSpec,
+};
+use tracing::{info, warn};
+
+use crate::{
+    config::{Config, Mode},
+    executor::{ShardInput, serve_shard},
+    limits::Limits,
+    reload::{Published, Reloader},
+    supervise::Supervisor,
+    telemetry::{
+        counters::{CoreMetrics, Labelled, Lifecycle},
+        endpoint,
+        prometheus::{self, KernelViews, RouterCollector},
+        stats::RouterStats,
+    },
+};
+
+/// The router probe, built by build.rs (the bpfel-unknown-none object).
+pub static ROUTER_PROBE: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/router-probe"));
+
+/// Called once every executor serves, with the bound addresses.
+pub type OnReady = Box<dyn FnOnce(&[SocketAddr])>;
+
+/// How `run` reports and reloads.
+pub struct RunOptions {
+    /// Print a `stats:` line every interval (and at exit).
+    pub stats_interval: Option<Duration>,
+    pub on_ready: OnReady,
+    /// Called on SIGHUP.
+    pub reload: Reloader,
+}
+
+/// Runs the router until SIGINT/SIGTERM, then drains (see
+/// [`crate::supervise`]).
+pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    let open_files = runtime::raise_open_files_limit();
+    let online = runtime::online_cores();
+    let cores = config.cores.unwrap_or(online);
+    if cores > online {
+        bail!("cores = {cores}: this machine has {online} online cores (use 1 to {online})");
+    }
+    let mut per_core: Vec<Vec<StdListener>> = (0..cores).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    // The main thread's copies of the listeners, to close them on stop.
+    let mut listeners = Vec::new();
+    for addr in &config.listen {
+        let copies = runtime::bind_reuseport(*addr, cores)?;
+        bound.push(copies[0].local_addr()?);
+        for (core, listener) in copies.into_iter().enumerate() {
+            listeners.push(listener.try_clone()?);
+            per_core[core].push(listener);
+        }
+    }
+    let metrics_listener = match config.metrics {
+        Some(addr) => {
+            Some(endpoint::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
+        }
+        None => None,
+    };
+    let probe = probe_spec(&config)?;
+    let max_connections = config
+        .max_connections
+        .unwrap_or_else(|| Limits::default_total(open_files));
+    let limits = Limits::new(
+        max_connections,
+        config.max_connections_per_listener,
+        config.listen.len(),
+    );
+    info!(
+        max_connections,
+        max_connections_per_listener = config.max_connections_per_listener,
+        open_files,
+        "connection limits"
+    );
+    let config = Arc::new(config);
+    let published = Arc::new(Published::new(Arc::clone(&config)));
+    let stats: Vec<Arc<RouterStats>> = (0..cores).map(|_| Arc::default()).collect();
+    let core_metrics: Vec<Arc<CoreMetrics>> = (0..cores).map(|_| Arc::default()).collect();
+    let labelled = Arc::new(Labelled::new(cores));
+    labelled.register(&config);
+    let lifecycle = Arc::new(Lifecycle::default());
+    let inputs = per_core
+        .into_iter()
+        .zip(stats.iter().zip(&core_metrics))
+        .enumerate()
+        .map(|(core, (listeners, (stats, metrics)))| ShardInput {
+            core,
+            listeners,
+            published: Arc::clone(&published),
+            probe: probe.clone(),
+            stats: Arc::clone(stats),
+            metrics: Arc::clone(metrics),
+            labelled: Arc::clone(&labelled),
+            lifecycle: Arc::clone(&lifecycle),
+            limits: Arc::clone(&limits),
+        })
+        .collect();
+    // Listeners are bound: from here on, every thread needs at most what
+    // loading the probes takes (executors inherit this).
+    let (loading, running): (&[Capability], &[Capability]) = if probe.is_some() {
+        (capabilities::LOAD, capabilities::RUNTIME)
+    } else {
+        (&[], &[])
+    };
+    capabilities::limit_bounding_set(running);
+    capabilities::retain_only(loading).context("dropping capabilities")?;
+    let (_executors, views) = runtime::spawn_shards(inputs, serve_shard)?;
+    // Probes loaded: the main thread keeps what the connections need.
+    let kept = capabilities::retain_only(if views.iter().any(Option::is_some) {
+        capabilities::RUNTIME
+    } else {
+        &[]
+    })
+    .context("dropping capabilities")?;
+    let bounding = match capabilities::bounding_set_within(&kept) {
+        Some(true) => "cleared",
+        Some(false) => {
+            "unchanged (clearing it needs CAP_SETPCAP; no_new_privs keeps exec from using it)"
+        }
+        None => "unknown",
+    };
+    info!(kept = ?capabilities::names(&kept), bounding, no_new_privs = true, "capabilities dropped");
+    let kernel: Vec<KernelView> = views.into_iter().flatten().collect();
+    let mode = if kernel.len() == cores {
+        "ebpf"
+    } else if kernel.is_empty() {
+        "copy"
+    } else {
+        "mixed"
+    };
+    // After spawn_shards: the thread inherits the blocked signals, which
+    // only the main thread waits for.
+    let labelled_for_reload = Arc::clone(&labelled);
+    let metrics_addr = match metrics_listener {
+        Some(listener) => {
+            let addr = listener.local_addr()?;
+            let collector = RouterCollector {
+                mode,
+                shards: stats.clone(),
+                cores: core_metrics,
+                labelled,
+                kernel: KernelViews(
+                    kernel
+                        .iter()
+                        .map(KernelView::try_clone)
+                        .collect::<Result<_, _>>()
+                        .context("opening the probe maps for the metrics")?,
+                ),
+                lifecycle: Arc::clone(&lifecycle),
+            };
+            endpoint::serve(
+                listener,
+                prometheus::registry(collector),
+                Arc::clone(&lifecycle),
+            )
+            .context("starting the metrics thread")?;
+            Some(addr)
+        }
+        None => None,
+    };
+    info!(?bound, mode, cores, ?metrics_addr, "serving");
+    lifecycle.ready.store(true, Relaxed);
+    (options.on_ready)(&bound);
+    if let Some(addr) = metrics_addr {
+        println!("router: metrics on http://{addr}/metrics");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+    Supervisor {
+        mode,
+        stats: &stats,
+        kernel: &kernel,
+        published: &published,
+        lifecycle: &lifecycle,
+        labelled: &labelled_for_reload,
+        listeners,
+        stats_interval: options.stats_interval,
+        reload: options.reload,
+        config,
+        limits,
+        default_max_connections: Limits::default_total(open_files),
+    }
+    .run();
+    Ok(())
+}
+
+fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {
+    match config.mode {
+        Mode::Copy => return Ok(None),
+        // Fail with the clearest message before starting anything.
+        Mode::Ebpf => splice::capabilities::check()?,
+        Mode::Auto => {
+            if let Err(e) = splice::capabilities::check() {
+                warn!("{e}; forwarding in userspace (--mode copy)");
+                return Ok(None);
+            }
+        }
+    }
+    Ok(Some(ProbeSpec {
+        object: Arc::new(ROUTER_PROBE.to_vec()),
+        config: ProbeConfig {
+            capacity: config.sockmap_capacity,
+            in_flight_limit: config.in_flight_limit,
+        },
+        what: "router probe",
+    }))
+}

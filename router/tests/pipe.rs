@@ -1,0 +1,232 @@
+//! In-process kernel tests of the splice library's connection API
+//! ([`splice::pipe`]), in aya's integration-test style: a glommio executor
+//! loads the router probe, joins an accepted client and a backend with
+//! `pipe::run`, and the test compares the bytes both ways and reads the
+//! probe's counters. Each runs spliced and copied; under `CI=true` the
+//! spliced runs fail rather than skip without BPF privileges.
+use std::{
+    io::{Read, Write},
+    net::{Shutdown, SocketAddr, TcpListener},
+    os::fd::OwnedFd,
+    sync::Arc,
+    thread,
+    time::Duration,
+};
+
+use futures_lite::AsyncReadExt as _;
+use sha2::{Digest, Sha256};
+use splice::{
+    KernelTotals, ProbeConfig,
+    halves::{self, OwnSocket},
+    pipe::{self, Outcome, Path},
+    readiness::Readiness,
+    shard::{ProbeSpec, ShardProbe},
+    stats::SpliceStats,
+};
+use testkit::{backends::Backend, clients, data::Rng, privileges::require_bpf};
+
+/// What the client sends before the pipe starts: the "first packet" the
+/// router would have read.
+const FIRST: usize = 100;
+
+/// Accepts one client on `listener`, reads its first [`FIRST`] bytes,
+/// connects `backend` and runs a pipe between them (spliced by the router
+/// probe sized by `config`, or copied without one) on an executor of its
+/// own. Returns the outcome and, spliced, the probe's counters once the
+/// pipe ended.
+fn run_pipe(
+    listener: TcpListener,
+    backend: SocketAddr,
+    config: Option<ProbeConfig>,
+) -> (Outcome, Option<KernelTotals>) {
+    listener.set_nonblocking(true).unwrap();
+    glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let loaded = config.map(|config| {
+                let spec = ProbeSpec {
+                    object: Arc::new(router::startup::ROUTER_PROBE.to_vec()),
+                    config,
+                    what: "router probe",
+                };
+                ShardProbe::load(&spec, 0, Arc::new(SpliceStats::default()))
+                    .expect("the router probe loads")
+            });
+            let readiness = Readiness::start().unwrap();
+            let listener = OwnSocket::new(OwnedFd::from(listener), &readiness);
+            let (client, _) = listener.accept().await.unwrap();
+            let (mut reader, writer) = halves::split(OwnSocket::new(client, &readiness));
+            let mut first = vec![0u8; FIRST];
+            reader.read_exact(&mut first).await.unwrap();
+            let backend = OwnSocket::connect(backend, &readiness).await.unwrap();
+            let probe = loaded.as_ref().map(|(probe, _)| probe);
+            let outcome = pipe::run((reader, writer), backend, probe, first).await;
+            let totals = loaded.map(|(_, view)| view.totals().unwrap());
+            (outcome, totals)
+        })
+        .unwrap()
+        .join()
+        .unwrap()
+}
+
+/// Sends `payload` through `addr`, half-closes, and returns the SHA-256 of
+/// everything that comes back until the end of stream, and its length.
+fn echo_through(addr: SocketAddr, payload: Vec<u8>) -> (u64, [u8; 32]) {
+    let stream = clients::connect(addr).unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let sender = thread::spawn(move || {
+        writer.write_all(&payload).unwrap();
+        writer.shutdown(Shutdown::Write).unwrap();
+    });
+    let (len, hash) = testkit::backends::hash_until_eof(&stream).unwrap();
+    sender.join().unwrap();
+    (len, hash)
+}
+
+/// The probe configurations to test: copied (no probe) always, spliced
+/// where BPF is allowed.
+fn modes(test: &str, in_flight_limit: u64) -> Vec<Option<ProbeConfig>> {
+    let mut modes = vec![None];
+    if require_bpf(test) {
+        modes.push(Some(ProbeConfig {
+            capacity: 64,
+            in_flight_limit,
+        }));
+    }
+    modes
+}
+
+/// A pipe forwards both directions, the first bytes included, and at the
+/// client's end of stream drains everything to the backend before passing
+/// the FIN on (the echo's FIN then closes the other direction): 8 MiB each
+/// way, in order. Spliced, the kernel redirected the bytes that came after
+/// the insert and left no route behind.
+#[test]
+fn a_pipe_forwards_both_ways_and_drains_before_passing_fin_on() {
+    const SIZE: usize = 8 << 20;
+    let echo = Backend::echo();
+    for config in modes("pipe_forwards", 64 << 20) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload = Rng::new(41).bytes(SIZE);
+        let expected: [u8; 32] = Sha256::digest(&payload).into();
+        let client = thread::spawn(move || echo_through(addr, payload));
+        let (outcome, totals) = run_pipe(listener, echo.addr, config);
+        let (len, hash) = client.join().unwrap();
+        let spliced = config.is_some();
+        assert_eq!(len, SIZE as u64, "spliced {spliced}: {outcome:?}");
+        assert!(hash == expected, "spliced {spliced}: the echo differs");
+        assert_eq!(
+            outcome.path,
+            Some(if spliced { Path::Spliced } else { Path::Copied })
+        );
+        assert_eq!(
+            (outcome.to_backend, outcome.to_client),
+            (SIZE as u64, SIZE as u64)
+        );
+        assert!(!outcome.reset);
+        if let Some(totals) = totals {
+            eprintln!("spliced: {outcome:?}, kernel {totals:?}");
+            // Both directions, less what userspace read or wrote itself.
+            assert!(
+                totals.redirected_bytes
+                    >= 2 * SIZE as u64 - outcome.read_in_userspace - FIRST as u64,
+                "{totals:?}, {outcome:?}"
+            );
+            assert_eq!(totals.routes, 0, "routes left behind: {totals:?}");
+        } else {
+            assert_eq!(outcome.read_in_userspace, 2 * SIZE as u64 - FIRST as u64);
+        }
+    }
+}
+
+/// A backend that does not read for its first 300 ms, then echoes: with a
+/// 64 KiB in-flight limit the source runs out of credit, the probe passes
+/// its bytes up, and userspace forwards them at the backend's pace. An
+/// exhaustion lasts while the sender keeps the receive queue busy: after the
+/// client pauses, userspace has delivered every byte passed up and the
+/// redirect resumes for the next burst. 8 + 8 MiB arrive intact and in
+/// order.
+#[test]
+fn credit_exhausted_passes_bytes_up_and_the_redirect_resumes_in_order() {
+    const SIZE: usize = 16 << 20;
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in backend.incoming().flatten() {
+            thread::spawn(move || {
+                thread::sleep(Duration::from_millis(300));
+                let mut reader = stream.try_clone().unwrap();
+                let mut writer = stream;
+                let _ = std::io::copy(&mut reader, &mut writer);
+                let _ = writer.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    for config in modes("pipe_credit", 64 << 10) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload = Rng::new(42).bytes(SIZE);
+        let expected: [u8; 32] = Sha256::digest(&payload).into();
+        let client = thread::spawn(move || {
+            let stream = clients::connect(addr).unwrap();
+            let mut writer = stream.try_clone().unwrap();
+            let sender = thread::spawn(move || {
+                let (first, second) = payload.split_at(SIZE / 2);
+                writer.write_all(first).unwrap();
+                thread::sleep(Duration::from_millis(700));
+                writer.write_all(second).unwrap();
+                writer.shutdown(Shutdown::Write).unwrap();
+            });
+            let received = testkit::backends::hash_until_eof(&stream).unwrap();
+            sender.join().unwrap();
+            received
+        });
+        let (outcome, totals) = run_pipe(listener, backend_addr, config);
+        let (len, hash) = client.join().unwrap();
+        assert_eq!(len, SIZE as u64, "{outcome:?}");
+        assert!(hash == expected, "the echo differs (order or content)");
+        assert!(!outcome.reset);
+        if let Some(totals) = totals {
+            eprintln!("spliced, 64 KiB in flight: {outcome:?}, kernel {totals:?}");
+            assert!(totals.credit_exhausted > 0, "{totals:?}");
+            assert!(totals.passed_bytes > 0, "{totals:?}");
+            assert!(totals.resumed > 0, "{totals:?}");
+            assert!(totals.redirected_bytes > 0, "{totals:?}");
+            assert!(outcome.read_in_userspace > 0, "{outcome:?}");
+            assert_eq!(totals.routes, 0, "{totals:?}");
+        }
+    }
+}
+
+/// A backend that resets after taking the first bytes: the pipe ends in a
+/// reset passed on to the client, not a FIN, spliced or copied.
+#[test]
+fn a_reset_on_one_side_reaches_the_other_as_a_reset() {
+    let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    thread::spawn(move || {
+        for mut stream in backend.incoming().flatten() {
+            let mut first = [0u8; FIRST];
+            let _ = stream.read_exact(&mut first);
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+        }
+    });
+    for config in modes("pipe_reset", 64 << 20) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = thread::spawn(move || {
+            let mut stream = clients::connect(addr).unwrap();
+            stream.write_all(&[7u8; FIRST]).unwrap();
+            let mut buffer = [0u8; 16];
+            stream.read(&mut buffer).map_err(|e| e.kind())
+        });
+        let (outcome, _) = run_pipe(listener, backend_addr, config);
+        assert!(outcome.reset, "{outcome:?}");
+        assert_eq!(
+            client.join().unwrap(),
+            Err(std::io::ErrorKind::ConnectionReset),
+            "spliced {}",
+            config.is_some()
+        );
+    }
+}

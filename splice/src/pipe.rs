@@ -1,0 +1,226 @@
+//! A connection's two sockets joined until both directions end: the one
+//! place that knows the order of a splice. Take the legs' baselines, insert
+//! both sockets (the backend's spliced at once, the client's held), write
+//! the first bytes to the backend, start the client's splice, run both legs
+//! (each drains what the kernel or userspace still has to deliver before it
+//! passes FIN on), then close the sockets and remove the routes. Without a
+//! probe, or when the kernel refuses the insert, the same legs copy in
+//! userspace. A failed direction resets both sides.
+use std::{
+    os::fd::{AsRawFd as _, BorrowedFd, RawFd},
+    rc::Rc,
+};
+
+use futures_lite::future;
+use tracing::debug;
+
+use super::{
+    Leg, LegError, Member, Spliced,
+    flow::Delivery,
+    halves::{self, Half, OwnSocket},
+    shard::ShardProbe,
+    socket,
+};
+
+/// How a pipe forwarded its bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Path {
+    /// In the kernel, by the executor's probe.
+    Spliced,
+    /// In userspace although a probe is loaded: the kernel refused the
+    /// insert (a full SockMap, a socket no longer established).
+    Fallback,
+    /// In userspace: no probe.
+    Copied,
+}
+
+/// What running a pipe did, for the caller to count and log.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// How it forwarded (`None`: it failed before forwarding anything).
+    pub path: Option<Path>,
+    /// Bytes delivered to each side: redirected by the kernel plus written
+    /// by userspace (the first bytes included).
+    pub to_backend: u64,
+    pub to_client: u64,
+    /// Bytes userspace read from either socket (copied, or passed up by the
+    /// probe).
+    pub read_in_userspace: u64,
+    /// Ended by an error: a reset was passed on to both sides.
+    pub reset: bool,
+}
+
+/// Joins `client` (its two halves) and `backend`, sends the backend `first`,
+/// and forwards both directions until both ended.
+///
+/// Not an `async fn`: the backend is split and the legs made here, so the
+/// future (which lives as long as the connection) holds the legs only, not
+/// also the arguments and locals they were made from (an `async fn` keeps
+/// its arguments, and a local moved from, for its whole life: 1,896 B,
+/// ~800 of them dead, per connection).
+pub fn run<'a>(
+    (client_reader, client_writer): (Half, Half),
+    backend: OwnSocket,
+    probe: Option<&'a ShardProbe>,
+    first: Vec<u8>,
+) -> impl Future<Output = Outcome> + 'a {
+    let spliceable = probe.is_some();
+    let (backend_reader, backend_writer) = halves::split(backend);
+    let fds = [
+        client_reader.fd().as_raw_fd(),
+        backend_reader.fd().as_raw_fd(),
+    ];
+    // Legs take their baselines before anything is written to either side.
+    let mut legs = Leg::new(client_reader, backend_writer, borrow(fds[1]), spliceable)
+        .and_then(|up| {
+            let down = Leg::new(backend_reader, client_writer, borrow(fds[0]), spliceable)?;
+            Ok((up, down, fds))
+        })
+        .inspect_err(|_| reset_on_close(fds));
+    async move {
+        let mut outcome = Outcome::default();
+        // Borrowed in place: moving them out would keep two copies.
+        let (up, down, [client_fd, backend_fd]) = match &mut legs {
+            Ok((up, down, fds)) => (up, down, *fds),
+            Err(e) => {
+                // Both sockets were reset.
+                debug!("cannot forward: {e}");
+                outcome.reset = true;
+                return outcome;
+            }
+        };
+        // Spliced before the first bytes go out: the backend cannot have
+        // answered (and closed, which the kernel would refuse) yet. The
+        // client's later bytes wait in the kernel until the first are
+        // written.
+        let mut splice = match probe {
+            Some(probe) => {
+                let members = [
+                    Member {
+                        socket: borrow(client_fd),
+                        peer: 1,
+                        start: false,
+                    },
+                    Member {
+                        socket: borrow(backend_fd),
+                        peer: 0,
+                        start: true,
+                    },
+                ];
+                let splice = probe.splice(&members);
+                outcome.path = Some(if splice.is_some() {
+                    Path::Spliced
+                } else {
+                    Path::Fallback
+                });
+                splice
+            }
+            None => {
+                outcome.path = Some(Path::Copied);
+                None
+            }
+        };
+        if let Err(e) = up.write(&first).await {
+            debug!("sending the first bytes failed: {e}");
+            reset_on_close([client_fd, backend_fd]);
+            outcome.reset = true;
+            outcome.to_backend = up.bytes_written();
+            return outcome;
+        }
+        drop(first);
+        if let Some(splice) = &mut splice {
+            splice.start(0);
+            for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
+                if splice.is_spliced(index) {
+                    source.set_spliced();
+                }
+            }
+        }
+        let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
+        let reset = Reset {
+            sockets: [client_fd, backend_fd],
+            legs: [up.delivery(), down.delivery()],
+        };
+        let (up_result, down_result) = future::zip(
+            run_leg(up, spliced(0), &reset),
+            run_leg(down, spliced(1), &reset),
+        )
+        .await;
+        outcome.reset = up_result.is_err() || down_result.is_err();
+        // The probe's per-socket count of what it redirected to the peer (a
+        // stream it gave up on counts only what userspace wrote).
+        let redirected = |index| {
+            splice
+                .as_ref()
+                .and_then(|splice| splice.stream(index).ok())
+                .map_or(0, |stream| stream.redirected)
+        };
+        outcome.to_backend = up.bytes_written() + redirected(0);
+        outcome.to_client = down.bytes_written() + redirected(1);
+        outcome.read_in_userspace = up.bytes_read() + down.bytes_read();
+        // The sockets close first (dropping the legs closes them): then the
+        // splice has only its routes left to remove.
+        drop(legs);
+        if let Some(splice) = splice {
+            splice.drop_closed();
+        }
+        if let Some(probe) = probe {
+            probe.update_slots_gauge();
+        }
+        outcome
+    }
+}
+
+/// One of the pipe's sockets, by descriptor.
+fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+    // SAFETY: only called on the pipe's two sockets, which the legs own
+    // for as long as the pipe runs; every use ends before the legs drop
+    // (and on failure to make them, the sockets are still owned by the
+    // halves being dropped after the reset).
+    unsafe { BorrowedFd::borrow_raw(fd) }
+}
+
+/// A pipe's two sockets and legs, to reset when a direction fails.
+struct Reset {
+    sockets: [RawFd; 2],
+    legs: [Rc<Delivery>; 2],
+}
+
+impl Reset {
+    /// Passes a reset on: both legs stop, both sockets send RST when closed,
+    /// and blocked reads wake up now (without sending the peers anything).
+    fn now(&self) {
+        for leg in &self.legs {
+            leg.abandon();
+        }
+        reset_on_close(self.sockets);
+        for fd in self.sockets {
+            let _ = socket::shutdown_read(borrow(fd));
+        }
+    }
+}
+
+/// Runs one direction; if it fails, resets the pipe, which also ends the
+/// other direction.
+async fn run_leg<R, W>(
+    leg: &mut Leg<R, W>,
+    spliced: Option<Spliced<'_>>,
+    reset: &Reset,
+) -> Result<(), LegError>
+where
+    R: futures_lite::AsyncRead + Unpin,
+    W: futures_lite::AsyncWrite + Unpin,
+{
+    let result = leg.run(spliced).await;
+    if let Err(e) = &result {
+        debug!("connection reset: {e}");
+        reset.now();
+    }
+    result
+}
+
+fn reset_on_close(sockets: [RawFd; 2]) {
+    for fd in sockets {
+        let _ = socket::reset_on_close(borrow(fd));
+    }
+}
