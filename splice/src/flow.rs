@@ -2,12 +2,13 @@
 //! executor keeps every spliced source's credit a window ahead of what its
 //! destination's peer acknowledged.
 //!
-//! The window starts at [`INITIAL_WINDOW`] and doubles, up to the in-flight
+//! The rules (credit, renewal, window growth, stuck) are pure code in
+//! [`credit`]; this task reads the counters and applies them. The window
+//! starts at [`credit::INITIAL_WINDOW`] and doubles, up to the in-flight
 //! limit, each time a source ran out of credit while its destination kept
-//! up (less than half a window unacknowledged): the scan, not the
-//! destination, was too slow for that stream, as TCP's receive-buffer
-//! autotuning reasons. A destination that does not keep up never grows its
-//! window, so what the probe redirects to it stays within one window; and
+//! up ([`credit::grown_window`]). A destination that does not keep up never
+//! grows its window, so what the probe redirects to it stays within one
+//! window; and
 //! the leg forwards bytes passed up only while the destination's send
 //! queue holds less than a window (`forward.rs`: a reader that stopped had
 //! 33 MB queued for it before, docs/RELIABILITY.md). (Measured with
@@ -26,7 +27,7 @@
 //! way (the same happens to a router connection whose two directions both
 //! stall). So the scan also resets a connection whose source has more bytes
 //! passed up and not yet forwarded than a receive buffer can hold plus
-//! [`STUCK_LIMITS`] limits (see [`stuck_limit`]).
+//! [`credit::STUCK_LIMITS`] limits (see [`credit::stuck_limit`]).
 //!
 //! A check costs no system call while the source still has more than half
 //! its credit left: it reads the redirected count from the memory-mapped
@@ -48,12 +49,10 @@ use std::{
     time::Duration,
 };
 
-use super::{probe::Probe, quiet_read::PausedReader, socket};
+use super::{credit, probe::Probe, quiet_read::PausedReader, socket};
 use splice_common::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
-/// A direction's window when it is spliced.
-pub const INITIAL_WINDOW: u64 = 4 << 20;
 /// Longest pause between two scans.
 pub const MAX_SCAN: Duration = Duration::from_millis(4);
 
@@ -61,10 +60,6 @@ pub const MAX_SCAN: Duration = Duration::from_millis(4);
 /// into it: room for what the flow control lets the kernel hold, with the
 /// kernel's per-buffer overhead.
 pub const SEND_BUFFER_LIMITS: u64 = 4;
-/// Bytes passed up but not yet forwarded, beyond what a receive buffer
-/// holds, in windows, past which a connection is reset.
-pub const STUCK_LIMITS: u64 = 8;
-
 /// `net.ipv4.tcp_rmem`'s maximum: what a slow but reading peer may
 /// legitimately leave in a receive buffer.
 pub fn receive_buffer_max() -> u64 {
@@ -72,12 +67,6 @@ pub fn receive_buffer_max() -> u64 {
         .ok()
         .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
         .unwrap_or(32 << 20)
-}
-
-/// Bytes passed up but not yet forwarded past which a connection is reset:
-/// more than the largest receive buffer plus [`STUCK_LIMITS`] windows.
-pub fn stuck_limit(receive_buffer_max: u64, window: u64) -> u64 {
-    receive_buffer_max + STUCK_LIMITS * window
 }
 
 /// How much a destination took: what the flow control and a leg's drain
@@ -298,19 +287,6 @@ impl Watches {
     }
 }
 
-/// New credit for a source whose destination's peer acknowledged `acked`
-/// redirected bytes.
-pub(super) fn credit_after(acked: u64, limit: u64) -> u64 {
-    acked + limit
-}
-
-/// Whether a source that redirected `redirected` bytes still has at least
-/// half its `window` of `credit` left: then its credit is not renewed (which
-/// costs a TCP_INFO call on the destination).
-pub(super) fn credit_left(redirected: u64, window: u64, credit: u64) -> bool {
-    redirected + window / 2 <= credit
-}
-
 impl Probe {
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
@@ -396,9 +372,12 @@ impl Probe {
         let control = self.control(watch.slot);
         let waiting = stream.passed > control.forwarded;
         let moved = (since > 0 || waiting, since > window / 8);
-        if stream.passed.saturating_sub(control.forwarded)
-            > stuck_limit(self.receive_buffer_max(), window)
-            && !watch.delivery.abandoned.replace(true)
+        if credit::is_stuck(
+            stream.passed,
+            control.forwarded,
+            self.receive_buffer_max(),
+            window,
+        ) && !watch.delivery.abandoned.replace(true)
         {
             // SAFETY: a watch lives no longer than its splice, whose
             // sockets outlive it.
@@ -416,7 +395,7 @@ impl Probe {
         if waiting {
             watch.reader.wake();
         }
-        if credit_left(redirected, window, control.credit) {
+        if !credit::needs_renewal(redirected, window, control.credit) {
             return moved;
         }
         // A dead destination: its leg sees the error itself.
@@ -424,17 +403,16 @@ impl Probe {
             return moved;
         };
         let ran_out = stream.passed > watch.passed.replace(stream.passed);
-        if ran_out && window < limit && redirected.saturating_sub(acked) < window / 2 {
-            window = (window * 2).min(limit);
+        let grown = credit::grown_window(window, limit, ran_out, redirected.saturating_sub(acked));
+        if grown > window {
             // Room in the destination for the larger window, first.
-            let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
+            let send_buffer = (SEND_BUFFER_LIMITS * grown) as usize;
             if socket::set_send_buffer(watch.delivery.destination(), send_buffer).is_ok() {
-                self.set_window(watch.slot, window);
-            } else {
-                window = self.window(watch.slot);
+                self.set_window(watch.slot, grown);
+                window = grown;
             }
         }
-        let credit = credit_after(acked, window);
+        let credit = credit::renewed(control.credit, acked, window);
         if credit > control.credit {
             self.set_control(watch.slot, Control { credit, ..control });
         }

@@ -22,7 +22,8 @@ use splice_common::{Control, Stream};
 use thiserror::Error;
 
 use super::{
-    flow::{self, Delivery},
+    credit,
+    flow::Delivery,
     probe::Splice,
     quiet_read::QuietReads,
     socket::{self, tcp_state},
@@ -252,16 +253,19 @@ where
                 // probe redirects again once this catches up with it.
                 let window = spliced.splice.window(spliced.index);
                 let control = spliced.splice.control(spliced.index);
-                let credit =
-                    if flow::credit_left(spliced.stream()?.redirected, window, control.credit) {
-                        control.credit
-                    } else {
-                        let acked = self
-                            .delivery
-                            .redirected_acked()
-                            .map_err(LegError::Destination)?;
-                        control.credit.max(flow::credit_after(acked, window))
-                    };
+                let credit = if credit::needs_renewal(
+                    spliced.stream()?.redirected,
+                    window,
+                    control.credit,
+                ) {
+                    let acked = self
+                        .delivery
+                        .redirected_acked()
+                        .map_err(LegError::Destination)?;
+                    credit::renewed(control.credit, acked, window)
+                } else {
+                    control.credit
+                };
                 spliced.splice.set_control(
                     spliced.index,
                     Control {

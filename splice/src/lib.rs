@@ -8,6 +8,8 @@
 //! - [`probe`]: one loaded copy of a probe (per executor), its slots, and
 //!   [`probe::Splice`], the guard of the sockets it holds;
 //! - [`streams`]: the probe's per-socket stream state, memory-mapped;
+//! - [`credit`]: the flow-control policy, pure: credit, renewal, window
+//!   growth, when a connection is stuck;
 //! - [`flow`]: the flow control that parks a spliced source whose
 //!   destination lags, one task per executor;
 //! - [`forward`]: one direction of a connection: copies what userspace must
@@ -29,6 +31,7 @@
 //! - [`stats`]: the counters of a splicing server and its `stats:` line;
 //! - [`runtime`]: listeners, one pinned executor per core, signals.
 pub mod capabilities;
+pub mod credit;
 mod epoll;
 pub mod flow;
 pub mod forward;

@@ -19,6 +19,7 @@ use thiserror::Error;
 
 use super::{
     capabilities::{self, MissingCapabilities},
+    credit,
     flow::{self, Delivery, SEND_BUFFER_LIMITS, Watches},
     kernel_view::KernelView,
     quiet_read::PausedReader,
@@ -118,7 +119,7 @@ pub struct ProbeConfig {
     /// Most bytes of one direction the kernel may hold for a destination
     /// that has not taken them yet: the ceiling of the window the flow
     /// control keeps ahead of the destination (see [`splice_common`] and
-    /// [`flow`]; each direction starts at [`flow::INITIAL_WINDOW`] or this,
+    /// [`flow`]; each direction starts at [`credit::INITIAL_WINDOW`] or this,
     /// whichever is smaller).
     pub in_flight_limit: u64,
 }
@@ -446,7 +447,7 @@ impl Splice {
             closed: false,
         };
         let mut p = probe.borrow_mut();
-        let window = flow::INITIAL_WINDOW.min(p.config.in_flight_limit);
+        let window = credit::INITIAL_WINDOW.min(p.config.in_flight_limit);
         let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
         for (i, member) in members.iter().enumerate() {
             // See `flow`: the kernel's redirect queue must always drain.
