@@ -188,7 +188,7 @@ class Router(Contender):
         flags = [f"--route=preamble:idle=127.0.0.1:{routes['idle']}"] if routes.get("idle") else []
         flags.append(f"--route={kind}{':' + NAME if kind != 'default' else ''}=127.0.0.1:{backend}")
         proc = procs.start(
-            f"router-{self.mode}",
+            self.name.replace(" ", "-").replace("(", "").replace(")", ""),
             [self.binary, "--listen", f"127.0.0.1:{port}", "--mode", self.mode, *flags],
             env={**os.environ, "RUST_LOG": "warn"},
         )

@@ -6,7 +6,7 @@
 # GB. Repetitions interleave the contenders; medians with min/max.
 #
 #   scripts/bench.sh            # full run, ≤ 15 min: docs/bench/RESULTS.md + SVG plots
-#   scripts/bench.sh --quick    # ≤ 2 min smoke run: target/bench-quick/RESULTS.md
+#   scripts/bench.sh --quick    # ≈ 1.5 min smoke run: target/bench-quick/RESULTS.md
 #   scripts/bench.sh --compare OTHER/router   # A/B of two router builds, both modes,
 #                                # interleaved: target/bench-compare/COMPARE.md
 #

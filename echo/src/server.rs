@@ -1,25 +1,27 @@
 //! The echo server: listeners are bound on the main thread (so that every
 //! error comes out before serving starts), then one executor per core loads
-//! its own probe, accepts on its own listener and splices into its probe.
+//! its own probe, accepts on its own listener and echoes each connection
+//! with [`pipe::echo`], on the same socket type as the router.
 use std::{
     io::Write as _,
     net::TcpListener as StdListener,
-    os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, IntoRawFd as _},
+    os::fd::OwnedFd,
     rc::Rc,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
 use anyhow::{Context as _, bail};
-use glommio::net::{TcpListener, TcpStream};
 use splice::{
-    KernelView, Leg, Member, ProbeConfig, Spliced,
+    KernelView, ProbeConfig,
+    halves::OwnSocket,
+    pipe::{self, Path},
+    readiness::Readiness,
     runtime::{self, Ready, Signal},
     shard::{ProbeSpec, ShardProbe},
-    socket,
     stats::{SpliceStats, add},
 };
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use crate::{Cli, Mode, stats::Report};
 
@@ -126,6 +128,16 @@ fn probe_spec(cli: &Cli) -> anyhow::Result<Option<ProbeSpec>> {
 }
 
 async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
+    // Where this executor's sockets wait (see `splice::halves`).
+    let readiness = match Readiness::start() {
+        Ok(readiness) => readiness,
+        Err(e) => {
+            return ready.report(Err(format!(
+                "creating the epoll set of core {}: {e}",
+                input.core
+            )));
+        }
+    };
     let probe = match &input.probe {
         Some(spec) => match ShardProbe::load(spec, input.core, Arc::clone(&input.stats)) {
             Ok((probe, view)) => {
@@ -139,16 +151,17 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
             None
         }
     };
-    // SAFETY: the descriptor comes from a listener we own and hand over.
-    let listener = unsafe { TcpListener::from_raw_fd(input.listener.into_raw_fd()) };
+    // Non-blocking already (see `runtime::bind_reuseport`).
+    let listener = OwnSocket::new(OwnedFd::from(input.listener), &readiness);
     let shard = Rc::new(Shard {
         probe,
         stats: input.stats,
     });
     loop {
         match listener.accept().await {
-            Ok(stream) => {
-                glommio::spawn_local(serve(stream, Rc::clone(&shard))).detach();
+            Ok((socket, _)) => {
+                let socket = OwnSocket::new(socket, &readiness);
+                glommio::spawn_local(serve(socket, Rc::clone(&shard))).detach();
             }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
@@ -159,48 +172,16 @@ async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
     }
 }
 
-async fn serve(stream: TcpStream, shard: Rc<Shard>) {
+/// Echoes one connection (a task of its own) and counts how it went.
+async fn serve(socket: OwnSocket, shard: Rc<Shard>) {
     let stats = &shard.stats;
     add(&stats.accepted, 1);
     add(&stats.active, 1);
-    let fd = stream.as_raw_fd();
-    // SAFETY: `stream` moves into `leg`, which lives until the end of this
-    // function, after every use of `socket`.
-    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-    let (reader, writer) = futures_lite::io::split(stream);
-    // The leg takes its baseline before the probe can echo anything.
-    let mut leg = match Leg::new(reader, writer, socket, shard.probe.is_some()) {
-        Ok(leg) => leg,
-        Err(e) => {
-            debug!("cannot serve connection: {e}");
-            add(&stats.resets, 1);
-            stats.active.fetch_sub(1, Relaxed);
-            return;
-        }
-    };
-    let splice = match &shard.probe {
-        Some(probe) => probe.splice(&[Member {
-            socket,
-            peer: 0,
-            start: true,
-        }]),
-        None => {
-            add(&stats.copied, 1);
-            None
-        }
-    };
-    let spliced = splice.as_ref().map(|splice| Spliced { splice, index: 0 });
-    if let Err(e) = leg.run(spliced).await {
-        debug!("connection reset: {e}");
-        let _ = socket::reset_on_close(socket);
-        add(&stats.resets, 1);
+    let outcome = pipe::echo(socket, shard.probe.as_ref()).await;
+    if outcome.path == Some(Path::Copied) {
+        add(&stats.copied, 1);
     }
-    drop(splice);
-    if let Some(probe) = &shard.probe {
-        probe.update_slots_gauge();
-    }
-    add(&stats.userspace_bytes, leg.bytes_read());
-    add(&stats.parked_reads, u64::from(leg.parked()));
-    drop(leg);
+    add(&stats.resets, u64::from(outcome.reset));
+    add(&stats.userspace_bytes, outcome.read_in_userspace);
     stats.active.fetch_sub(1, Relaxed);
 }

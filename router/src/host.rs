@@ -29,7 +29,8 @@ pub fn normalize(name: &[u8]) -> Option<String> {
 /// The host of an HTTP authority (`host[:port]`, `[IPv6][:port]`; a `Host`
 /// value or the authority of a request target), as [`normalize`] gives it
 /// (an IPv6 address without its brackets). `None` if it is not one: a port
-/// must be 1 to 5 digits up to 65535, and nothing else may follow.
+/// must be up to 5 digits up to 65535 (none: the default), and nothing else
+/// may follow.
 pub fn authority(value: &[u8]) -> Option<String> {
     // Only SP and HTAB surround a field value (RFC 9110 §5.5), not other
     // white space such as a non-breaking space.
@@ -47,10 +48,11 @@ pub fn authority(value: &[u8]) -> Option<String> {
         let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
         (normalize(&value[..end]), &value[end..])
     };
+    // RFC 3986: `port = *DIGIT`, so `a.test:` is the default port.
     let port_ok = match port {
-        [] => true,
+        [] | [b':'] => true,
         [b':', digits @ ..] => {
-            (1..=5).contains(&digits.len())
+            digits.len() <= 5
                 && digits.iter().all(u8::is_ascii_digit)
                 && std::str::from_utf8(digits)
                     .ok()
@@ -116,6 +118,7 @@ mod tests {
         assert_eq!(authority(b"[::1]:80").as_deref(), Some("::1"));
         assert_eq!(authority(b"[FE80::1]").as_deref(), Some("fe80::1"));
         assert_eq!(authority(b"a.test:65535").as_deref(), Some("a.test"));
+        assert_eq!(authority(b"a.test:").as_deref(), Some("a.test"));
     }
 
     #[test]
@@ -126,7 +129,6 @@ mod tests {
             b"[::1",
             b"[a.test]",
             b"a.test:evil",
-            b"a.test:",
             b"a.test:80:80",
             b"a.test:65536",
             b"a.test:123456",

@@ -47,8 +47,9 @@ struct Cli {
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     listen: Vec<SocketAddr>,
     /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...,
-    /// with options among the addresses: proxy_protocol=v1|v2, balance=least-connections
-    /// (repeatable; tried after the file's routes, in order; health checks: config file).
+    /// with options among the addresses: proxy_protocol=v1|v2, balance=least-connections,
+    /// http_close=true (repeatable; tried after the file's routes, in order; health checks:
+    /// config file).
     #[arg(long, value_name = "SPEC")]
     route: Vec<String>,
     /// Executors, one pinned per core [default: all online cores].
@@ -75,7 +76,8 @@ struct Cli {
     /// them with an embedded configuration; prints commands to try.
     #[arg(long)]
     demo: bool,
-    /// Serve Prometheus metrics on ADDR (`GET /metrics`, `GET /healthz`).
+    /// Serve Prometheus metrics on ADDR (`GET /metrics`), with `GET /healthz`
+    /// (liveness) and `GET /readyz` (readiness).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     metrics: Option<SocketAddr>,
     /// On SIGTERM/SIGINT, how long live connections may go on before the

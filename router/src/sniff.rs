@@ -234,14 +234,21 @@ fn request_line(bytes: &[u8]) -> Line {
     let line = &bytes[..end.unwrap_or(bytes.len())];
     // A CR may wait for its LF in the next segment.
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if !line.iter().all(|&b| b.is_ascii_graphic() || b == b' ') {
+    // Visible ASCII, spaces, and raw non-ASCII bytes (which httparse takes
+    // in a target); control characters mean another protocol.
+    if !line
+        .iter()
+        .all(|&b| b.is_ascii_graphic() || b == b' ' || !b.is_ascii())
+    {
         return Line::Other;
     }
     let complete = end.is_some();
     let Some(rest) = line[method..].strip_prefix(b" ") else {
         return Line::Other;
     };
-    let (target, version) = match rest.iter().position(|&b| b == b' ') {
+    // The version is what follows the last space: an HTTP/1.x line with a
+    // malformed target (two spaces) is still HTTP/1.x, refused by httparse.
+    let (target, version) = match rest.iter().rposition(|&b| b == b' ') {
         Some(space) => (&rest[..space], &rest[space + 1..]),
         None if complete => return Line::Other,
         None => return Line::NeedMore,
@@ -285,6 +292,9 @@ fn sniff_http(bytes: &[u8], limit: usize) -> Sniff {
         .filter(|h| h.name.eq_ignore_ascii_case("host"));
     let host = match (hosts.next(), hosts.next()) {
         (Some(_), Some(_)) => return invalid("more than one Host header"),
+        // An empty Host names no host (RFC 9112 §3.2: what a client sends
+        // when the target has no authority).
+        (Some(h), None) if h.value.trim_ascii().is_empty() => None,
         (Some(h), None) => match host::authority(h.value) {
             Some(host) => Some(host),
             None => return invalid("the Host header is not a host name"),
@@ -588,7 +598,6 @@ mod tests {
             b"HELLO 3\r\n",
             b"QUIT\r\n",
             b"GET / HTTP/1.1 x\r\n\r\n",
-            b"GET  / HTTP/1.1\r\n\r\n",
             b"GET\r\n",
         ] {
             assert_eq!(
@@ -613,6 +622,15 @@ mod tests {
             Sniff::Done(FirstPacket::Unknown)
         );
         assert!(is_invalid_http(b"GET / HTTP/1.9\r\n\r\n"));
+        // HTTP/1.x with a malformed request line is refused, not rerouted.
+        assert!(is_invalid_http(b"GET  / HTTP/1.1\r\n\r\n"));
+        // A raw non-ASCII target is HTTP/1.x still, routed on its Host.
+        assert_eq!(
+            host_of("GET /café HTTP/1.1\r\nHost: a.test\r\n\r\n".as_bytes()).as_deref(),
+            Some("a.test")
+        );
+        // An empty Host names no host.
+        assert_eq!(host_of(b"GET / HTTP/1.1\r\nHost: \r\n\r\n"), None);
     }
 
     #[test]

@@ -752,10 +752,23 @@ fn raise_open_files_limit() {
     }
 }
 
-/// `/healthz` stays fast while 1,000 slow clients hold the metrics port,
-/// each trickling a request one byte at a time: connections are served
-/// concurrently, the oldest gives way past the bound, and a request that
-/// outlives its deadline is closed. (Mode-independent: copy mode.)
+/// A connection to `addr` from the loopback address `source`.
+fn connect_from(source: [u8; 4], addr: SocketAddr) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.bind(&SocketAddr::from((source, 0)).into())?;
+    socket.connect_timeout(&addr.into(), clients::IO_TIMEOUT)?;
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(clients::IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(clients::IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// `/healthz` stays fast while 1,000 slow clients (from 127.0.0.2) hold the
+/// metrics port, each trickling a request one byte at a time, and another
+/// address (127.0.0.3) opens connections as fast as it can: connections are
+/// served concurrently, a client past its share gives way first, the
+/// oldest past the bound, and a request that outlives its deadline is
+/// closed. (Mode-independent: copy mode.)
 #[test]
 fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() {
     const SLOW: usize = 1000;
@@ -770,7 +783,7 @@ fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() 
     let request = b"GET /metrics HTTP/1.1\r\nHost: slow\r\n\r\n";
     let mut slow: Vec<TcpStream> = (0..SLOW)
         .map(|_| {
-            let mut stream = clients::connect(metrics).expect("a slow client connects");
+            let mut stream = connect_from([127, 0, 0, 2], metrics).expect("a slow client connects");
             stream.write_all(&request[..1]).unwrap();
             stream
         })
@@ -792,6 +805,27 @@ fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() 
             }
         })
     };
+    // Connections as fast as one thread opens them, for as long as the
+    // probes run (bounded in count and time), each sending a byte.
+    let flood = {
+        let stop = Arc::clone(&stop);
+        thread::spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut opened = 0u32;
+            let mut held = Vec::new();
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline && opened < 50_000 {
+                if let Ok(mut stream) = connect_from([127, 0, 0, 3], metrics) {
+                    let _ = stream.write_all(b"G");
+                    held.push(stream);
+                    opened += 1;
+                }
+                if held.len() >= 200 {
+                    held.clear();
+                }
+            }
+            opened
+        })
+    };
     let mut worst = Duration::ZERO;
     for _ in 0..20 {
         let started = Instant::now();
@@ -802,7 +836,16 @@ fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() 
     let started = Instant::now();
     let scrape = Metrics::scrape(metrics);
     let scrape_took = started.elapsed();
-    eprintln!("with {SLOW} slow clients: /healthz worst {worst:?} of 20, /metrics {scrape_took:?}");
+    stop.store(true, Ordering::Relaxed);
+    let flooded = flood.join().unwrap();
+    eprintln!(
+        "with {SLOW} slow clients and {flooded} flooding connections: /healthz worst \
+         {worst:?} of 20, /metrics {scrape_took:?}"
+    );
+    assert!(
+        flooded > 1000,
+        "the flood opened only {flooded} connections"
+    );
     assert!(
         worst < Duration::from_millis(500),
         "/healthz took {worst:?}"
@@ -826,6 +869,5 @@ fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() 
             other => panic!("a slow client still held after its deadline: {other:?}"),
         }
     }
-    stop.store(true, Ordering::Relaxed);
     trickle.join().unwrap();
 }

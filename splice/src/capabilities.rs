@@ -91,7 +91,9 @@ pub fn retain_only(keep: &[Capability]) -> io::Result<HashSet<Capability>> {
     }
     // The bounding set first, while CAP_SETPCAP (if any) is still there.
     limit_bounding_set(keep);
-    caps::clear(None, CapSet::Ambient).map_err(other)?;
+    // Best effort, as the bounding set: a kernel without ambient
+    // capabilities has none to clear.
+    let _ = caps::clear(None, CapSet::Ambient);
     let kept: HashSet<Capability> = caps::read(None, CapSet::Permitted)
         .map_err(other)?
         .into_iter()

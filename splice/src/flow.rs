@@ -36,11 +36,8 @@
 //! the scan just runs out of credit: the probe then passes its bytes up and
 //! TCP flow control holds the sender, until its leg forwarded them.
 //! The scan runs every millisecond while sources move and backs off to
-//! [`MAX_SCAN`] when all are quiet. It also wakes the reads that parked
-//! (see [`super::quiet_read`]): when their probe passed bytes up, and when
-//! their source ended, which it learns from the probe's epoll set of source
-//! ends ([`super::source_ends`]: one call per scan, only while a read is
-//! parked).
+//! [`MAX_SCAN`] when all are quiet. It also wakes a source's read when the
+//! probe passed its bytes up (see [`super::spliced_read`]).
 use std::{
     cell::{Cell, RefCell},
     io,
@@ -49,7 +46,7 @@ use std::{
     time::Duration,
 };
 
-use super::{credit, probe::Probe, quiet_read::PausedReader, socket};
+use super::{credit, probe::Probe, socket, spliced_read::Waiting};
 use splice_common::Control;
 
 const MIN_SCAN: Duration = Duration::from_millis(1);
@@ -165,18 +162,15 @@ pub(super) struct Watch {
     slot: u32,
     source_fd: RawFd,
     delivery: Rc<Delivery>,
-    /// The leg's read of the source, woken if it pauses while the probe
-    /// passed bytes up (see [`super::quiet_read`]).
-    reader: Rc<PausedReader>,
+    /// The leg's read of the source, woken when the probe passed bytes up
+    /// (see [`super::spliced_read`]).
+    reader: Rc<Waiting>,
     /// Redirected count at the previous scan.
     seen: Cell<u64>,
     /// Passed-up count when the credit was last renewed.
     passed: Cell<u64>,
     /// Passed-up count at the previous look (see [`Probe::scan`]).
     passed_seen: Cell<u64>,
-    /// The leg parked its read: its source is in the probe's
-    /// [`super::source_ends::SourceEnds`].
-    pub(super) parked: Cell<bool>,
     /// Looked at by every scan (see [`Watches`]).
     hot: Cell<bool>,
     /// Scans in a row that saw the source still.
@@ -190,7 +184,7 @@ pub(super) struct Watch {
 /// connections held, the active stream got 0.82 of its 1-connection
 /// throughput through the router, and 1.06 through the router's copy mode,
 /// which has no scan). So only the *hot* sources, those that moved in the
-/// last [`COOL_AFTER`] scans or whose read parked, are looked at by every
+/// last [`COOL_AFTER`] scans, are looked at by every
 /// scan; the scans look at each of the others once per [`COLD_PERIOD`], a
 /// slice at a time. A cold source that starts sending has a full window of
 /// credit, so it waits for its slice without passing bytes up unless it
@@ -217,7 +211,7 @@ impl Watches {
         slot: u32,
         source_fd: RawFd,
         delivery: Rc<Delivery>,
-        reader: Rc<PausedReader>,
+        reader: Rc<Waiting>,
     ) {
         self.remove(slot);
         let index = slot as usize;
@@ -233,7 +227,6 @@ impl Watches {
             seen: Cell::new(0),
             passed: Cell::new(0),
             passed_seen: Cell::new(0),
-            parked: Cell::new(false),
             hot: Cell::new(true),
             still_scans: Cell::new(0),
         });
@@ -291,21 +284,15 @@ impl Probe {
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
     /// destination kept up), gives up on the stuck ones, and wakes the reads
-    /// that wait for passed-up bytes or whose source ended. Looks at the hot
+    /// of sources whose bytes were passed up. Looks at the hot
     /// sources and one slice of the cold ones (see [`Watches`]). Returns
     /// whether any source moved much since the last scan.
-    fn scan(&mut self, since: Duration, ended: &mut Vec<u32>) -> bool {
+    fn scan(&mut self, since: Duration) -> bool {
         // Bytes passed up since the previous scan, in all: those of a cold
         // source show as a shortfall once the hot ones are looked at.
         let passed_total = self.view.passed_bytes().unwrap_or(self.passed_total);
         let mut unexplained = passed_total.saturating_sub(self.passed_total);
         self.passed_total = passed_total;
-        self.source_ends.take(ended);
-        for &slot in ended.iter() {
-            if let Some(watch) = self.watches.get(slot) {
-                watch.reader.source_ended();
-            }
-        }
         let mut moving = false;
         let mut cooled = Vec::new();
         for &slot in &self.watches.hot {
@@ -320,7 +307,7 @@ impl Probe {
                 watch.still_scans.get() + 1
             };
             watch.still_scans.set(still);
-            if still >= COOL_AFTER && !watch.parked.get() {
+            if still >= COOL_AFTER {
                 cooled.push(slot);
             }
         }
@@ -423,10 +410,9 @@ impl Probe {
 /// Runs the flow control of `probe` (on its executor) forever.
 pub async fn run(probe: Rc<RefCell<Probe>>) {
     let mut interval = MIN_SCAN;
-    let mut ended = Vec::new();
     loop {
         glommio::timer::sleep(interval).await;
-        let moving = probe.borrow_mut().scan(interval, &mut ended);
+        let moving = probe.borrow_mut().scan(interval);
         interval = if moving {
             MIN_SCAN
         } else {

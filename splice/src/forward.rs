@@ -25,8 +25,8 @@ use super::{
     credit,
     flow::Delivery,
     probe::Splice,
-    quiet_read::QuietReads,
     socket::{self, tcp_state},
+    spliced_read::{self, Waiting},
 };
 
 /// Initial userspace buffer of a leg that may splice: it only sees the
@@ -87,8 +87,6 @@ pub struct Leg<R, W> {
     /// Every byte the kernel redirected before this count is known to be in
     /// the destination's TCP send queue, so userspace may write after it.
     redirected_taken: u64,
-    /// The source's read parked (see [`super::quiet_read`]).
-    parked: bool,
 }
 
 impl<R, W> Leg<R, W>
@@ -118,7 +116,6 @@ where
             buffer: Vec::new(),
             destination_half_closed: false,
             redirected_taken: 0,
-            parked: false,
         })
     }
 
@@ -143,12 +140,6 @@ where
         self.delivery.written()
     }
 
-    /// Whether the source's read parked during [`Self::run`]: the kernel
-    /// forwarded a busy stream without waking userspace.
-    pub fn parked(&self) -> bool {
-        self.parked
-    }
-
     /// Writes bytes already read from the source elsewhere (e.g. the first
     /// packet a router routed on) to the destination.
     pub async fn write(&mut self, bytes: &[u8]) -> Result<(), LegError> {
@@ -171,14 +162,16 @@ where
                 "a spliced source for a leg made to copy only",
             )));
         }
-        let mut quiet = QuietReads::default();
-        if let Some(spliced) = spliced {
+        // Woken by the flow control when the probe passed bytes up.
+        let waiting = spliced.map(|spliced| {
+            let waiting = Rc::new(Waiting::default());
             spliced.splice.watch(
                 spliced.index,
                 Rc::clone(&self.delivery),
-                quiet.paused_reader(),
+                Rc::clone(&waiting),
             );
-        }
+            waiting
+        });
         if spliced.is_none() {
             self.allocate_buffer();
         }
@@ -186,16 +179,14 @@ where
         let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
         loop {
-            let read = match spliced {
-                Some(spliced) => {
+            let read = match &waiting {
+                Some(waiting) => {
                     let into = if self.buffer.is_empty() {
                         &mut first_byte[..]
                     } else {
                         &mut self.buffer[..]
                     };
-                    let read = quiet.read(&mut self.source, into, spliced, self.read).await;
-                    self.parked = quiet.parked();
-                    read
+                    spliced_read::read(&mut self.source, into, waiting).await
                 }
                 None => self.source.read(&mut self.buffer).await,
             };

@@ -10,8 +10,8 @@
 //! - [`streams`]: the probe's per-socket stream state, memory-mapped;
 //! - [`credit`]: the flow-control policy, pure: credit, renewal, window
 //!   growth, when a connection is stuck;
-//! - [`flow`]: the flow control that parks a spliced source whose
-//!   destination lags, one task per executor;
+//! - [`flow`]: the flow control that keeps each spliced source's credit
+//!   ahead of its destination, one task per executor;
 //! - [`forward`]: one direction of a connection: copies what userspace must
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
@@ -19,11 +19,9 @@
 //!   a connection's socket shared by its two legs;
 //! - [`readiness`]: the epoll set where those sockets wait (one per
 //!   executor, the only thing glommio polls for them);
-//! - [`quiet_read`]: a spliced source's read, which does not answer every
-//!   empty wake-up the kernel sends it, and parks on a busy stream;
-//! - `epoll`: the epoll set that [`readiness`] and [`source_ends`] use;
-//! - [`source_ends`]: how the flow control learns that a parked source
-//!   ended (one epoll set per probe, checked by the scan);
+//! - [`spliced_read`]: a spliced source's read, woken by the flow control
+//!   when the probe passed bytes up;
+//! - `epoll`: the epoll set that [`readiness`] uses;
 //! - [`socket`]: the raw socket queries the design needs (cookie, sequence,
 //!   bytes handed to TCP, kick, reset);
 //! - [`kernel_view`]: the maps of a loaded probe, readable from any thread;
@@ -39,12 +37,11 @@ pub mod halves;
 pub mod kernel_view;
 pub mod pipe;
 pub mod probe;
-pub mod quiet_read;
 pub mod readiness;
 pub mod runtime;
 pub mod shard;
 pub mod socket;
-pub mod source_ends;
+pub mod spliced_read;
 pub mod stats;
 pub mod streams;
 

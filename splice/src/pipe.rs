@@ -52,18 +52,32 @@ pub struct Outcome {
 
 /// Joins `client` (its two halves) and `backend`, sends the backend `first`,
 /// and forwards both directions until both ended.
+pub fn run<'a>(
+    client: (Half, Half),
+    backend: OwnSocket,
+    probe: Option<&'a ShardProbe>,
+    first: Vec<u8>,
+) -> impl Future<Output = Outcome> + 'a {
+    run_then(client, backend, probe, first, |outcome| outcome)
+}
+
+/// [`run`], then `end` with the outcome, in the same future: a caller that
+/// counts the outcome passes its counting here rather than awaiting `run`
+/// in a future of its own, which would hold the pipe twice (an awaited
+/// future moves into a slot of its own, next to the one it was kept in).
 ///
 /// Not an `async fn`: the backend is split and the legs made here, so the
 /// future (which lives as long as the connection) holds the legs only, not
 /// also the arguments and locals they were made from (an `async fn` keeps
 /// its arguments, and a local moved from, for its whole life: 1,896 B,
 /// ~800 of them dead, per connection).
-pub fn run<'a>(
+pub fn run_then<'a, R>(
     (client_reader, client_writer): (Half, Half),
     backend: OwnSocket,
     probe: Option<&'a ShardProbe>,
     first: Vec<u8>,
-) -> impl Future<Output = Outcome> + 'a {
+    end: impl FnOnce(Outcome) -> R + 'a,
+) -> impl Future<Output = R> + 'a {
     let spliceable = probe.is_some();
     let (backend_reader, backend_writer) = halves::split(backend);
     let fds = [
@@ -78,36 +92,126 @@ pub fn run<'a>(
         })
         .inspect_err(|_| reset_on_close(fds));
     async move {
-        let mut outcome = Outcome::default();
-        // Borrowed in place: moving them out would keep two copies.
-        let (up, down, [client_fd, backend_fd]) = match &mut legs {
-            Ok((up, down, fds)) => (up, down, *fds),
-            Err(e) => {
-                // Both sockets were reset.
-                debug!("cannot forward: {e}");
+        let outcome = 'pipe: {
+            let mut outcome = Outcome::default();
+            // Borrowed in place: moving them out would keep two copies.
+            let (up, down, [client_fd, backend_fd]) = match &mut legs {
+                Ok((up, down, fds)) => (up, down, *fds),
+                Err(e) => {
+                    // Both sockets were reset.
+                    debug!("cannot forward: {e}");
+                    outcome.reset = true;
+                    break 'pipe outcome;
+                }
+            };
+            // Spliced before the first bytes go out: the backend cannot have
+            // answered (and closed, which the kernel would refuse) yet. The
+            // client's later bytes wait in the kernel until the first are
+            // written.
+            let mut splice = match probe {
+                Some(probe) => {
+                    let members = [
+                        Member {
+                            socket: borrow(client_fd),
+                            peer: 1,
+                            start: false,
+                        },
+                        Member {
+                            socket: borrow(backend_fd),
+                            peer: 0,
+                            start: true,
+                        },
+                    ];
+                    let splice = probe.splice(&members);
+                    outcome.path = Some(if splice.is_some() {
+                        Path::Spliced
+                    } else {
+                        Path::Fallback
+                    });
+                    splice
+                }
+                None => {
+                    outcome.path = Some(Path::Copied);
+                    None
+                }
+            };
+            if let Err(e) = up.write(&first).await {
+                debug!("sending the first bytes failed: {e}");
+                reset_on_close([client_fd, backend_fd]);
                 outcome.reset = true;
-                return outcome;
+                outcome.to_backend = up.bytes_written();
+                break 'pipe outcome;
             }
+            drop(first);
+            if let Some(splice) = &mut splice {
+                splice.start(0);
+                for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
+                    if splice.is_spliced(index) {
+                        source.set_spliced();
+                    }
+                }
+            }
+            let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
+            let reset = Reset {
+                sockets: [client_fd, backend_fd],
+                legs: [up.delivery(), down.delivery()],
+            };
+            let (up_result, down_result) = future::zip(
+                run_leg(up, spliced(0), &reset),
+                run_leg(down, spliced(1), &reset),
+            )
+            .await;
+            outcome.reset = up_result.is_err() || down_result.is_err();
+            // The probe's per-socket count of what it redirected to the peer (a
+            // stream it gave up on counts only what userspace wrote).
+            let redirected = |index| {
+                splice
+                    .as_ref()
+                    .and_then(|splice| splice.stream(index).ok())
+                    .map_or(0, |stream| stream.redirected)
+            };
+            outcome.to_backend = up.bytes_written() + redirected(0);
+            outcome.to_client = down.bytes_written() + redirected(1);
+            outcome.read_in_userspace = up.bytes_read() + down.bytes_read();
+            // The sockets close first (dropping the legs closes them): then the
+            // splice has only its routes left to remove.
+            drop(legs);
+            if let Some(splice) = splice {
+                splice.drop_closed();
+            }
+            if let Some(probe) = probe {
+                probe.update_slots_gauge();
+            }
+            outcome
         };
-        // Spliced before the first bytes go out: the backend cannot have
-        // answered (and closed, which the kernel would refuse) yet. The
-        // client's later bytes wait in the kernel until the first are
-        // written.
-        let mut splice = match probe {
+        end(outcome)
+    }
+}
+
+/// The echo form: one socket whose bytes go back to itself, spliced (the
+/// probe redirects them to the socket's own egress) or copied, until its
+/// end of stream has gone back too. The order is the pipe's: the leg's
+/// baseline, the insert, the leg, the close, the routes.
+pub fn echo(socket: OwnSocket, probe: Option<&ShardProbe>) -> impl Future<Output = Outcome> + '_ {
+    let (reader, writer) = halves::split(socket);
+    let fd = reader.fd().as_raw_fd();
+    // The leg takes its baseline before the probe can echo anything.
+    let mut made = Leg::new(reader, writer, borrow(fd), probe.is_some())
+        .inspect_err(|_| reset_on_close([fd, fd]));
+    async move {
+        let mut outcome = Outcome::default();
+        // Borrowed in place: moving it out would keep two copies.
+        let Ok(leg) = &mut made else {
+            outcome.reset = true;
+            return outcome;
+        };
+        let splice = match probe {
             Some(probe) => {
-                let members = [
-                    Member {
-                        socket: borrow(client_fd),
-                        peer: 1,
-                        start: false,
-                    },
-                    Member {
-                        socket: borrow(backend_fd),
-                        peer: 0,
-                        start: true,
-                    },
-                ];
-                let splice = probe.splice(&members);
+                let splice = probe.splice(&[Member {
+                    socket: borrow(fd),
+                    peer: 0,
+                    start: true,
+                }]);
                 outcome.path = Some(if splice.is_some() {
                     Path::Spliced
                 } else {
@@ -120,47 +224,25 @@ pub fn run<'a>(
                 None
             }
         };
-        if let Err(e) = up.write(&first).await {
-            debug!("sending the first bytes failed: {e}");
-            reset_on_close([client_fd, backend_fd]);
+        if let Some(splice) = &splice
+            && splice.is_spliced(0)
+        {
+            leg.source().set_spliced();
+        }
+        let spliced = splice.as_ref().map(|splice| Spliced { splice, index: 0 });
+        if let Err(e) = leg.run(spliced).await {
+            debug!("connection reset: {e}");
+            reset_on_close([fd, fd]);
             outcome.reset = true;
-            outcome.to_backend = up.bytes_written();
-            return outcome;
         }
-        drop(first);
-        if let Some(splice) = &mut splice {
-            splice.start(0);
-            for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
-                if splice.is_spliced(index) {
-                    source.set_spliced();
-                }
-            }
-        }
-        let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
-        let reset = Reset {
-            sockets: [client_fd, backend_fd],
-            legs: [up.delivery(), down.delivery()],
-        };
-        let (up_result, down_result) = future::zip(
-            run_leg(up, spliced(0), &reset),
-            run_leg(down, spliced(1), &reset),
-        )
-        .await;
-        outcome.reset = up_result.is_err() || down_result.is_err();
-        // The probe's per-socket count of what it redirected to the peer (a
-        // stream it gave up on counts only what userspace wrote).
-        let redirected = |index| {
-            splice
-                .as_ref()
-                .and_then(|splice| splice.stream(index).ok())
-                .map_or(0, |stream| stream.redirected)
-        };
-        outcome.to_backend = up.bytes_written() + redirected(0);
-        outcome.to_client = down.bytes_written() + redirected(1);
-        outcome.read_in_userspace = up.bytes_read() + down.bytes_read();
-        // The sockets close first (dropping the legs closes them): then the
-        // splice has only its routes left to remove.
-        drop(legs);
+        let redirected = splice
+            .as_ref()
+            .and_then(|splice| splice.stream(0).ok())
+            .map_or(0, |stream| stream.redirected);
+        outcome.to_client = leg.bytes_written() + redirected;
+        outcome.read_in_userspace = leg.bytes_read();
+        // The socket closes first, then the splice removes its route.
+        drop(made);
         if let Some(splice) = splice {
             splice.drop_closed();
         }

@@ -22,9 +22,8 @@ use super::{
     credit,
     flow::{self, Delivery, SEND_BUFFER_LIMITS, Watches},
     kernel_view::KernelView,
-    quiet_read::PausedReader,
     socket,
-    source_ends::SourceEnds,
+    spliced_read::Waiting,
     streams::MappedArray,
 };
 use splice_common::{
@@ -137,8 +136,6 @@ pub struct Probe {
     streams: MappedArray<Stream>,
     control: MappedArray<Control>,
     pub(super) watches: Watches,
-    /// Ends of the sources whose legs parked their reads.
-    pub(super) source_ends: SourceEnds,
     pub(super) view: KernelView,
     free_slots: Vec<u32>,
     /// Per slot: the credit the flow control keeps ahead of its destination.
@@ -199,8 +196,6 @@ impl Probe {
             streams,
             control,
             watches: Watches::default(),
-            source_ends: SourceEnds::new()
-                .map_err(|e| LoadError::while_doing("creating the epoll set of source ends", e))?,
             view,
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
@@ -545,33 +540,13 @@ impl Splice {
 
     /// Lets the flow control keep credit ahead of the destination behind
     /// `delivery` for `members[index]` (until the splice drops), and wake
-    /// `reader` when it pauses with passed-up bytes waiting.
-    pub fn watch(&self, index: usize, delivery: Rc<Delivery>, reader: Rc<PausedReader>) {
+    /// `reader` when passed-up bytes wait.
+    pub fn watch(&self, index: usize, delivery: Rc<Delivery>, reader: Rc<Waiting>) {
         let entry = &self.entries[index];
         self.probe
             .borrow_mut()
             .watches
             .add(entry.slot, entry.fd, delivery, reader);
-    }
-
-    /// Parks the read of `members[index]` (see [`super::quiet_read`]): from
-    /// now on the flow control's scan, not an armed read, wakes it when the
-    /// probe passes bytes up or when the source ends. Needs a [`Self::watch`]
-    /// first.
-    pub fn park(&self, index: usize) -> io::Result<()> {
-        let entry = &self.entries[index];
-        let p = self.probe.borrow();
-        let watch = p
-            .watches
-            .get(entry.slot)
-            .ok_or_else(|| io::Error::other("parking a source that is not watched"))?;
-        if !watch.parked.get() {
-            // SAFETY: the splice's sockets outlive it.
-            let source = unsafe { BorrowedFd::borrow_raw(entry.fd) };
-            p.source_ends.add(source, entry.slot)?;
-            watch.parked.set(true);
-        }
-        Ok(())
     }
 
     /// Drops the splice after its sockets were closed. Closing a socket
@@ -593,15 +568,7 @@ impl Drop for Splice {
     fn drop(&mut self) {
         let mut p = self.probe.borrow_mut();
         for entry in &self.entries {
-            if p.watches
-                .remove(entry.slot)
-                .is_some_and(|watch| watch.parked.get())
-                && !self.closed
-            {
-                // SAFETY: the splice's sockets outlive it.
-                p.source_ends
-                    .remove(unsafe { BorrowedFd::borrow_raw(entry.fd) });
-            }
+            p.watches.remove(entry.slot);
             // Not found is fine: an insert that failed half-way, or the
             // kernel already dropped a closed socket from its maps.
             let _ = p.routes.remove(&entry.cookie);

@@ -217,6 +217,11 @@ pub fn reset_every_connection_on_close() -> io::Result<usize> {
         let Ok(fd) = entry?.file_name().to_string_lossy().parse::<RawFd>() else {
             continue;
         };
+        // Standard input, output and error are not connections, even when
+        // they are sockets (a supervisor's log stream).
+        if fd <= 2 {
+            continue;
+        }
         // A duplicate of our own: the listed descriptor may be closed (and
         // its number reused) meanwhile, the duplicate cannot.
         // SAFETY: F_DUPFD_CLOEXEC reads no memory; a closed `fd` gives EBADF.

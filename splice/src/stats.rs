@@ -26,9 +26,6 @@ pub struct SpliceStats {
     pub resets: AtomicU64,
     /// Payload bytes userspace read after the first packet.
     pub userspace_bytes: AtomicU64,
-    /// Directions whose source read parked (a busy spliced stream, see
-    /// [`super::quiet_read`]).
-    pub parked_reads: AtomicU64,
     /// SockMap slots held by connections right now.
     pub slots_in_use: AtomicU64,
 }
@@ -47,7 +44,7 @@ impl SpliceStats {
         let _ = write!(
             line,
             " accepted={} active={} spliced={} early={} copied={} sockmap_full={} \
-             insert_failed={} resets={} userspace_bytes={} parked_reads={} slots_in_use={}",
+             insert_failed={} resets={} userspace_bytes={} slots_in_use={}",
             sum(|s| &s.accepted),
             sum(|s| &s.active),
             sum(|s| &s.spliced),
@@ -57,7 +54,6 @@ impl SpliceStats {
             sum(|s| &s.insert_failed),
             sum(|s| &s.resets),
             sum(|s| &s.userspace_bytes),
-            sum(|s| &s.parked_reads),
             sum(|s| &s.slots_in_use),
         );
     }

@@ -87,15 +87,20 @@ pub(crate) fn forward<'a>(
     to_backend: ToBackend,
     finish: Finish<'a>,
 ) -> impl Future<Output = ()> + 'a {
-    let pipe = pipe::run(client, backend, shard.probe.as_ref(), to_backend.assemble());
-    async move {
-        let outcome = pipe.await;
-        let stats = &shard.stats.splice;
-        if outcome.path == Some(Path::Copied) {
-            add(&stats.copied, 1);
-        }
-        add(&stats.resets, u64::from(outcome.reset));
-        add(&stats.userspace_bytes, outcome.read_in_userspace);
-        finish.record(&outcome);
-    }
+    let first = to_backend.assemble();
+    pipe::run_then(
+        client,
+        backend,
+        shard.probe.as_ref(),
+        first,
+        move |outcome| {
+            let stats = &shard.stats.splice;
+            if outcome.path == Some(Path::Copied) {
+                add(&stats.copied, 1);
+            }
+            add(&stats.resets, u64::from(outcome.reset));
+            add(&stats.userspace_bytes, outcome.read_in_userspace);
+            finish.record(&outcome);
+        },
+    )
 }

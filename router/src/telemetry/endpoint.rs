@@ -4,13 +4,15 @@
 //! A liveness probe that times out gets the process killed, so no client
 //! can hold the endpoint: each connection is served on a thread of its own,
 //! within one deadline for the whole request (reading the head and writing
-//! the answer), and at most [`MAX_CONNECTIONS`] are open at once; past that
-//! the oldest is closed to make room, since a slow client is the one that
-//! stays longest. Nothing here runs on an executor.
+//! the answer). One client address keeps at most [`PER_CLIENT`] open (past
+//! that its own oldest is closed), and at most [`MAX_CONNECTIONS`] are open
+//! in all (past that the oldest is closed: a slow client is the one that
+//! stays longest), so a flood from one address cannot push another's probe
+//! out. Nothing here runs on an executor.
 use std::{
-    collections::VecDeque,
+    collections::{HashMap, VecDeque},
     io::{self, Read as _, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Shutdown, SocketAddr, TcpListener, TcpStream},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     thread,
     time::{Duration, Instant},
@@ -24,6 +26,16 @@ use super::{counters::Lifecycle, prometheus::encode};
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
 /// Connections served at once; a new one past this closes the oldest.
 pub const MAX_CONNECTIONS: usize = 64;
+/// Connections one client address keeps open; a new one past this closes
+/// that address's oldest.
+pub const PER_CLIENT: usize = 16;
+/// Request threads one client address may have alive (a closed
+/// connection's thread ends at its next read or write, but a flood opens
+/// faster than threads end); past this that address's new connections are
+/// closed at once, and no one else's.
+const THREADS_PER_CLIENT: usize = 2 * PER_CLIENT;
+/// Request threads alive at once, over every address.
+const MAX_THREADS: usize = 8 * MAX_CONNECTIONS;
 /// Longest request head accepted.
 const MAX_REQUEST: usize = 8 * 1024;
 /// Stack of a connection's thread: it parses a head and writes a buffer.
@@ -44,11 +56,14 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     Ok(socket.into())
 }
 
-/// The connections being served, oldest first, by a number of their own.
+/// The connections being served, oldest first, by a number of their own,
+/// with their client's address; and the request threads alive.
 #[derive(Default)]
 struct Open {
     next: u64,
-    streams: VecDeque<(u64, TcpStream)>,
+    streams: VecDeque<(u64, Option<IpAddr>, TcpStream)>,
+    threads: usize,
+    threads_per_client: HashMap<Option<IpAddr>, usize>,
 }
 
 /// Serves the endpoint on `listener` from a thread of its own
@@ -73,14 +88,16 @@ pub fn serve(
                     }
                 };
                 let accepted = Instant::now();
-                let Some(id) = admit(&open, &stream) else {
+                let Some((id, client)) = admit(&open, &stream) else {
+                    let _ = stream.shutdown(Shutdown::Both);
                     continue;
                 };
-                let (registry, lifecycle, open) = (
+                let (registry, lifecycle, opened) = (
                     Arc::clone(&registry),
                     Arc::clone(&lifecycle),
                     Arc::clone(&open),
                 );
+                let open = Arc::clone(&opened);
                 let spawned = thread::Builder::new()
                     .name("router-metrics-request".into())
                     .stack_size(THREAD_STACK)
@@ -89,31 +106,66 @@ pub fn serve(
                         if let Err(e) = answer(&stream, deadline, &registry, &lifecycle) {
                             tracing::debug!("metrics request: {e}");
                         }
-                        let mut open = open.lock().expect("no panic under this lock");
-                        open.streams.retain(|(other, _)| *other != id);
+                        release(&open, id, client);
                     });
                 if let Err(e) = spawned {
                     tracing::warn!("metrics request: cannot start its thread: {e}");
+                    release(&opened, id, client);
                 }
             }
         })
 }
 
-/// Counts `stream` among the open connections, closing the oldest if there
-/// is no room; `None` if it cannot be tracked (then it is dropped).
-fn admit(open: &Mutex<Open>, stream: &TcpStream) -> Option<u64> {
+/// Counts `stream` and its thread among the open ones, closing its
+/// client's oldest connection, or the oldest of all, if there is no room;
+/// `None` if it cannot be served (too many threads alive for its address or
+/// in all, or no copy of the socket): then the caller closes it. Returns
+/// its number and client address.
+fn admit(open: &Mutex<Open>, stream: &TcpStream) -> Option<(u64, Option<IpAddr>)> {
     let copy = stream.try_clone().ok()?;
+    let client = stream.peer_addr().ok().map(|addr| addr.ip());
     let mut open = open.lock().expect("no panic under this lock");
-    if open.streams.len() >= MAX_CONNECTIONS
-        && let Some((_, oldest)) = open.streams.pop_front()
-    {
+    let client_threads = open.threads_per_client.get(&client).copied().unwrap_or(0);
+    if open.threads >= MAX_THREADS || client_threads >= THREADS_PER_CLIENT {
+        return None;
+    }
+    let same_client = open
+        .streams
+        .iter()
+        .filter(|(_, ip, _)| *ip == client)
+        .count();
+    let evict = if same_client >= PER_CLIENT {
+        open.streams.iter().position(|(_, ip, _)| *ip == client)
+    } else if open.streams.len() >= MAX_CONNECTIONS {
+        Some(0)
+    } else {
+        None
+    };
+    if let Some((_, _, oldest)) = evict.and_then(|index| open.streams.remove(index)) {
         // Its thread's read or write ends at once, and the thread with it.
         let _ = oldest.shutdown(Shutdown::Both);
     }
     let id = open.next;
     open.next += 1;
-    open.streams.push_back((id, copy));
-    Some(id)
+    open.threads += 1;
+    *open.threads_per_client.entry(client).or_default() += 1;
+    open.streams.push_back((id, client, copy));
+    Some((id, client))
+}
+
+/// A request's thread ended (or could not start): forgets its connection.
+fn release(open: &Mutex<Open>, id: u64, client: Option<IpAddr>) {
+    let mut open = open.lock().expect("no panic under this lock");
+    open.threads -= 1;
+    if let Some(count) = open.threads_per_client.get_mut(&client) {
+        *count -= 1;
+        if *count == 0 {
+            open.threads_per_client.remove(&client);
+        }
+    }
+    if let Some(index) = open.streams.iter().position(|(other, _, _)| *other == id) {
+        open.streams.remove(index);
+    }
 }
 
 /// Time left before `deadline`, as a socket timeout (never zero, which
