@@ -15,7 +15,7 @@ use futures_lite::future;
 use tracing::debug;
 
 use super::{
-    Leg, LegError, Member, Spliced,
+    Leg, LegError, Member, Splice, Spliced,
     flow::Delivery,
     halves::{self, Half, OwnSocket},
     shard::ShardProbe,
@@ -108,33 +108,24 @@ pub fn run_then<'a, R>(
             // answered (and closed, which the kernel would refuse) yet. The
             // client's later bytes wait in the kernel until the first are
             // written.
-            let mut splice = match probe {
-                Some(probe) => {
-                    let members = [
-                        Member {
-                            socket: borrow(client_fd),
-                            peer: 1,
-                            start: false,
-                        },
-                        Member {
-                            socket: borrow(backend_fd),
-                            peer: 0,
-                            start: true,
-                        },
-                    ];
-                    let splice = probe.splice(&members);
-                    outcome.path = Some(if splice.is_some() {
-                        Path::Spliced
-                    } else {
-                        Path::Fallback
-                    });
-                    splice
-                }
-                None => {
-                    outcome.path = Some(Path::Copied);
-                    None
-                }
-            };
+            // The members are a temporary: nothing of them stays in the
+            // future across its awaits.
+            let (mut splice, path) = insert(
+                probe,
+                &[
+                    Member {
+                        socket: borrow(client_fd),
+                        peer: 1,
+                        start: false,
+                    },
+                    Member {
+                        socket: borrow(backend_fd),
+                        peer: 0,
+                        start: true,
+                    },
+                ],
+            );
+            outcome.path = Some(path);
             if let Err(e) = up.write(&first).await {
                 debug!("sending the first bytes failed: {e}");
                 reset_on_close([client_fd, backend_fd]);
@@ -162,26 +153,13 @@ pub fn run_then<'a, R>(
             )
             .await;
             outcome.reset = up_result.is_err() || down_result.is_err();
-            // The probe's per-socket count of what it redirected to the peer (a
-            // stream it gave up on counts only what userspace wrote).
-            let redirected = |index| {
-                splice
-                    .as_ref()
-                    .and_then(|splice| splice.stream(index).ok())
-                    .map_or(0, |stream| stream.redirected)
-            };
-            outcome.to_backend = up.bytes_written() + redirected(0);
-            outcome.to_client = down.bytes_written() + redirected(1);
+            outcome.to_backend = up.bytes_written() + redirected(&splice, 0);
+            outcome.to_client = down.bytes_written() + redirected(&splice, 1);
             outcome.read_in_userspace = up.bytes_read() + down.bytes_read();
             // The sockets close first (dropping the legs closes them): then the
             // splice has only its routes left to remove.
             drop(legs);
-            if let Some(splice) = splice {
-                splice.drop_closed();
-            }
-            if let Some(probe) = probe {
-                probe.update_slots_gauge();
-            }
+            remove(splice, probe);
             outcome
         };
         end(outcome)
@@ -205,25 +183,15 @@ pub fn echo(socket: OwnSocket, probe: Option<&ShardProbe>) -> impl Future<Output
             outcome.reset = true;
             return outcome;
         };
-        let splice = match probe {
-            Some(probe) => {
-                let splice = probe.splice(&[Member {
-                    socket: borrow(fd),
-                    peer: 0,
-                    start: true,
-                }]);
-                outcome.path = Some(if splice.is_some() {
-                    Path::Spliced
-                } else {
-                    Path::Fallback
-                });
-                splice
-            }
-            None => {
-                outcome.path = Some(Path::Copied);
-                None
-            }
-        };
+        let (splice, path) = insert(
+            probe,
+            &[Member {
+                socket: borrow(fd),
+                peer: 0,
+                start: true,
+            }],
+        );
+        outcome.path = Some(path);
         if let Some(splice) = &splice
             && splice.is_spliced(0)
         {
@@ -235,21 +203,48 @@ pub fn echo(socket: OwnSocket, probe: Option<&ShardProbe>) -> impl Future<Output
             reset_on_close([fd, fd]);
             outcome.reset = true;
         }
-        let redirected = splice
-            .as_ref()
-            .and_then(|splice| splice.stream(0).ok())
-            .map_or(0, |stream| stream.redirected);
-        outcome.to_client = leg.bytes_written() + redirected;
+        outcome.to_client = leg.bytes_written() + redirected(&splice, 0);
         outcome.read_in_userspace = leg.bytes_read();
         // The socket closes first, then the splice removes its route.
         drop(made);
-        if let Some(splice) = splice {
-            splice.drop_closed();
-        }
-        if let Some(probe) = probe {
-            probe.update_slots_gauge();
-        }
+        remove(splice, probe);
         outcome
+    }
+}
+
+/// Inserts `members` into the executor's probe, if it has one: the splice,
+/// and how the pipe forwards (userspace when the kernel refused).
+fn insert(probe: Option<&ShardProbe>, members: &[Member<'_>]) -> (Option<Splice>, Path) {
+    match probe {
+        Some(probe) => {
+            let splice = probe.splice(members);
+            let path = if splice.is_some() {
+                Path::Spliced
+            } else {
+                Path::Fallback
+            };
+            (splice, path)
+        }
+        None => (None, Path::Copied),
+    }
+}
+
+/// The probe's count of what member `index` redirected to its peer (a
+/// stream it gave up on counts only what userspace wrote).
+fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
+    splice
+        .as_ref()
+        .and_then(|splice| splice.stream(index).ok())
+        .map_or(0, |stream| stream.redirected)
+}
+
+/// Removes what is left of a splice whose sockets are closed: its routes.
+fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
+    if let Some(splice) = splice {
+        splice.drop_closed();
+    }
+    if let Some(probe) = probe {
+        probe.update_slots_gauge();
     }
 }
 
