@@ -69,6 +69,6 @@ for conns in ["1", "8", "64"]:
     me, mc = statistics.median(e), statistics.median(c)
     print(f"| {conns} | {me:.2f} ({min(e):.2f}-{max(e):.2f}) | {mc:.2f} ({min(c):.2f}-{max(c):.2f}) | {me/mc:.2f} |")
 print("\nClient and servers share the machine's cores, so these are echo rates under load, not")
-print("ceilings. See docs/performance.md for what limits the single-connection ebpf case.")
+print("ceilings. See docs/performance.md for what limits the in-kernel echo.")
 PY
 cat "$out"
