@@ -9,6 +9,11 @@
 /// A direction's window when it is spliced.
 pub const INITIAL_WINDOW: u64 = 4 << 20;
 
+/// A spliced socket's send buffer, in windows of the direction that sends
+/// into it: room for what the flow control lets the kernel hold, with the
+/// kernel's per-buffer overhead.
+pub const SEND_BUFFER_LIMITS: u64 = 4;
+
 /// Bytes passed up but not yet forwarded, beyond what a receive buffer
 /// holds, in windows, past which a connection is reset.
 pub const STUCK_LIMITS: u64 = 8;

@@ -38,254 +38,28 @@
 //! The scan runs every millisecond while sources move and backs off to
 //! [`MAX_SCAN`] when all are quiet. It also wakes a source's read when the
 //! probe passed its bytes up (see [`super::spliced_read`]).
-use std::{
-    cell::{Cell, RefCell},
-    io,
-    os::fd::{BorrowedFd, RawFd},
-    rc::Rc,
-    time::Duration,
-};
+use std::{cell::RefCell, os::fd::BorrowedFd, rc::Rc, time::Duration};
 
-use super::{credit, probe::Probe, socket, spliced_read::Waiting};
+use super::{
+    credit::{self, SEND_BUFFER_LIMITS},
+    probe::Probe,
+    socket,
+    watches::{COOL_AFTER, Watch},
+};
 use splice_common::Control;
 
-const MIN_SCAN: Duration = Duration::from_millis(1);
+/// Shortest pause between two scans.
+pub const MIN_SCAN: Duration = Duration::from_millis(1);
 /// Longest pause between two scans.
 pub const MAX_SCAN: Duration = Duration::from_millis(4);
-
-/// A spliced socket's send buffer, in windows of the direction that sends
-/// into it: room for what the flow control lets the kernel hold, with the
-/// kernel's per-buffer overhead.
-pub const SEND_BUFFER_LIMITS: u64 = 4;
-/// `net.ipv4.tcp_rmem`'s maximum: what a slow but reading peer may
-/// legitimately leave in a receive buffer.
-pub fn receive_buffer_max() -> u64 {
-    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
-        .ok()
-        .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
-        .unwrap_or(32 << 20)
-}
-
-/// How much a destination took: what the flow control and a leg's drain
-/// both measure, from the counters of the destination socket.
-pub struct Delivery {
-    destination_fd: RawFd,
-    /// `bytes_handed_to_tcp(destination)` and `tcpi_bytes_acked` of the
-    /// destination when the leg began; `None` for a leg that only copies
-    /// (everything it delivers is its own writes, nothing to measure).
-    baselines: Option<(u64, u64)>,
-    /// Bytes userspace wrote to the destination since.
-    written: Cell<u64>,
-    /// Set when the connection is given up (reset): by the flow control, or
-    /// by the server when the other direction failed.
-    abandoned: Cell<bool>,
-}
-
-impl Delivery {
-    /// `destination` must outlive the delivery. Only a `spliceable` one
-    /// measures what the kernel redirected to its destination.
-    pub fn new(destination: BorrowedFd<'_>, spliceable: bool) -> io::Result<Self> {
-        use std::os::fd::AsRawFd as _;
-        let baselines = if spliceable {
-            Some(socket::bytes_handed_and_acked(destination)?)
-        } else {
-            None
-        };
-        Ok(Self {
-            destination_fd: destination.as_raw_fd(),
-            baselines,
-            written: Cell::new(0),
-            abandoned: Cell::new(false),
-        })
-    }
-
-    pub fn destination(&self) -> BorrowedFd<'_> {
-        // SAFETY: `new`'s contract: the socket outlives us.
-        unsafe { BorrowedFd::borrow_raw(self.destination_fd) }
-    }
-
-    /// Bytes userspace wrote to the destination.
-    pub fn written(&self) -> u64 {
-        self.written.get()
-    }
-
-    pub fn add_written(&self, n: u64) {
-        self.written.set(self.written.get() + n);
-    }
-
-    /// Gives the connection up: the leg stops at its next step with an
-    /// error (the caller resets the sockets).
-    pub fn abandon(&self) {
-        self.abandoned.set(true);
-    }
-
-    pub fn is_abandoned(&self) -> bool {
-        self.abandoned.get()
-    }
-
-    /// Bytes the destination's TCP took since the leg began.
-    pub fn handed(&self) -> io::Result<u64> {
-        let (baseline, _) = self.baselines()?;
-        Ok(socket::bytes_handed_to_tcp(self.destination())?.saturating_sub(baseline))
-    }
-
-    /// Whether it took the baselines that measure redirected bytes.
-    pub fn measures_redirects(&self) -> bool {
-        self.baselines.is_some()
-    }
-
-    fn baselines(&self) -> io::Result<(u64, u64)> {
-        self.baselines.ok_or_else(|| {
-            io::Error::other("a leg made to copy only cannot measure redirected bytes")
-        })
-    }
-
-    /// Bytes the kernel redirected that the destination's TCP took.
-    pub fn redirected_taken(&self) -> io::Result<u64> {
-        Ok(self.handed()?.saturating_sub(self.written()))
-    }
-
-    /// At least how many of the bytes the kernel redirected the
-    /// destination's peer acknowledged (userspace's own bytes are counted as
-    /// acknowledged first, which can only make this smaller).
-    pub fn redirected_acked(&self) -> io::Result<u64> {
-        let (_, acked_baseline) = self.baselines()?;
-        let acked = socket::tcp_info(self.destination())?.tcpi_bytes_acked;
-        Ok(acked
-            .saturating_sub(acked_baseline)
-            .saturating_sub(self.written()))
-    }
-}
-
-/// One watched source.
-pub(super) struct Watch {
-    slot: u32,
-    source_fd: RawFd,
-    delivery: Rc<Delivery>,
-    /// The leg's read of the source, woken when the probe passed bytes up
-    /// (see [`super::spliced_read`]).
-    reader: Rc<Waiting>,
-    /// Redirected count at the previous scan.
-    seen: Cell<u64>,
-    /// Passed-up count when the credit was last renewed.
-    passed: Cell<u64>,
-    /// Passed-up count at the previous look (see [`Probe::scan`]).
-    passed_seen: Cell<u64>,
-    /// Looked at by every scan (see [`Watches`]).
-    hot: Cell<bool>,
-    /// Scans in a row that saw the source still.
-    still_scans: Cell<u32>,
-}
-
-/// The watched sources of one probe, by slot.
-///
-/// Looking at a source costs little, but a scan every millisecond over
-/// thousands of idle connections does not (measured: with 9,799 idle
-/// connections held, the active stream got 0.82 of its 1-connection
-/// throughput through the router, and 1.06 through the router's copy mode,
-/// which has no scan). So only the *hot* sources, those that moved in the
-/// last [`COOL_AFTER`] scans, are looked at by every
-/// scan; the scans look at each of the others once per [`COLD_PERIOD`], a
-/// slice at a time. A cold source that starts sending has a full window of
-/// credit, so it waits for its slice without passing bytes up unless it
-/// sends more than that window first. Then the probe's count of passed-up
-/// bytes grows by more than the hot sources account for, and that scan
-/// looks at every cold source: the leg is woken, forwards them, renews its
-/// credit itself and makes it hot.
-#[derive(Default)]
-pub struct Watches {
-    by_slot: Vec<Option<Watch>>,
-    hot: Vec<u32>,
-    /// Where the next scan's slice of the cold sources starts.
-    cold_cursor: usize,
-}
-
-/// A still source stays hot for this many scans.
-const COOL_AFTER: u32 = 32;
-/// Time in which the scans look at every cold source once.
-const COLD_PERIOD: Duration = Duration::from_millis(100);
-
-impl Watches {
-    pub(super) fn add(
-        &mut self,
-        slot: u32,
-        source_fd: RawFd,
-        delivery: Rc<Delivery>,
-        reader: Rc<Waiting>,
-    ) {
-        self.remove(slot);
-        let index = slot as usize;
-        if self.by_slot.len() <= index {
-            self.by_slot.resize_with(index + 1, || None);
-        }
-        // New sources start hot: most send at once.
-        self.by_slot[index] = Some(Watch {
-            slot,
-            source_fd,
-            delivery,
-            reader,
-            seen: Cell::new(0),
-            passed: Cell::new(0),
-            passed_seen: Cell::new(0),
-            hot: Cell::new(true),
-            still_scans: Cell::new(0),
-        });
-        self.hot.push(slot);
-    }
-
-    pub(super) fn remove(&mut self, slot: u32) -> Option<Watch> {
-        let watch = self.by_slot.get_mut(slot as usize)?.take()?;
-        if watch.hot.get() {
-            self.cool(slot);
-        }
-        Some(watch)
-    }
-
-    pub(super) fn get(&self, slot: u32) -> Option<&Watch> {
-        self.by_slot.get(slot as usize)?.as_ref()
-    }
-
-    /// Makes `slot`'s source hot, if it is watched and cold.
-    pub(super) fn heat(&mut self, slot: u32) {
-        if let Some(watch) = self.get(slot)
-            && !watch.hot.get()
-        {
-            watch.hot.set(true);
-            watch.still_scans.set(0);
-            self.hot.push(slot);
-        }
-    }
-
-    /// Takes `slot` out of the hot list.
-    fn cool(&mut self, slot: u32) {
-        if let Some(i) = self.hot.iter().position(|&s| s == slot) {
-            self.hot.swap_remove(i);
-        }
-        if let Some(watch) = self.get(slot) {
-            watch.hot.set(false);
-        }
-    }
-
-    /// The slots of the slice of all sources (cold or not) a scan looks at
-    /// `since` the previous one.
-    fn next_cold_slice(&mut self, since: Duration) -> std::ops::Range<usize> {
-        let len = self.by_slot.len();
-        let size = (len as u128 * since.as_micros()).div_ceil(COLD_PERIOD.as_micros()) as usize;
-        if self.cold_cursor >= len {
-            self.cold_cursor = 0;
-        }
-        let start = self.cold_cursor;
-        self.cold_cursor = start + size;
-        start..(start + size).min(len)
-    }
-}
 
 impl Probe {
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
     /// destination kept up), gives up on the stuck ones, and wakes the reads
     /// of sources whose bytes were passed up. Looks at the hot
-    /// sources and one slice of the cold ones (see [`Watches`]). Returns
+    /// sources and one slice of the cold ones (see
+    /// [`super::watches::Watches`]). Returns
     /// whether any source moved much since the last scan.
     fn scan(&mut self, since: Duration) -> bool {
         // Bytes passed up since the previous scan, in all: those of a cold
@@ -364,7 +138,7 @@ impl Probe {
             control.forwarded,
             self.receive_buffer_max(),
             window,
-        ) && !watch.delivery.abandoned.replace(true)
+        ) && watch.delivery.abandon_first()
         {
             // SAFETY: a watch lives no longer than its splice, whose
             // sockets outlive it.
@@ -418,40 +192,5 @@ pub async fn run(probe: Rc<RefCell<Probe>>) {
         } else {
             (interval * 2).min(MAX_SCAN)
         };
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn watches(slots: usize) -> Watches {
-        Watches {
-            by_slot: (0..slots).map(|_| None).collect(),
-            ..Watches::default()
-        }
-    }
-
-    /// Every slot is looked at within each COLD_PERIOD, whatever the scan
-    /// period, at a cost of about one look per slot (rounding adds at most
-    /// one per scan).
-    #[test]
-    fn cold_slices_cover_every_slot_once_per_cold_period() {
-        for (slots, scan) in [(19_600, MIN_SCAN), (19_600, MAX_SCAN), (7, MIN_SCAN)] {
-            let mut watches = watches(slots);
-            let mut seen = vec![0usize; slots];
-            let scans = (COLD_PERIOD.as_micros() / scan.as_micros()) as usize;
-            for _ in 0..scans {
-                for slot in watches.next_cold_slice(scan) {
-                    seen[slot] += 1;
-                }
-            }
-            let looks: usize = seen.iter().sum();
-            assert!(
-                seen.iter().all(|&n| n >= 1) && looks <= slots + scans,
-                "{slots} slots, scans every {scan:?}: {looks} looks, {:?}",
-                (seen.iter().min(), seen.iter().max())
-            );
-        }
     }
 }

@@ -23,7 +23,7 @@ use thiserror::Error;
 
 use super::{
     credit,
-    flow::Delivery,
+    delivery::Delivery,
     probe::Splice,
     socket::{self, tcp_state},
     spliced_read::{self, Waiting},

@@ -12,6 +12,9 @@
 //!   growth, when a connection is stuck;
 //! - [`flow`]: the flow control that keeps each spliced source's credit
 //!   ahead of its destination, one task per executor;
+//! - [`delivery`]: how much a destination took (TCP counters less what
+//!   userspace wrote), measured by the flow control and a leg's drain;
+//! - [`watches`]: the sources a probe's flow control watches, hot or cold;
 //! - [`forward`]: one direction of a connection: copies what userspace must
 //!   and, at end of stream, waits until every byte reached the destination
 //!   socket before sending FIN;
@@ -30,6 +33,7 @@
 //! - [`runtime`]: listeners, one pinned executor per core, signals.
 pub mod capabilities;
 pub mod credit;
+pub mod delivery;
 mod epoll;
 pub mod flow;
 pub mod forward;
@@ -44,6 +48,7 @@ pub mod socket;
 pub mod spliced_read;
 pub mod stats;
 pub mod streams;
+pub mod watches;
 
 pub use forward::{Leg, LegError, Spliced};
 pub use kernel_view::{KernelTotals, KernelView};

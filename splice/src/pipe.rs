@@ -16,7 +16,7 @@ use tracing::debug;
 
 use super::{
     Leg, LegError, Member, Splice, Spliced,
-    flow::Delivery,
+    delivery::Delivery,
     halves::{self, Half, OwnSocket},
     shard::ShardProbe,
     socket,

@@ -20,11 +20,13 @@ use thiserror::Error;
 use super::{
     capabilities::{self, MissingCapabilities},
     credit,
-    flow::{self, Delivery, SEND_BUFFER_LIMITS, Watches},
+    credit::SEND_BUFFER_LIMITS,
+    delivery::Delivery,
     kernel_view::KernelView,
     socket,
     spliced_read::Waiting,
     streams::MappedArray,
+    watches::Watches,
 };
 use splice_common::{
     CONTROL_MAP, COUNTERS_MAP, Control, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP,
@@ -200,7 +202,7 @@ impl Probe {
             // Popped from the end: slot 0 is used first.
             free_slots: (0..config.capacity).rev().collect(),
             windows: (0..config.capacity).map(|_| Cell::new(0)).collect(),
-            receive_buffer_max: flow::receive_buffer_max(),
+            receive_buffer_max: socket::receive_buffer_max(),
             passed_total: 0,
             config,
         })
@@ -525,7 +527,7 @@ impl Splice {
     /// redirect.
     ///
     /// The source is then looked at by every flow-control scan (see
-    /// [`flow::Watches`]): it moves.
+    /// [`Watches`]): it moves.
     pub fn set_control(&self, index: usize, control: Control) {
         let slot = self.entries[index].slot;
         let mut p = self.probe.borrow_mut();

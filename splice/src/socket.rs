@@ -59,6 +59,15 @@ fn setsockopt<T: Copy>(fd: BorrowedFd<'_>, level: i32, name: i32, value: T) -> i
     }
 }
 
+/// `net.ipv4.tcp_rmem`'s maximum: what a slow but reading peer may
+/// legitimately leave in a receive buffer.
+pub fn receive_buffer_max() -> u64 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/tcp_rmem")
+        .ok()
+        .and_then(|text| text.split_whitespace().nth(2)?.parse::<u64>().ok())
+        .unwrap_or(32 << 20)
+}
+
 /// The kernel's cookie of a socket: the key of the probe's `ROUTES` map.
 pub fn cookie(fd: BorrowedFd<'_>) -> io::Result<u64> {
     SockRef::from(&fd).cookie()
