@@ -76,9 +76,9 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let probe = probe_spec(&config)?;
-    let max_connections = config
-        .max_connections
-        .unwrap_or_else(|| Limits::default_total(open_files));
+    // A reload without `max_connections` goes back to this default too.
+    let default_max_connections = Limits::default_total(open_files);
+    let max_connections = config.max_connections.unwrap_or(default_max_connections);
     let limits = Limits::new(
         max_connections,
         config.max_connections_per_listener,
@@ -195,7 +195,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         reload: options.reload,
         config,
         limits,
-        default_max_connections: Limits::default_total(open_files),
+        default_max_connections,
     }
     .run();
     Ok(())

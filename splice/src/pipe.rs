@@ -174,8 +174,9 @@ pub fn echo(socket: OwnSocket, probe: Option<&ShardProbe>) -> impl Future<Output
     let (reader, writer) = halves::split(socket);
     let fd = reader.fd().as_raw_fd();
     // The leg takes its baseline before the probe can echo anything.
-    let mut made = Leg::new(reader, writer, borrow(fd), probe.is_some())
-        .inspect_err(|_| reset_on_close([fd, fd]));
+    let mut made = Leg::new(reader, writer, borrow(fd), probe.is_some()).inspect_err(|_| {
+        let _ = socket::reset_on_close(borrow(fd));
+    });
     async move {
         let mut outcome = Outcome::default();
         // Borrowed in place: moving it out would keep two copies.
@@ -200,7 +201,7 @@ pub fn echo(socket: OwnSocket, probe: Option<&ShardProbe>) -> impl Future<Output
         let spliced = splice.as_ref().map(|splice| Spliced { splice, index: 0 });
         if let Err(e) = leg.run(spliced).await {
             debug!("connection reset: {e}");
-            reset_on_close([fd, fd]);
+            let _ = socket::reset_on_close(borrow(fd));
             outcome.reset = true;
         }
         outcome.to_client = leg.bytes_written() + redirected(&splice, 0);
