@@ -6,6 +6,7 @@
 #   scripts/kernel-matrix.sh 6.12            # one kernel
 #   scripts/kernel-matrix.sh --force 6.1     # run again even if it passed
 #   scripts/kernel-matrix.sh --timeout 90 linux-image-6.1.0-47-amd64
+#   scripts/kernel-matrix.sh --smoke         # CI's check: two tests on 6.1
 #
 # Kernels (positional; default "6.1 6.12 host"):
 #   6.1    Debian bookworm's kernel (the package `linux-image-amd64` depends on)
@@ -39,8 +40,13 @@
 # Options: --force, --timeout MINUTES, --memory MIB (default 2048),
 #          --cpus N (default 2), --test-threads N (default 1),
 #          --time-scale N (TESTKIT_TIME_SCALE in the VMs, default 4),
-#          --only FILTER (run only the tests whose name contains FILTER;
-#          such a run is stored apart and never counts as a pass),
+#          --only FILTER[,FILTER...] (run only the tests whose name
+#          contains a FILTER; such a run is stored apart and never counts
+#          as a pass of the whole matrix),
+#          --smoke (the short check CI runs: the oldest kernel, 6.1, unless
+#          kernels are named, and only the echo demo's basic test and a
+#          router test that asserts splicing; fails if the VM
+#          does not boot or a test fails),
 #          --table (print the last results only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,6 +60,7 @@ test_threads=1
 time_scale=4
 only=""
 table_only=0
+smoke=0
 kernels=()
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -64,6 +71,7 @@ while [ $# -gt 0 ]; do
         --test-threads) test_threads=$2; shift ;;
         --time-scale) time_scale=$2; shift ;;
         --only) only=$2; shift ;;
+        --smoke) smoke=1 ;;
         --table) table_only=1 ;;
         -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
         -*) echo "kernel-matrix: unknown option $1 (see --help)" >&2; exit 2 ;;
@@ -71,7 +79,16 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+# The smoke check: the echo demo's basic test and a router test that
+# asserts every connection was spliced, on the minimum kernel.
+SMOKE_TESTS=ebpf_mode_all_cores_echoes_64_concurrent_clients_in_the_kernel,a_hundred_concurrent_connections_get_their_bytes_back
+if [ "$smoke" -eq 1 ]; then
+    [ -z "$only" ] || { echo "kernel-matrix: --smoke and --only do not go together" >&2; exit 2; }
+    only=$SMOKE_TESTS
+    [ ${#kernels[@]} -gt 0 ] || kernels=(6.1)
+fi
 [ ${#kernels[@]} -gt 0 ] || kernels=(6.1 6.12 host)
+[[ "$only" =~ ^[A-Za-z0-9_:,]*$ ]] || { echo "kernel-matrix: --only wants test names (letters, digits, _ and :), comma-separated" >&2; exit 2; }
 [[ "$timeout_min" =~ ^[0-9]+$ && "$timeout_min" -gt 0 ]] || { echo "kernel-matrix: --timeout wants minutes" >&2; exit 2; }
 
 work=$root/target/kernel-matrix
@@ -111,9 +128,41 @@ if [ "$table_only" -eq 1 ]; then print_table; exit 0; fi
 
 # --- Setup ----------------------------------------------------------------
 
+# qemu-system-x86 and qemu-utils must come from one Debian release: a machine
+# image may carry qemu-utils from bookworm-backports (1:10.x, which
+# `Breaks: qemu-system-common (< 1:8.0)`) while apt offers bookworm's
+# qemu-system-x86 (1:7.2), and apt then refuses the install. Vagrant's
+# libvirt provider needs qemu-utils of any version, so the matching release's
+# qemu-utils serves both; it is installed next to qemu-system-x86, and what
+# changed is said. Idempotent: nothing happens once qemu-system-x86 is there.
+ensure_consistent_qemu() {
+    dpkg-query -W -f='${Status}' qemu-system-x86 2>/dev/null | grep -q 'install ok installed' && return
+    [ "$(id -u)" -eq 0 ] || die "qemu-system-x86 is missing; run as root or: sudo apt-get install qemu-system-x86"
+    local candidate utils
+    candidate=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    if [ -z "$candidate" ] || [ "$candidate" = "(none)" ]; then
+        apt-get update -q >/dev/null
+        candidate=$(apt-cache policy qemu-system-x86 | awk '/Candidate:/ { print $2 }')
+    fi
+    [ -n "$candidate" ] && [ "$candidate" != "(none)" ] || die "apt offers no qemu-system-x86 (apt-cache policy qemu-system-x86)"
+    local packages=("qemu-system-x86=$candidate")
+    utils=$(dpkg-query -W -f='${Status} ${Version}' qemu-utils 2>/dev/null | awk '/install ok installed/ { print $4 }')
+    if [ -n "$utils" ] && [ "$utils" != "$candidate" ]; then
+        apt-cache madison qemu-utils | awk '{ print $3 }' | grep -qxF "$candidate" \
+            || die "qemu-utils $utils is installed and apt has no qemu-utils $candidate to match qemu-system-x86 $candidate (apt-cache policy qemu-utils)"
+        say "qemu-utils $utils (another release than apt's qemu-system-x86 $candidate, which it Breaks) is replaced by qemu-utils $candidate, so every qemu package comes from one release"
+        packages+=("qemu-utils=$candidate")
+    fi
+    say "installing ${packages[*]}"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends --allow-downgrades "${packages[@]}" >/dev/null \
+        || die "apt-get install ${packages[*]} failed"
+    say "installed: $(dpkg-query -W -f='${Package} ${Version}\n' qemu-system-x86 qemu-system-common qemu-utils 2>/dev/null | paste -sd, - | sed 's/,/, /g')"
+}
+ensure_consistent_qemu
+
 # Toolchain and the test tools, plus what the matrix itself needs (all
 # idempotent: nothing is installed twice).
-SETUP_APT_EXTRA="qemu-system-x86 busybox-static cpio jq binutils ${SETUP_APT_EXTRA:-}" scripts/setup.sh >&2
+SETUP_APT_EXTRA="busybox-static cpio jq binutils ${SETUP_APT_EXTRA:-}" scripts/setup.sh >&2
 
 # --- Build ----------------------------------------------------------------
 
@@ -226,8 +275,9 @@ echo "KMATRIX kernel \$(uname -r)"
 run_tests() {
     echo "KMATRIX begin \$1"
     cd "\$3"
-    # KMATRIX_THREADS and KMATRIX_ONLY come from the kernel command line.
-    "\$2" --test-threads="\${KMATRIX_THREADS:-1}" \${KMATRIX_ONLY:+"\$KMATRIX_ONLY"} 2>&1
+    # KMATRIX_THREADS and KMATRIX_ONLY (filters, comma-separated) come from
+    # the kernel command line.
+    "\$2" --test-threads="\${KMATRIX_THREADS:-1}" \$(echo "\${KMATRIX_ONLY:-}" | sed 's/,/ /g') 2>&1
     echo "KMATRIX end \$1 rc=\$?"
 }
 $runs
@@ -400,7 +450,7 @@ run_on_host() {
             echo "KMATRIX begin $name"
             local rc=0
             (cd "$root/$name" && CI=true timeout -k 10 "$((timeout_min * 60))" \
-                "${test_bin[$target]}" --test-threads="$test_threads" ${only:+"$only"} 2>&1) || rc=$?
+                "${test_bin[$target]}" --test-threads="$test_threads" ${only//,/ } 2>&1) || rc=$?
             echo "KMATRIX end $name rc=$rc"
         done
         echo "KMATRIX done"
