@@ -230,3 +230,58 @@ fn a_reset_on_one_side_reaches_the_other_as_a_reset() {
         );
     }
 }
+
+/// The client's first segment carries the first packet and 900 bytes more;
+/// userspace reads only the first 100, so the socket buffer the kernel hands
+/// the verdict after the insert starts 100 bytes before the stream's next
+/// unread byte, as an overlapping retransmission does. The verdict trims
+/// exactly those 100 bytes: the backend gets each byte once, in order.
+#[test]
+fn a_socket_buffer_that_repeats_read_bytes_is_trimmed_and_nothing_repeats() {
+    const SIZE: usize = 1_000;
+    let echo = Backend::echo();
+    for config in modes("pipe_trim", 64 << 20) {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let payload = Rng::new(43).bytes(SIZE);
+        let sent = payload.clone();
+        let client = thread::spawn(move || {
+            let mut stream = clients::connect(addr).unwrap();
+            // One write, one segment on loopback; no FIN until the echo is
+            // back, so the socket is still established at the insert.
+            stream.write_all(&sent).unwrap();
+            let mut echoed = vec![0u8; SIZE];
+            stream.read_exact(&mut echoed).unwrap();
+            stream.shutdown(Shutdown::Write).unwrap();
+            let mut rest = Vec::new();
+            stream.read_to_end(&mut rest).unwrap();
+            echoed.extend(rest);
+            echoed
+        });
+        let (outcome, totals) = run_pipe(listener, echo.addr, config);
+        let echoed = client.join().unwrap();
+        assert!(
+            echoed == payload,
+            "spliced {}: the echo differs",
+            config.is_some()
+        );
+        assert_eq!(
+            (outcome.to_backend, outcome.to_client),
+            (SIZE as u64, SIZE as u64)
+        );
+        if let Some(totals) = totals {
+            eprintln!("spliced: {outcome:?}, kernel {totals:?}");
+            assert_eq!(outcome.path, Some(Path::Spliced), "{outcome:?}");
+            assert_eq!(
+                (totals.trimmed, totals.trimmed_bytes),
+                (1, FIRST as u64),
+                "{totals:?}"
+            );
+            assert_eq!(
+                totals.redirected_bytes,
+                2 * SIZE as u64 - FIRST as u64,
+                "{totals:?}"
+            );
+        }
+    }
+}

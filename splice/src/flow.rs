@@ -38,13 +38,22 @@
 //! The scan runs every millisecond while sources move and backs off to
 //! [`MAX_SCAN`] when all are quiet. It also wakes a source's read when the
 //! probe passed its bytes up (see [`super::spliced_read`]).
-use std::{cell::RefCell, os::fd::BorrowedFd, rc::Rc, time::Duration};
+use std::{
+    cell::{Cell, RefCell},
+    os::fd::{BorrowedFd, RawFd},
+    rc::Rc,
+    time::Duration,
+};
 
 use super::{
     credit::{self, SEND_BUFFER_LIMITS},
+    delivery::Delivery,
+    kernel_view::KernelView,
+    maps::Maps,
     probe::Probe,
     socket,
-    watches::{COOL_AFTER, Watch},
+    spliced_read::Waiting,
+    watches::{Watch, Watches},
 };
 use splice_common::Control;
 
@@ -53,90 +62,137 @@ pub const MIN_SCAN: Duration = Duration::from_millis(1);
 /// Longest pause between two scans.
 pub const MAX_SCAN: Duration = Duration::from_millis(4);
 
-impl Probe {
+/// The flow-control state of one probe: the watched sources, each slot's
+/// window, and the probe's passed-up count at the previous scan.
+pub(crate) struct FlowControl {
+    watches: Watches,
+    /// Per slot: the credit kept ahead of its destination.
+    windows: Vec<Cell<u64>>,
+    in_flight_limit: u64,
+    /// The largest receive buffer TCP gives a socket.
+    receive_buffer_max: u64,
+    passed_total: u64,
+}
+
+impl FlowControl {
+    pub(crate) fn new(slots: u32, in_flight_limit: u64) -> Self {
+        Self {
+            watches: Watches::default(),
+            windows: (0..slots).map(|_| Cell::new(0)).collect(),
+            in_flight_limit,
+            receive_buffer_max: socket::receive_buffer_max(),
+            passed_total: 0,
+        }
+    }
+
+    /// The window a new source starts with.
+    pub(crate) fn initial_window(&self) -> u64 {
+        credit::INITIAL_WINDOW.min(self.in_flight_limit)
+    }
+
+    pub(crate) fn in_flight_limit(&self) -> u64 {
+        self.in_flight_limit
+    }
+
+    /// The window of the socket in `slot`, and setting it.
+    pub(crate) fn window(&self, slot: u32) -> u64 {
+        self.windows[slot as usize].get()
+    }
+
+    pub(crate) fn set_window(&self, slot: u32, window: u64) {
+        self.windows[slot as usize].set(window);
+    }
+
+    /// Watches the source in `slot` (see [`Watches`]).
+    pub(crate) fn watch(
+        &mut self,
+        slot: u32,
+        source_fd: RawFd,
+        delivery: Rc<Delivery>,
+        reader: Rc<Waiting>,
+    ) {
+        self.watches.add(slot, source_fd, delivery, reader);
+    }
+
+    pub(crate) fn unwatch(&mut self, slot: u32) {
+        self.watches.remove(slot);
+    }
+
+    /// The source in `slot` moved: every scan looks at it again.
+    pub(crate) fn heat(&mut self, slot: u32) {
+        self.watches.heat(slot);
+    }
+
     /// One scan: renews the credit of the sources that used more than half
     /// of it (growing the window of those that ran out while their
     /// destination kept up), gives up on the stuck ones, and wakes the reads
-    /// of sources whose bytes were passed up. Looks at the hot
-    /// sources and one slice of the cold ones (see
-    /// [`super::watches::Watches`]). Returns
+    /// of sources whose bytes were passed up. Looks at the hot sources and
+    /// one slice of the cold ones, or every cold one when the probe passed
+    /// up bytes the hot ones do not account for (see [`Watches`]). Returns
     /// whether any source moved much since the last scan.
-    fn scan(&mut self, since: Duration) -> bool {
+    fn scan(&mut self, maps: &Maps, view: &KernelView, since: Duration) -> bool {
         // Bytes passed up since the previous scan, in all: those of a cold
         // source show as a shortfall once the hot ones are looked at.
-        let passed_total = self.view.passed_bytes().unwrap_or(self.passed_total);
-        let mut unexplained = passed_total.saturating_sub(self.passed_total);
+        let passed_total = view.passed_bytes().unwrap_or(self.passed_total);
+        let unexplained = Cell::new(passed_total.saturating_sub(self.passed_total));
         self.passed_total = passed_total;
         let mut moving = false;
-        let mut cooled = Vec::new();
-        for &slot in &self.watches.hot {
-            let Some(watch) = self.watches.get(slot) else {
-                continue;
-            };
-            let (moved, much) = self.check(watch, &mut unexplained);
-            moving |= much;
-            let still = if moved {
-                0
-            } else {
-                watch.still_scans.get() + 1
-            };
-            watch.still_scans.set(still);
-            if still >= COOL_AFTER {
-                cooled.push(slot);
-            }
-        }
-        // Bytes passed up that the hot sources do not account for came from
-        // a cold one: this scan looks at all of them, not a slice.
-        let slice = self.watches.next_cold_slice(since);
-        let cold = if unexplained > 0 {
-            0..self.watches.by_slot.len()
-        } else {
-            slice
+        let Self {
+            watches,
+            windows,
+            in_flight_limit,
+            receive_buffer_max,
+            ..
+        } = self;
+        let policy = Policy {
+            maps,
+            windows,
+            in_flight_limit: *in_flight_limit,
+            receive_buffer_max: *receive_buffer_max,
         };
-        let mut warmed = Vec::new();
-        for index in cold {
-            let Some(Some(watch)) = self.watches.by_slot.get(index) else {
-                continue;
-            };
-            if watch.hot.get() {
-                continue;
-            }
-            let (moved, much) = self.check(watch, &mut unexplained);
+        let mut look = |watch: &Watch| {
+            let (moved, much) = policy.check(watch, &unexplained);
             moving |= much;
-            if moved {
-                warmed.push(watch.slot);
-            }
-        }
-        for slot in cooled {
-            self.watches.cool(slot);
-        }
-        for slot in warmed {
-            self.watches.heat(slot);
-        }
+            moved
+        };
+        watches.look_at_hot(&mut look);
+        let all_cold = unexplained.get() > 0;
+        watches.look_at_cold(since, all_cold, &mut look);
         moving
     }
+}
 
-    /// Looks at one source (see [`Self::scan`]). Returns whether it moved
-    /// (redirected bytes, or bytes passed up and not forwarded yet), and
-    /// whether it moved much (an eighth of its window).
+/// The credit rules applied to one source at a time, with what they read
+/// and write.
+struct Policy<'a> {
+    maps: &'a Maps,
+    windows: &'a [Cell<u64>],
+    in_flight_limit: u64,
+    receive_buffer_max: u64,
+}
+
+impl Policy<'_> {
+    /// Looks at one source (see [`FlowControl::scan`]). Returns whether it
+    /// moved (redirected bytes, or bytes passed up and not forwarded yet),
+    /// and whether it moved much (an eighth of its window).
     /// Takes what it passed up since the previous look off `unexplained`.
-    fn check(&self, watch: &Watch, unexplained: &mut u64) -> (bool, bool) {
-        let limit = self.in_flight_limit();
-        let stream = self.stream(watch.slot);
+    fn check(&self, watch: &Watch, unexplained: &Cell<u64>) -> (bool, bool) {
+        let stream = self.maps.stream(watch.slot);
         let passed_since = stream
             .passed
             .saturating_sub(watch.passed_seen.replace(stream.passed));
-        *unexplained = unexplained.saturating_sub(passed_since);
+        unexplained.set(unexplained.get().saturating_sub(passed_since));
         let redirected = stream.redirected;
-        let mut window = self.window(watch.slot);
+        let window_cell = &self.windows[watch.slot as usize];
+        let mut window = window_cell.get();
         let since = redirected.saturating_sub(watch.seen.replace(redirected));
-        let control = self.control(watch.slot);
+        let control = self.maps.control(watch.slot);
         let waiting = stream.passed > control.forwarded;
         let moved = (since > 0 || waiting, since > window / 8);
         if credit::is_stuck(
             stream.passed,
             control.forwarded,
-            self.receive_buffer_max(),
+            self.receive_buffer_max,
             window,
         ) && watch.delivery.abandon_first()
         {
@@ -164,18 +220,24 @@ impl Probe {
             return moved;
         };
         let ran_out = stream.passed > watch.passed.replace(stream.passed);
-        let grown = credit::grown_window(window, limit, ran_out, redirected.saturating_sub(acked));
+        let grown = credit::grown_window(
+            window,
+            self.in_flight_limit,
+            ran_out,
+            redirected.saturating_sub(acked),
+        );
         if grown > window {
             // Room in the destination for the larger window, first.
             let send_buffer = (SEND_BUFFER_LIMITS * grown) as usize;
             if socket::set_send_buffer(watch.delivery.destination(), send_buffer).is_ok() {
-                self.set_window(watch.slot, grown);
+                window_cell.set(grown);
                 window = grown;
             }
         }
         let credit = credit::renewed(control.credit, acked, window);
         if credit > control.credit {
-            self.set_control(watch.slot, Control { credit, ..control });
+            self.maps
+                .set_control(watch.slot, Control { credit, ..control });
         }
         moved
     }
@@ -186,7 +248,10 @@ pub async fn run(probe: Rc<RefCell<Probe>>) {
     let mut interval = MIN_SCAN;
     loop {
         glommio::timer::sleep(interval).await;
-        let moving = probe.borrow_mut().scan(interval);
+        let moving = {
+            let probe = &mut *probe.borrow_mut();
+            probe.flow.scan(&probe.maps, &probe.view, interval)
+        };
         interval = if moving {
             MIN_SCAN
         } else {

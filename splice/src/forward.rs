@@ -24,7 +24,7 @@ use thiserror::Error;
 use super::{
     credit,
     delivery::Delivery,
-    probe::Splice,
+    insert::Splice,
     socket::{self, tcp_state},
     spliced_read::{self, Waiting},
 };

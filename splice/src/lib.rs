@@ -5,8 +5,11 @@
 //! - [`capabilities`]: can this process load probes at all?
 //! - [`pipe`]: a connection's two sockets joined until both directions
 //!   end, spliced or copied: the one place that knows a splice's order;
-//! - [`probe`]: one loaded copy of a probe (per executor), its slots, and
-//!   [`probe::Splice`], the guard of the sockets it holds;
+//! - [`probe`]: loading one copy of a probe (per executor); its parts are
+//!   `maps` (the maps userspace writes), `slots` (which connection holds
+//!   which index) and the flow control's state (in [`flow`]);
+//! - [`insert`]: a connection's sockets put into a probe, and
+//!   [`insert::Splice`], the guard that removes them;
 //! - [`streams`]: the probe's per-socket stream state, memory-mapped;
 //! - [`credit`]: the flow-control policy, pure: credit, renewal, window
 //!   growth, when a connection is stuck;
@@ -38,12 +41,15 @@ mod epoll;
 pub mod flow;
 pub mod forward;
 pub mod halves;
+pub mod insert;
 pub mod kernel_view;
+mod maps;
 pub mod pipe;
 pub mod probe;
 pub mod readiness;
 pub mod runtime;
 pub mod shard;
+mod slots;
 pub mod socket;
 pub mod spliced_read;
 pub mod stats;
@@ -51,5 +57,6 @@ pub mod streams;
 pub mod watches;
 
 pub use forward::{Leg, LegError, Spliced};
+pub use insert::{InsertError, Member, Splice};
 pub use kernel_view::{KernelTotals, KernelView};
-pub use probe::{InsertError, LoadError, Member, Probe, ProbeConfig, Splice};
+pub use probe::{LoadError, Probe, ProbeConfig};

@@ -1,14 +1,11 @@
-//! One loaded copy of a probe: its maps, its free slots, and the [`Splice`]
-//! guard of the sockets a connection put into it.
+//! Loading one copy of a probe: the program attached, and its parts, each
+//! with a module of its own: the `Maps` userspace writes, the `Slots`
+//! connections take, the `FlowControl` state, and a [`KernelView`] of its
+//! counters. [`super::insert`] puts sockets into it.
 //!
 //! Each executor (core) loads its own copy, so nothing here is shared between
 //! threads: the probe lives in an `Rc<RefCell<_>>` on its executor.
-use std::{
-    cell::{Cell, RefCell},
-    io,
-    os::fd::BorrowedFd,
-    rc::Rc,
-};
+use std::io;
 
 use aya::{
     Ebpf, EbpfError, EbpfLoader,
@@ -19,18 +16,15 @@ use thiserror::Error;
 
 use super::{
     capabilities::{self, MissingCapabilities},
-    credit,
-    credit::SEND_BUFFER_LIMITS,
-    delivery::Delivery,
+    flow::FlowControl,
     kernel_view::KernelView,
-    socket,
-    spliced_read::Waiting,
+    maps::Maps,
+    slots::Slots,
     streams::MappedArray,
-    watches::Watches,
 };
 use splice_common::{
     CONTROL_MAP, COUNTERS_MAP, Control, HELD_MAP, ROUTES_MAP, Route, SPLICED_MAP, STREAMS_MAP,
-    SocketCookie, Stream, stream_flags,
+    SocketCookie, Stream,
 };
 
 /// Why a probe could not be loaded and attached.
@@ -98,20 +92,6 @@ fn find_io_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     None
 }
 
-/// Why sockets could not be spliced; the connection is then served by
-/// userspace alone, which loses nothing.
-#[derive(Debug, Error)]
-pub enum InsertError {
-    #[error("the SockMap is full ({capacity} slots in use)")]
-    Full { capacity: u32 },
-    /// The socket left ESTABLISHED (e.g. its peer's FIN arrived) before the
-    /// insert: the kernel refuses such sockets (EOPNOTSUPP).
-    #[error("socket is no longer established (the kernel refuses to insert it)")]
-    NotEstablished,
-    #[error("SockMap/route update failed: {0}")]
-    Kernel(io::Error),
-}
-
 /// How a probe is sized and paced.
 #[derive(Debug, Clone, Copy)]
 pub struct ProbeConfig {
@@ -120,33 +100,19 @@ pub struct ProbeConfig {
     /// Most bytes of one direction the kernel may hold for a destination
     /// that has not taken them yet: the ceiling of the window the flow
     /// control keeps ahead of the destination (see [`splice_common`] and
-    /// [`flow`]; each direction starts at [`credit::INITIAL_WINDOW`] or this,
-    /// whichever is smaller).
+    /// [`super::flow`]; each direction starts at
+    /// [`super::credit::INITIAL_WINDOW`] or this, whichever is smaller).
     pub in_flight_limit: u64,
 }
 
-/// A probe loaded and attached, with the slots it has free.
+/// A probe loaded and attached: its parts.
 pub struct Probe {
     // Keeps the program and its attachment alive.
     _ebpf: Ebpf,
-    held: SockMap<MapData>,
-    spliced: SockMap<MapData>,
-    routes: HashMap<MapData, SocketCookie, Route>,
-    // Keep the maps behind `streams` and `control` open.
-    _streams_map: Array<MapData, Stream>,
-    _control_map: Array<MapData, Control>,
-    streams: MappedArray<Stream>,
-    control: MappedArray<Control>,
-    pub(super) watches: Watches,
-    pub(super) view: KernelView,
-    free_slots: Vec<u32>,
-    /// Per slot: the credit the flow control keeps ahead of its destination.
-    windows: Vec<Cell<u64>>,
-    config: ProbeConfig,
-    receive_buffer_max: u64,
-    /// The probe's count of bytes passed up, at the previous flow-control
-    /// scan.
-    pub(super) passed_total: u64,
+    pub(crate) maps: Maps,
+    pub(crate) slots: Slots,
+    pub(crate) flow: FlowControl,
+    pub(crate) view: KernelView,
 }
 
 impl Probe {
@@ -190,21 +156,18 @@ impl Probe {
         }
         Ok(Self {
             _ebpf: ebpf,
-            held,
-            spliced,
-            routes,
-            _streams_map: streams_map,
-            _control_map: control_map,
-            streams,
-            control,
-            watches: Watches::default(),
+            maps: Maps {
+                held,
+                spliced,
+                routes,
+                _streams_map: streams_map,
+                _control_map: control_map,
+                streams,
+                control,
+            },
+            slots: Slots::new(config.capacity),
+            flow: FlowControl::new(config.capacity, config.in_flight_limit),
             view,
-            // Popped from the end: slot 0 is used first.
-            free_slots: (0..config.capacity).rev().collect(),
-            windows: (0..config.capacity).map(|_| Cell::new(0)).collect(),
-            receive_buffer_max: socket::receive_buffer_max(),
-            passed_total: 0,
-            config,
         })
     }
 
@@ -215,45 +178,17 @@ impl Probe {
 
     /// Slots not held by any connection.
     pub fn free_slots(&self) -> usize {
-        self.free_slots.len()
+        self.slots.free()
     }
 
     /// Slots in all.
     pub fn capacity(&self) -> u32 {
-        self.config.capacity
+        self.slots.capacity()
     }
 
     /// See [`ProbeConfig::in_flight_limit`].
     pub fn in_flight_limit(&self) -> u64 {
-        self.config.in_flight_limit
-    }
-
-    /// The largest receive buffer TCP gives a socket (see [`flow`]).
-    pub(super) fn receive_buffer_max(&self) -> u64 {
-        self.receive_buffer_max
-    }
-
-    /// The window of the socket in `slot`, and setting it.
-    pub(super) fn window(&self, slot: u32) -> u64 {
-        self.windows[slot as usize].get()
-    }
-
-    pub(super) fn set_window(&self, slot: u32, window: u64) {
-        self.windows[slot as usize].set(window);
-    }
-
-    /// The stream of the socket in `slot` (no system call).
-    pub(super) fn stream(&self, slot: u32) -> Stream {
-        self.streams.get(slot)
-    }
-
-    /// The control of the socket in `slot`, and setting it (no system call).
-    pub(super) fn control(&self, slot: u32) -> Control {
-        self.control.get(slot)
-    }
-
-    pub(super) fn set_control(&self, slot: u32, control: Control) {
-        self.control.set(slot, control);
+        self.flow.in_flight_limit()
     }
 }
 
@@ -343,258 +278,4 @@ fn check_kernel_support() -> Result<(), LoadError> {
         return Err(LoadError::KernelLacksSockmap("BPF_PROG_TYPE_SK_SKB"));
     }
     Ok(())
-}
-
-/// A socket to splice, and where its bytes go.
-#[derive(Debug, Clone, Copy)]
-pub struct Member<'a> {
-    /// Must outlive the [`Splice`].
-    pub socket: BorrowedFd<'a>,
-    /// Index (in the same list) of the member whose egress gets this
-    /// socket's bytes: itself for an echo.
-    pub peer: usize,
-    /// Whether the kernel starts forwarding this socket's bytes at the
-    /// insert. `false` leaves that to [`Splice::start`]: for a socket whose
-    /// later bytes must wait until userspace wrote to the peer what it read
-    /// before them.
-    pub start: bool,
-}
-
-/// One socket of a [`Splice`].
-struct Entry {
-    fd: std::os::fd::RawFd,
-    slot: u32,
-    cookie: SocketCookie,
-    held: bool,
-    /// In `SPLICED`: the kernel forwards its incoming bytes.
-    spliced: bool,
-}
-
-impl Entry {
-    /// Puts the socket into `SPLICED`, unless the kernel refuses: then it is
-    /// not established any more and userspace forwards its bytes.
-    fn start(&mut self, p: &mut Probe) {
-        // SAFETY: the splice's sockets outlive it.
-        let socket = unsafe { BorrowedFd::borrow_raw(self.fd) };
-        if p.spliced.set(self.slot, &socket, 0).is_ok() {
-            self.spliced = true;
-            // Bytes that reached the receive queue before the insert wait
-            // there until the next segment unless the kernel is nudged.
-            let _ = socket::kick_receive_queue(socket);
-        }
-    }
-}
-
-/// Sockets held in a probe with their routes. Dropping it removes the routes
-/// and clears the slots: do so only once no byte is in flight (after every
-/// [`super::Leg::run`] returned), since the kernel discards what a removed
-/// socket still had queued.
-pub struct Splice {
-    probe: Rc<RefCell<Probe>>,
-    entries: Vec<Entry>,
-    /// Some socket had bytes waiting to be read when it was inserted.
-    early: bool,
-    /// The sockets are closed (see [`Splice::drop_closed`]).
-    closed: bool,
-}
-
-impl Splice {
-    /// Inserts each member's socket with a route to its peer's egress, in
-    /// three steps: every socket into `HELD` (so that any of them can be
-    /// redirected to), the routes, streams and credits, then every member
-    /// that [`Member::start`]s into `SPLICED` (from then on the kernel
-    /// forwards its incoming bytes; [`Splice::start`] does it for the
-    /// others). Userspace may have read from the sockets before: each stream
-    /// starts at the socket's next unread byte.
-    ///
-    /// Fails, holding nothing, if any socket cannot be held. A socket that
-    /// cannot enter `SPLICED` (its peer's FIN arrived meanwhile) stays out
-    /// ([`Splice::is_spliced`]): userspace forwards its bytes itself.
-    pub fn insert(probe: &Rc<RefCell<Probe>>, members: &[Member<'_>]) -> Result<Self, InsertError> {
-        let mut entries = Vec::with_capacity(members.len());
-        for member in members {
-            entries.push(Entry {
-                fd: std::os::fd::AsRawFd::as_raw_fd(&member.socket),
-                slot: 0,
-                cookie: socket::cookie(member.socket).map_err(InsertError::Kernel)?,
-                held: false,
-                spliced: false,
-            });
-        }
-        let next_seqs = members
-            .iter()
-            .map(|member| socket::next_unread_seq(member.socket).map_err(not_established))
-            .collect::<Result<Vec<_>, _>>()?;
-        let early = next_seqs.iter().any(|&(_, waiting)| waiting > 0);
-        {
-            let mut p = probe.borrow_mut();
-            if p.free_slots.len() < members.len() {
-                return Err(InsertError::Full {
-                    capacity: p.config.capacity,
-                });
-            }
-            for entry in &mut entries {
-                entry.slot = p.free_slots.pop().expect("checked above");
-            }
-        }
-        let mut splice = Self {
-            probe: Rc::clone(probe),
-            entries,
-            early,
-            closed: false,
-        };
-        let mut p = probe.borrow_mut();
-        let window = credit::INITIAL_WINDOW.min(p.config.in_flight_limit);
-        let send_buffer = (SEND_BUFFER_LIMITS * window) as usize;
-        for (i, member) in members.iter().enumerate() {
-            // See `flow`: the kernel's redirect queue must always drain.
-            socket::set_send_buffer(member.socket, send_buffer).map_err(InsertError::Kernel)?;
-            let entry = &mut splice.entries[i];
-            p.held
-                .set(entry.slot, &member.socket, 0)
-                .map_err(|e| not_established(map_io_error(e)))?;
-            entry.held = true;
-        }
-        for (i, member) in members.iter().enumerate() {
-            let own = splice.entries[i].slot;
-            p.streams.set(
-                own,
-                Stream {
-                    next_seq: next_seqs[i].0,
-                    ..Stream::default()
-                },
-            );
-            p.set_window(own, window);
-            p.control.set(
-                own,
-                Control {
-                    credit: window,
-                    forwarded: 0,
-                },
-            );
-            let route = Route {
-                own,
-                peer: splice.entries[member.peer].slot,
-            };
-            p.routes
-                .insert(splice.entries[i].cookie, route, 0)
-                .map_err(|e| InsertError::Kernel(map_io_error(e)))?;
-        }
-        for (entry, member) in splice.entries.iter_mut().zip(members) {
-            if member.start {
-                entry.start(&mut p);
-            }
-        }
-        drop(p);
-        Ok(splice)
-    }
-
-    /// Puts `members[index]`, inserted without [`Member::start`], into
-    /// `SPLICED`: the kernel forwards its bytes from its next unread one
-    /// at the insert on (see [`Splice::is_spliced`]).
-    pub fn start(&mut self, index: usize) {
-        let entry = &mut self.entries[index];
-        if !entry.spliced {
-            entry.start(&mut self.probe.borrow_mut());
-        }
-    }
-
-    /// Whether some socket had bytes waiting to be read when it was
-    /// inserted (they reached it before the kernel could take them).
-    pub fn had_early_bytes(&self) -> bool {
-        self.early
-    }
-
-    /// Whether the kernel forwards `members[index]`'s bytes.
-    pub fn is_spliced(&self, index: usize) -> bool {
-        self.entries[index].spliced
-    }
-
-    /// The stream of `members[index]` as the probe keeps it; an error once
-    /// the probe gave up on it.
-    pub fn stream(&self, index: usize) -> io::Result<Stream> {
-        let stream = self.probe.borrow().stream(self.entries[index].slot);
-        if stream.flags & stream_flags::BROKEN != 0 {
-            return Err(io::Error::other(
-                "the probe could not place received bytes in the stream",
-            ));
-        }
-        Ok(stream)
-    }
-
-    /// Reports to the probe that userspace forwarded `forwarded` of the
-    /// bytes it passed up from `members[index]`, and sets how far it may
-    /// redirect.
-    ///
-    /// The source is then looked at by every flow-control scan (see
-    /// [`Watches`]): it moves.
-    pub fn set_control(&self, index: usize, control: Control) {
-        let slot = self.entries[index].slot;
-        let mut p = self.probe.borrow_mut();
-        p.set_control(slot, control);
-        p.watches.heat(slot);
-    }
-
-    /// The control last set for `members[index]`.
-    pub fn control(&self, index: usize) -> Control {
-        self.probe.borrow().control(self.entries[index].slot)
-    }
-
-    /// Lets the flow control keep credit ahead of the destination behind
-    /// `delivery` for `members[index]` (until the splice drops), and wake
-    /// `reader` when passed-up bytes wait.
-    pub fn watch(&self, index: usize, delivery: Rc<Delivery>, reader: Rc<Waiting>) {
-        let entry = &self.entries[index];
-        self.probe
-            .borrow_mut()
-            .watches
-            .add(entry.slot, entry.fd, delivery, reader);
-    }
-
-    /// Drops the splice after its sockets were closed. Closing a socket
-    /// took it out of the SockMaps (and out of the epoll sets) in the
-    /// kernel, so only the routes are left to remove: two calls for a
-    /// connection instead of six.
-    pub fn drop_closed(mut self) {
-        self.closed = true;
-    }
-
-    /// The credit the flow control keeps ahead of the destination of
-    /// `members[index]` (see [`flow`]).
-    pub fn window(&self, index: usize) -> u64 {
-        self.probe.borrow().window(self.entries[index].slot)
-    }
-}
-
-impl Drop for Splice {
-    fn drop(&mut self) {
-        let mut p = self.probe.borrow_mut();
-        for entry in &self.entries {
-            p.watches.remove(entry.slot);
-            // Not found is fine: an insert that failed half-way, or the
-            // kernel already dropped a closed socket from its maps.
-            let _ = p.routes.remove(&entry.cookie);
-            if entry.spliced && !self.closed {
-                let _ = p.spliced.clear_index(&entry.slot);
-            }
-            if entry.held && !self.closed {
-                let _ = p.held.clear_index(&entry.slot);
-            }
-            p.free_slots.push(entry.slot);
-        }
-    }
-}
-
-fn not_established(error: io::Error) -> InsertError {
-    match error.raw_os_error() {
-        Some(libc::EOPNOTSUPP) => InsertError::NotEstablished,
-        _ => InsertError::Kernel(error),
-    }
-}
-
-fn map_io_error(error: MapError) -> io::Error {
-    match error {
-        MapError::SyscallError(e) => e.io_error,
-        other => io::Error::other(other.to_string()),
-    }
 }

@@ -17,7 +17,7 @@ pub(super) struct Watch {
     pub(super) seen: Cell<u64>,
     /// Passed-up count when the credit was last renewed.
     pub(super) passed: Cell<u64>,
-    /// Passed-up count at the previous look (see [`Probe::scan`]).
+    /// Passed-up count at the previous look (see [`super::flow`]).
     pub(super) passed_seen: Cell<u64>,
     /// Looked at by every scan (see [`Watches`]).
     pub(super) hot: Cell<bool>,
@@ -32,8 +32,8 @@ pub(super) struct Watch {
 /// connections held, the active stream got 0.82 of its 1-connection
 /// throughput through the router, and 1.06 through the router's copy mode,
 /// which has no scan). So only the *hot* sources, those that moved in the
-/// last [`COOL_AFTER`] scans, are looked at by every
-/// scan; the scans look at each of the others once per [`COLD_PERIOD`], a
+/// last `COOL_AFTER` scans, are looked at by every
+/// scan; the scans look at each of the others once per `COLD_PERIOD`, a
 /// slice at a time. A cold source that starts sending has a full window of
 /// credit, so it waits for its slice without passing bytes up unless it
 /// sends more than that window first. Then the probe's count of passed-up
@@ -42,16 +42,16 @@ pub(super) struct Watch {
 /// credit itself and makes it hot.
 #[derive(Default)]
 pub struct Watches {
-    pub(super) by_slot: Vec<Option<Watch>>,
-    pub(super) hot: Vec<u32>,
+    by_slot: Vec<Option<Watch>>,
+    hot: Vec<u32>,
     /// Where the next scan's slice of the cold sources starts.
-    pub(super) cold_cursor: usize,
+    cold_cursor: usize,
 }
 
 /// A still source stays hot for this many scans.
-pub(super) const COOL_AFTER: u32 = 32;
+const COOL_AFTER: u32 = 32;
 /// Time in which the scans look at every cold source once.
-pub(super) const COLD_PERIOD: Duration = Duration::from_millis(100);
+const COLD_PERIOD: Duration = Duration::from_millis(100);
 
 impl Watches {
     pub(super) fn add(
@@ -89,7 +89,7 @@ impl Watches {
         Some(watch)
     }
 
-    pub(super) fn get(&self, slot: u32) -> Option<&Watch> {
+    fn get(&self, slot: u32) -> Option<&Watch> {
         self.by_slot.get(slot as usize)?.as_ref()
     }
 
@@ -105,7 +105,7 @@ impl Watches {
     }
 
     /// Takes `slot` out of the hot list.
-    pub(super) fn cool(&mut self, slot: u32) {
+    fn cool(&mut self, slot: u32) {
         if let Some(i) = self.hot.iter().position(|&s| s == slot) {
             self.hot.swap_remove(i);
         }
@@ -114,9 +114,53 @@ impl Watches {
         }
     }
 
+    /// A scan's look at every hot source: `look` says whether the source
+    /// moved; one still for [`COOL_AFTER`] scans turns cold.
+    pub(super) fn look_at_hot(&mut self, look: &mut impl FnMut(&Watch) -> bool) {
+        let mut cooled = Vec::new();
+        for &slot in &self.hot {
+            let Some(watch) = self.get(slot) else {
+                continue;
+            };
+            let still = if look(watch) {
+                0
+            } else {
+                watch.still_scans.get() + 1
+            };
+            watch.still_scans.set(still);
+            if still >= COOL_AFTER {
+                cooled.push(slot);
+            }
+        }
+        for slot in cooled {
+            self.cool(slot);
+        }
+    }
+
+    /// A scan's look at the cold sources: the slice due `since` the
+    /// previous scan, or every one when `all`; one that moved turns hot.
+    pub(super) fn look_at_cold(
+        &mut self,
+        since: Duration,
+        all: bool,
+        look: &mut impl FnMut(&Watch) -> bool,
+    ) {
+        let slice = self.next_cold_slice(since);
+        let cold = if all { 0..self.by_slot.len() } else { slice };
+        let mut warmed = Vec::new();
+        for watch in self.by_slot[cold].iter().flatten() {
+            if !watch.hot.get() && look(watch) {
+                warmed.push(watch.slot);
+            }
+        }
+        for slot in warmed {
+            self.heat(slot);
+        }
+    }
+
     /// The slots of the slice of all sources (cold or not) a scan looks at
     /// `since` the previous one.
-    pub(super) fn next_cold_slice(&mut self, since: Duration) -> std::ops::Range<usize> {
+    fn next_cold_slice(&mut self, since: Duration) -> std::ops::Range<usize> {
         let len = self.by_slot.len();
         let size = (len as u128 * since.as_micros()).div_ceil(COLD_PERIOD.as_micros()) as usize;
         if self.cold_cursor >= len {
