@@ -19,6 +19,7 @@ use splice::{
 use tracing::{info, warn};
 
 use crate::{
+    access_log::AccessLogger,
     config::{Config, Mode},
     executor::{ShardInput, serve_shard},
     limits::Limits,
@@ -57,18 +58,21 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if cores > online {
         bail!("cores = {cores}: this machine has {online} online cores (use 1 to {online})");
     }
-    let mut per_core: Vec<Vec<StdListener>> = (0..cores).map(|_| Vec::new()).collect();
+    let mut per_core: Vec<Vec<(StdListener, bool)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     // The main thread's copies of the listeners, to close them on stop.
     let mut listeners = Vec::new();
     for addr in &config.listen {
         let copies = runtime::bind_reuseport(*addr, cores)?;
         bound.push(copies[0].local_addr()?);
+        let accept_proxy = config.accept_proxy.contains(addr);
         for (core, listener) in copies.into_iter().enumerate() {
             listeners.push(listener.try_clone()?);
-            per_core[core].push(listener);
+            per_core[core].push((listener, accept_proxy));
         }
     }
+    let access_log = AccessLogger::start(cores, config.access_log_file.as_ref())
+        .context("starting the access log")?;
     let metrics_listener = match config.metrics {
         Some(addr) => {
             Some(endpoint::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
@@ -111,6 +115,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             labelled: Arc::clone(&labelled),
             lifecycle: Arc::clone(&lifecycle),
             limits: Arc::clone(&limits),
+            access_log: Arc::clone(&access_log),
         })
         .collect();
     // Listeners are bound: from here on, every thread needs at most what
@@ -196,6 +201,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         config,
         limits,
         default_max_connections,
+        access_log,
     }
     .run();
     Ok(())

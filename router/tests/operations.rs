@@ -249,33 +249,33 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         }
         assert_eq!(
             m.get(
-                "router_route_connections_refused_total{route=\"locked#1\",reason=\"unauthorized\"}"
+                "router_route_connections_refused_total{route=\"preamble:locked\",reason=\"unauthorized\"}"
             ),
             2,
             "{mode}"
         );
         assert_eq!(
             m.get(
-                "router_route_connections_refused_total{route=\"down#2\",reason=\"unavailable\"}"
+                "router_route_connections_refused_total{route=\"preamble:down\",reason=\"unavailable\"}"
             ),
             1,
             "{mode}"
         );
         assert_eq!(
             m.get(&format!(
-                "router_backend_connect_failures_total{{route=\"down#2\",backend=\"{dead}\"}}"
+                "router_backend_connect_failures_total{{route=\"preamble:down\",backend=\"{dead}\"}}"
             )),
             1,
             "{mode}"
         );
         assert_eq!(
-            m.get("router_route_connections_total{route=\"echo#0\"}"),
+            m.get("router_route_connections_total{route=\"preamble:echo\"}"),
             CONNECTIONS as u64,
             "{mode}"
         );
         assert_eq!(
             m.get(&format!(
-                "router_backend_connections_total{{route=\"echo#0\",backend=\"{}\"}}",
+                "router_backend_connections_total{{route=\"preamble:echo\",backend=\"{}\"}}",
                 echo.addr
             )),
             CONNECTIONS as u64,
@@ -283,18 +283,18 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         );
         // Every byte each way, kernel-redirected or userspace-written.
         assert_eq!(
-            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_backend\"}"),
+            m.get("router_route_bytes_total{route=\"preamble:echo\",direction=\"to_backend\"}"),
             sent,
             "{mode}"
         );
         assert_eq!(
-            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_client\"}"),
+            m.get("router_route_bytes_total{route=\"preamble:echo\",direction=\"to_client\"}"),
             sent,
             "{mode}"
         );
         let served = |how: &str| {
             m.get(&format!(
-                "router_route_connections_served_total{{route=\"echo#0\",mode=\"{how}\"}}"
+                "router_route_connections_served_total{{route=\"preamble:echo\",mode=\"{how}\"}}"
             ))
         };
         if mode == "ebpf" {
@@ -348,12 +348,12 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         assert!(
             refused_lines.iter().any(|l| l.contains("client=127.0.0.1:")
                 && l.contains("reason=\"unauthorized\"")
-                && l.contains("route=\"locked#1\"")),
+                && l.contains("route=\"preamble:locked\"")),
             "{log}"
         );
         let closed: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("connection closed") && l.contains("route=\"echo#0\""))
+            .filter(|l| l.contains("connection closed") && l.contains("route=\"preamble:echo\""))
             .collect();
         assert_eq!(closed.len(), CONNECTIONS, "{log}");
         let last_size = 1 + (CONNECTIONS - 1) * 16 * 1024;
