@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     time::Instant,
 };
@@ -34,6 +34,8 @@ pub struct BackendHealth {
     failures: AtomicU32,
     /// Successful checks in a row while down.
     successes: AtomicU32,
+    /// Health checks that failed, in all.
+    check_failures: AtomicU64,
 }
 
 impl BackendHealth {
@@ -46,7 +48,13 @@ impl BackendHealth {
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
+            check_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Health checks of it that failed so far.
+    pub fn check_failures(&self) -> u64 {
+        self.check_failures.load(Relaxed)
     }
 
     pub fn route(&self) -> &str {
@@ -180,7 +188,10 @@ async fn check_forever(health: Weak<Health>, route: usize, index: usize) {
                 let _ = stream.close().await;
                 backend.check_passed();
             }
-            Err(e) => backend.failed(&format_args!("health check: {e}")),
+            Err(e) => {
+                backend.check_failures.fetch_add(1, Relaxed);
+                backend.failed(&format_args!("health check: {e}"));
+            }
         }
         drop(health);
         glommio::timer::sleep(check.interval.saturating_sub(started.elapsed())).await;

@@ -21,6 +21,7 @@ pub type Reloader = Box<dyn FnMut() -> anyhow::Result<Config>>;
 
 /// The configuration executors should use, with the health of its backends
 /// and a version that changes on every publication.
+#[derive(Debug)]
 pub struct Published {
     version: AtomicU64,
     config: Mutex<(Arc<Config>, Arc<Health>)>,

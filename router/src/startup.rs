@@ -170,6 +170,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                         .context("opening the probe maps for the metrics")?,
                 ),
                 lifecycle: Arc::clone(&lifecycle),
+                published: Arc::clone(&published),
             };
             endpoint::serve(
                 listener,
