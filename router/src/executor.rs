@@ -11,7 +11,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures_lite::future;
 use splice::{
     KernelView,
     capabilities::{self, Capability},
@@ -27,7 +26,7 @@ use crate::{
     config::Mode,
     connection::{self, Client, refusing::refuse_over_limit},
     limits::Limits,
-    reload::Published,
+    reload::{ADOPT_EVERY, Published},
     shard::{Generation, Shard},
     telemetry::{
         counters::{CoreMetrics, Labelled, Lifecycle},
@@ -139,8 +138,13 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         });
         glommio::spawn_local(accept_forever(listener, info, Rc::clone(&shard))).detach();
     }
+    // A published configuration is adopted at the next accept, or here if
+    // none comes: the health checks (core 0) follow it without traffic.
     // The executor lives as long as this task: forever.
-    future::pending::<()>().await;
+    loop {
+        glommio::timer::sleep(ADOPT_EVERY).await;
+        shard.generation();
+    }
 }
 
 /// Accepts on this core's copy of one listener until the router stops;

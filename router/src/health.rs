@@ -142,6 +142,28 @@ impl Health {
         })
     }
 
+    /// Health for `routes` that keeps the state `previous` knew of each
+    /// backend it already checked the same way (same route name, address
+    /// and checks): a reload neither makes a dead backend healthy again
+    /// nor logs it down once more.
+    pub fn carried_over(routes: &[Route], previous: &Health) -> Arc<Self> {
+        let health = Self::new(routes);
+        for backend in health.backends() {
+            let Some(old) = previous.backends().find(|old| {
+                old.route == backend.route && old.addr == backend.addr && old.check == backend.check
+            }) else {
+                continue;
+            };
+            backend.healthy.store(old.healthy(), Relaxed);
+            backend.failures.store(old.failures.load(Relaxed), Relaxed);
+            backend
+                .successes
+                .store(old.successes.load(Relaxed), Relaxed);
+            backend.check_failures.store(old.check_failures(), Relaxed);
+        }
+        health
+    }
+
     /// Backend `index` of route `route` (indices of the configuration).
     pub fn backend(&self, route: usize, index: usize) -> &BackendHealth {
         &self.routes[route][index]

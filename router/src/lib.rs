@@ -23,6 +23,7 @@
 //!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
+//! - [`service`]: the systemd notify protocol (ready, reloading, stopping);
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
@@ -56,6 +57,8 @@ pub mod refuse;
 pub mod reload;
 pub mod rewrite;
 pub mod routes;
+#[cfg(feature = "server")]
+pub mod service;
 #[cfg(feature = "server")]
 pub mod shard;
 pub mod sniff;

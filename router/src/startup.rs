@@ -63,7 +63,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // The main thread's copies of the listeners, to close them on stop.
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let copies = runtime::bind_reuseport(*addr, cores)?;
+        let copies = runtime::bind_reuseport(*addr, cores).map_err(bind_error)?;
         bound.push(copies[0].local_addr()?);
         let accept_proxy = config.accept_proxy.contains(addr);
         for (core, listener) in copies.into_iter().enumerate() {
@@ -185,6 +185,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);
+    crate::service::ready(&format!("serving on {bound:?}, mode {mode}"));
     if let Some(addr) = metrics_addr {
         println!("router: metrics on http://{addr}/metrics");
         let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -206,6 +207,24 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
     .run();
     Ok(())
+}
+
+/// Why a listen address could not be bound, with the fix when it is a
+/// privileged port.
+fn bind_error(error: runtime::BindError) -> anyhow::Error {
+    match &error {
+        runtime::BindError::Other { addr, error: e }
+            if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 =>
+        {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: {e}: a port below 1024 needs the \
+                 CAP_NET_BIND_SERVICE capability (`setcap cap_net_bind_service=+ep` on the \
+                 binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit, as \
+                 packaging/router.service does), or listen on a port from 1024 up"
+            )
+        }
+        _ => error.into(),
+    }
 }
 
 fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {

@@ -27,6 +27,7 @@ use crate::{
     config::Config,
     limits::Limits,
     reload::{self, Published, Reloader},
+    service,
     telemetry::{
         counters::{Labelled, Lifecycle},
         stats::{Report, RouterStats},
@@ -107,6 +108,12 @@ impl Supervisor<'_> {
     }
 
     fn reload(&mut self) {
+        service::reloading();
+        self.reload_config();
+        service::ready("serving");
+    }
+
+    fn reload_config(&mut self) {
         let started = Instant::now();
         let new = match (self.reload)() {
             Ok(new) => new,
@@ -141,6 +148,7 @@ impl Supervisor<'_> {
 
     /// Stops accepting and waits for the live connections (bounded).
     fn drain(&mut self) {
+        service::stopping();
         self.lifecycle.draining.store(true, Relaxed);
         for listener in self.listeners.drain(..) {
             // Shutting a listening socket down takes it out of the kernel's

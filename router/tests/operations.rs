@@ -1046,3 +1046,82 @@ fn route_flag_names_do_not_change_when_flags_are_reordered() {
     assert_eq!(names[0], ["default", "host:a.test", "preamble:one"]);
     assert_eq!(names[0], names[1]);
 }
+
+/// `--log-level verbose` is no level: an error that lists the valid ones,
+/// not a router that silently logs nothing.
+#[test]
+fn an_unknown_log_level_is_an_error_listing_the_levels() {
+    let output = Command::new(BIN)
+        .args(["--log-level", "verbose", "--listen", "127.0.0.1:0"])
+        .args(["--route", "default=127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--log-level verbose")
+            && stderr.contains("error, warn, info, debug, trace"),
+        "{stderr}"
+    );
+}
+
+/// A reload keeps the health of the backends it does not change: a dead
+/// backend stays down, and is not logged down again after each SIGHUP.
+#[test]
+fn a_reload_keeps_the_health_state_of_unchanged_backends() {
+    let echo = Backend::echo();
+    let dead = backends::closed_port();
+    let dir = TempDir::new("health-reload");
+    let path = dir.0.join("router.toml");
+    let text = |extra: &str| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nmode = \"copy\"\n\
+             [health_check]\ninterval = \"100ms\"\nfall = 1\n\
+             [[route]]\nname = \"pool\"\ndefault = true\nbackends = [\"{dead}\", \"{}\"]\n{extra}",
+            echo.addr
+        )
+    };
+    write_config(&path, &text(""));
+    let mut router = Server::start(BIN, &["--config", path.to_str().unwrap()]);
+    wait_stderr(&router, "backend is down");
+    for round in 0..3 {
+        // A changed file (a route added before the default) and an
+        // unchanged one.
+        if round == 1 {
+            let added = format!(
+                "listen = [\"127.0.0.1:0\"]\nmode = \"copy\"\n\
+                 [health_check]\ninterval = \"100ms\"\nfall = 1\n\
+                 [[route]]\nname = \"other\"\nhost = \"other.test\"\nbackends = [\"{}\"]\n\
+                 [[route]]\nname = \"pool\"\ndefault = true\nbackends = [\"{dead}\", \"{}\"]\n",
+                echo.addr, echo.addr
+            );
+            write_config(&path, &added);
+        }
+        router.signal(libc::SIGHUP);
+        let reloaded = round + 1;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while router.stderr().matches("configuration reloaded").count() < reloaded {
+            assert!(Instant::now() < deadline, "{}", router.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+        // Several check intervals under the new configuration.
+        thread::sleep(Duration::from_millis(500));
+        let stats = router.stats();
+        assert_eq!(stats.get("backends_down"), 1, "round {round}: {stats:?}");
+    }
+    let log = router.stderr();
+    assert_eq!(
+        log.matches("backend is down").count(),
+        1,
+        "logged down again after a reload:\n{log}"
+    );
+    // Every connection goes to the live backend: the dead one stayed out.
+    for _ in 0..4 {
+        assert_eq!(
+            clients::send_and_receive(router.addr, b"\x00x".to_vec()).unwrap(),
+            b"\x00x"
+        );
+    }
+    let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+    assert_eq!(stats.get("backend_failures"), 0, "{stats:?}");
+}
