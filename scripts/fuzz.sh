@@ -27,7 +27,7 @@ case "$mode" in
     *) echo "usage: $0 smoke [SECONDS] | long [RUNS] [SECONDS]" >&2; exit 2 ;;
 esac
 
-command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz missing (scripts/setup.sh installs it)" >&2; exit 1; }
+command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz missing (scripts/setup.sh --test installs it)" >&2; exit 1; }
 cargo +nightly fuzz build >/dev/null 2>&1 || cargo +nightly fuzz build
 status=0
 for target in "${TARGETS[@]}"; do
