@@ -92,6 +92,11 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         format!("{:?}", running.listen),
     );
     keep(
+        "accept_proxy",
+        merged.accept_proxy != running.accept_proxy,
+        format!("{:?}", running.accept_proxy),
+    );
+    keep(
         "cores",
         merged.cores != running.cores,
         format!("{:?}", running.cores),
@@ -117,6 +122,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         format!("{:?}", running.metrics),
     );
     merged.listen.clone_from(&running.listen);
+    merged.accept_proxy.clone_from(&running.accept_proxy);
     merged.cores = running.cores;
     merged.mode = running.mode;
     merged.in_flight_limit = running.in_flight_limit;

@@ -55,7 +55,7 @@ fn systemd_accepts_the_unit_and_rates_it_well_confined() {
         .arg("verify")
         .arg(&unit)
         .output()
-        .expect("systemd-analyze (scripts/setup.sh installs systemd)");
+        .expect("systemd-analyze (scripts/setup.sh --test installs systemd)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Unknown keys are only warned about: any message is a failure.
     assert!(
