@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Fuzzes the router's parsers (fuzz/: TLS ClientHello, HTTP head, preamble,
+# Fuzzes the router's parsers (fuzz/: TLS ClientHello, HTTP head, preamble, PROXY header,
 # configuration) with cargo fuzz, one target at a time, single job.
 #
 #   scripts/fuzz.sh smoke [SECONDS]      # every target SECONDS/4 each (CI: 60 s in all)
@@ -14,7 +14,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # FUZZ_TARGETS="sniff_tls config_toml" limits a run to some targets.
-read -r -a TARGETS <<<"${FUZZ_TARGETS:-sniff_tls sniff_http sniff_preamble config_toml}"
+read -r -a TARGETS <<<"${FUZZ_TARGETS:-sniff_tls sniff_http sniff_preamble config_toml proxy_header}"
 mode=${1:-smoke}
 case "$mode" in
     smoke)
@@ -27,7 +27,7 @@ case "$mode" in
     *) echo "usage: $0 smoke [SECONDS] | long [RUNS] [SECONDS]" >&2; exit 2 ;;
 esac
 
-command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz missing (scripts/setup.sh installs it)" >&2; exit 1; }
+command -v cargo-fuzz >/dev/null || { echo "fuzz: cargo-fuzz missing (scripts/setup.sh --test installs it)" >&2; exit 1; }
 cargo +nightly fuzz build >/dev/null 2>&1 || cargo +nightly fuzz build
 status=0
 for target in "${TARGETS[@]}"; do

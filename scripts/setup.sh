@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what building and testing the probes needs, and checks the kernel.
+# Installs what building the router and running its demo need, and checks
+# the kernel; with --test, also what the tests need.
 #
 # Idempotent: on a machine where everything is present it only checks and
 # finishes in a few seconds. Safe to run as often as you like.
 #
-#   scripts/setup.sh            # toolchain + Debian packages + kernel checks
+#   scripts/setup.sh            # build + demo: toolchain, a few Debian packages, kernel checks
+#   scripts/setup.sh --test     # the same, plus the test tools (scripts/test.sh runs this)
 #   SETUP_APT_EXTRA="iperf3" scripts/setup.sh   # also install these packages
 #
 # What it installs:
@@ -12,22 +14,30 @@
 #     -Z build-std=core for bpfel-unknown-none);
 #   - bpf-linker 0.13.0 linked against the nightly's own libLLVM 22 (no Debian
 #     package ships LLVM 22; bpf-linker must read the nightly's bitcode);
-#   - Debian packages the tests and demo use (openssl, curl, nc, socat,
-#     iproute2, bpftool, setpriv; nginx, a backend that reads the PROXY
-#     protocol; systemd's systemd-analyze, which checks the service unit).
-#     Installing nginx starts no server where no init system runs
-#     (invoke-rc.d then refuses); the tests run their own on loopback;
-#   - cargo-fuzz (fuzz smoke run of scripts/test.sh) and cargo-deny
-#     (licence/ban/source checks), from crates.io, once: building them takes
-#     a few minutes on 2 quiet cores (measured here under load: cargo-fuzz
-#     1m45s, cargo-deny 7m20s of CPU).
+#   - Debian packages the demo uses (openssl for its TLS backend, curl and
+#     nc for the commands it prints);
+#   - with --test: Debian packages the tests use (socat, iproute2, bpftool,
+#     setpriv; nginx, a backend that reads the PROXY protocol; systemd's
+#     systemd-analyze, which checks the service unit). Installing nginx
+#     starts no server where no init system runs (invoke-rc.d then refuses);
+#     the tests run their own on loopback. And cargo-fuzz (fuzz smoke run)
+#     and cargo-deny (licence/ban/source checks), from crates.io, once:
+#     building them takes a few minutes on 2 quiet cores (measured here
+#     under load: cargo-fuzz 1m45s, cargo-deny 7m20s of CPU).
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
 CARGO_FUZZ_VERSION=0.13.2
 CARGO_DENY_VERSION=0.20.2
 NIGHTLY=${NIGHTLY:-nightly}
-APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux nginx systemd ${SETUP_APT_EXTRA:-})
+APT_PACKAGES=(openssl curl netcat-openbsd procps ${SETUP_APT_EXTRA:-})
+TEST_APT_PACKAGES=(iproute2 bpftool socat util-linux nginx systemd)
+TEST=false
+case "${1:-}" in
+    --test) TEST=true; APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}") ;;
+    "") ;;
+    *) printf 'usage: %s [--test]\n' "$0" >&2; exit 2 ;;
+esac
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
@@ -142,8 +152,10 @@ main() {
     ensure_rust_src
     ensure_apt_packages
     ensure_bpf_linker
-    ensure_cargo_tool fuzz "$CARGO_FUZZ_VERSION"
-    ensure_cargo_tool deny "$CARGO_DENY_VERSION"
+    if $TEST; then
+        ensure_cargo_tool fuzz "$CARGO_FUZZ_VERSION"
+        ensure_cargo_tool deny "$CARGO_DENY_VERSION"
+    fi
     check_kernel || die "the machine cannot load the probes (see above)"
     say "ok: $(rustc --version), $(rustc "+${NIGHTLY}" --version | cut -d' ' -f1-2), $(bpf-linker --version), kernel $(uname -r)"
 }

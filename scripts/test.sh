@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n==> %s\n' "$*"; }
 
 step "setup"
-scripts/setup.sh
+scripts/setup.sh --test
 
 step "vagrant validate"
 # Vagrant and its libvirt provider come from Debian, installed here on demand

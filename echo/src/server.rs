@@ -95,7 +95,7 @@ pub fn run(cli: &Cli) -> anyhow::Result<()> {
         match runtime::wait_for_signal(interval) {
             Some(Signal::Stop) => break,
             Some(Signal::Report) => print(report.line()),
-            Some(Signal::Reload) => {}
+            Some(Signal::Reload | Signal::Reopen) => {}
             None if cli.stats => print(report.line()),
             None => {}
         }

@@ -1,7 +1,7 @@
 //! The router's configuration: a TOML file (`router --config`) or the
 //! `--listen`/`--route` flags, validated before anything starts, with errors
 //! that name the line and field. `router.example.toml` documents every key.
-use std::{fmt, net::SocketAddr, ops::Range, time::Duration};
+use std::{fmt, net::SocketAddr, ops::Range, path::PathBuf, time::Duration};
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -48,6 +48,20 @@ impl std::str::FromStr for ProxyProtocol {
             _ => Err(format!("`{text}`: the PROXY protocol version is v1 or v2")),
         }
     }
+}
+
+/// The access log's format: one line per connection at its end
+/// ([`crate::access_log`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AccessLog {
+    /// `key=value` pairs.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+    /// No access log.
+    Off,
 }
 
 /// Active health checks of a route's backends: a TCP connect every
@@ -177,6 +191,13 @@ pub struct Config {
     /// Connections open at once on each listen address (over every core).
     pub max_connections_per_listener: Option<usize>,
     pub routes: Vec<Route>,
+    /// The listen addresses that expect a PROXY protocol header (v1 or v2)
+    /// from a load balancer in front before the client's bytes.
+    pub accept_proxy: Vec<SocketAddr>,
+    /// The access log's format (`off`: none).
+    pub access_log: AccessLog,
+    /// Where the access log goes (`None`: stderr).
+    pub access_log_file: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -196,6 +217,9 @@ impl Default for Config {
             max_connections: None,
             max_connections_per_listener: None,
             routes: Vec::new(),
+            accept_proxy: Vec::new(),
+            access_log: AccessLog::Text,
+            access_log_file: None,
         }
     }
 }
@@ -242,7 +266,7 @@ impl std::error::Error for ConfigError {}
 #[serde(deny_unknown_fields)]
 struct RawConfig {
     #[serde(default)]
-    listen: Vec<Spanned<String>>,
+    listen: Vec<Spanned<RawListen>>,
     cores: Option<Spanned<usize>>,
     mode: Option<Mode>,
     first_packet_timeout: Option<Spanned<String>>,
@@ -257,6 +281,24 @@ struct RawConfig {
     max_connections_per_listener: Option<Spanned<usize>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+    access_log: Option<AccessLog>,
+    access_log_file: Option<String>,
+}
+
+/// A `listen` entry: an address, or a table with the listener's options.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawListen {
+    Address(String),
+    Options(RawListenOptions),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListenOptions {
+    address: String,
+    #[serde(default)]
+    accept_proxy: bool,
 }
 
 /// A `health_check` table: each key overrides the one it is layered on
@@ -308,18 +350,37 @@ impl Config {
     /// in errors. What concerns the whole (`validate`) is checked once the
     /// command line's `--listen` and `--route` are merged in.
     pub fn from_toml(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        let raw: RawConfig = toml::from_str(text)
-            .map_err(|e| ConfigError(format!("{origin}: {}", e.to_string().trim_end())))?;
         let source = Source(text);
+        // One line: the error's own text quotes the file over several.
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let at = e.span().map(|span| format!("{}: ", source.at(span)));
+            let message = if e.message().contains("untagged enum RawListen") {
+                "a `listen` entry is \"IP:port\" or { address = \"IP:port\", accept_proxy = true }"
+                    .to_owned()
+            } else {
+                e.message().split_whitespace().collect::<Vec<_>>().join(" ")
+            };
+            ConfigError(format!("{origin}: {}{message}", at.unwrap_or_default()))
+        })?;
         let fail = |span: Range<usize>, field: &str, message: String| {
             ConfigError(format!("{origin}: {}: {field}: {message}", source.at(span)))
         };
         let mut config = Config::default();
-        for addr in &raw.listen {
-            config
-                .listen
-                .push(parse_addr(addr.get_ref()).map_err(|m| fail(addr.span(), "listen", m))?);
+        for entry in &raw.listen {
+            let (text, accept_proxy) = match entry.get_ref() {
+                RawListen::Address(text) => (text, false),
+                RawListen::Options(options) => (&options.address, options.accept_proxy),
+            };
+            let addr = parse_addr(text).map_err(|m| fail(entry.span(), "listen", m))?;
+            config.listen.push(addr);
+            if accept_proxy {
+                config.accept_proxy.push(addr);
+            }
         }
+        if let Some(format) = raw.access_log {
+            config.access_log = format;
+        }
+        config.access_log_file = raw.access_log_file.map(PathBuf::from);
         if let Some(cores) = &raw.cores {
             if *cores.get_ref() == 0 {
                 return Err(fail(cores.span(), "cores", "must be at least 1".into()));
@@ -578,11 +639,11 @@ impl Config {
             None if matcher == "default" => (Matcher::Default, "default".to_owned()),
             Some(("host", host)) => (
                 Matcher::Host(Pattern::parse(host).map_err(&fail)?),
-                host.to_owned(),
+                format!("host:{host}"),
             ),
             Some(("sni", host)) => (
                 Matcher::Sni(Pattern::parse(host).map_err(&fail)?),
-                host.to_owned(),
+                format!("sni:{host}"),
             ),
             Some(("preamble", rest)) => {
                 let (name, token) = match rest.split_once(':') {
@@ -599,7 +660,7 @@ impl Config {
                         token,
                         keep: false,
                     },
-                    name.to_owned(),
+                    format!("preamble:{name}"),
                 )
             }
             _ => {
@@ -609,7 +670,8 @@ impl Config {
             }
         };
         self.routes.push(Route {
-            name: format!("{}#{}", name, self.routes.len()),
+            // Named after what it matches: the same whatever the flags' order.
+            name,
             matcher,
             backends,
             balance,

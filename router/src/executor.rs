@@ -4,14 +4,13 @@
 //! ([`crate::connection`]).
 use std::{
     cell::{Cell, RefCell},
-    net::TcpListener as StdListener,
+    net::{SocketAddr, TcpListener as StdListener},
     os::fd::OwnedFd,
     rc::Rc,
     sync::{Arc, atomic::Ordering::Relaxed},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
-use futures_lite::future;
 use splice::{
     KernelView,
     capabilities::{self, Capability},
@@ -23,10 +22,11 @@ use splice::{
 use tracing::warn;
 
 use crate::{
+    access_log::AccessLogger,
     config::Mode,
     connection::{self, Client, refusing::refuse_over_limit},
     limits::Limits,
-    reload::Published,
+    reload::{ADOPT_EVERY, Published},
     shard::{Generation, Shard},
     telemetry::{
         counters::{CoreMetrics, Labelled, Lifecycle},
@@ -34,10 +34,24 @@ use crate::{
     },
 };
 
+/// One listen address as its connections see it.
+#[derive(Debug)]
+pub(crate) struct Listener {
+    /// Its place in the configuration (its per-listener limit's).
+    pub(crate) index: usize,
+    /// The address it is bound to.
+    pub(crate) addr: Option<SocketAddr>,
+    /// Its connections start with a PROXY protocol header.
+    pub(crate) accept_proxy: bool,
+}
+
 /// What the main thread hands to one executor.
 pub(crate) struct ShardInput {
     pub(crate) core: usize,
-    pub(crate) listeners: Vec<StdListener>,
+    /// This core's copy of each listener, and whether it accepts a PROXY
+    /// protocol header.
+    pub(crate) listeners: Vec<(StdListener, bool)>,
+    pub(crate) access_log: Arc<AccessLogger>,
     pub(crate) published: Arc<Published>,
     pub(crate) probe: Option<ProbeSpec>,
     pub(crate) stats: Arc<RouterStats>,
@@ -113,41 +127,59 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         lifecycle: input.lifecycle,
         limits: input.limits,
         limit_log: Cell::new((None, 0)),
+        access_log: input.access_log,
     });
     // Listeners come in configuration order: the index is the listener's.
-    for (index, listener) in input.listeners.into_iter().enumerate() {
-        // Non-blocking already (see `runtime::bind_reuseport`).
-        let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
-        let shard = Rc::clone(&shard);
-        glommio::spawn_local(async move {
-            loop {
-                match listener.accept().await {
-                    Ok((socket, peer)) => match shard.limits.admit(index) {
-                        Ok(permit) => {
-                            let client = OwnSocket::new(socket, &shard.readiness);
-                            glommio::spawn_local(connection::serve(
-                                Box::new(halves::split(client)),
-                                Client(peer),
-                                Rc::clone(&shard),
-                                permit,
-                            ))
-                            .detach();
-                        }
-                        Err(exceeded) => refuse_over_limit(socket, &shard, exceeded),
-                    },
-                    // Stopping: the main thread shut the listener down;
-                    // dropping it closes this core's copy.
-                    Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
-                    Err(e) => {
-                        // Typically EMFILE: back off instead of spinning.
-                        warn!("accept failed: {e}");
-                        glommio::timer::sleep(Duration::from_millis(10)).await;
-                    }
-                }
-            }
-        })
-        .detach();
+    for (index, (listener, accept_proxy)) in input.listeners.into_iter().enumerate() {
+        let info = Rc::new(Listener {
+            index,
+            addr: listener.local_addr().ok(),
+            accept_proxy,
+        });
+        glommio::spawn_local(accept_forever(listener, info, Rc::clone(&shard))).detach();
     }
+    // A published configuration is adopted at the next accept, or here if
+    // none comes: the health checks (core 0) follow it without traffic.
     // The executor lives as long as this task: forever.
-    future::pending::<()>().await;
+    loop {
+        glommio::timer::sleep(ADOPT_EVERY).await;
+        shard.generation();
+    }
+}
+
+/// Accepts on this core's copy of one listener until the router stops;
+/// each connection is a task of its own.
+async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Shard>) {
+    // Non-blocking already (see `runtime::bind_reuseport`).
+    let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
+    loop {
+        match listener.accept().await {
+            Ok((socket, peer)) => match shard.limits.admit(info.index) {
+                Ok(permit) => {
+                    let client = OwnSocket::new(socket, &shard.readiness);
+                    glommio::spawn_local(connection::serve(
+                        Box::new(halves::split(client)),
+                        Client {
+                            addr: peer,
+                            listener: Rc::clone(&info),
+                            name: None,
+                            accepted: Instant::now(),
+                        },
+                        Rc::clone(&shard),
+                        permit,
+                    ))
+                    .detach();
+                }
+                Err(exceeded) => refuse_over_limit(socket, &shard, exceeded, peer, &info),
+            },
+            // Stopping: the main thread shut the listener down;
+            // dropping it closes this core's copy.
+            Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning.
+                warn!("accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
 }

@@ -12,7 +12,7 @@ use std::{
     net::SocketAddr,
     sync::{
         Arc, Weak,
-        atomic::{AtomicBool, AtomicU32, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed},
     },
     time::Instant,
 };
@@ -34,6 +34,8 @@ pub struct BackendHealth {
     failures: AtomicU32,
     /// Successful checks in a row while down.
     successes: AtomicU32,
+    /// Health checks that failed, in all.
+    check_failures: AtomicU64,
 }
 
 impl BackendHealth {
@@ -46,7 +48,13 @@ impl BackendHealth {
             healthy: AtomicBool::new(true),
             failures: AtomicU32::new(0),
             successes: AtomicU32::new(0),
+            check_failures: AtomicU64::new(0),
         }
+    }
+
+    /// Health checks of it that failed so far.
+    pub fn check_failures(&self) -> u64 {
+        self.check_failures.load(Relaxed)
     }
 
     pub fn route(&self) -> &str {
@@ -134,6 +142,28 @@ impl Health {
         })
     }
 
+    /// Health for `routes` that keeps the state `previous` knew of each
+    /// backend it already checked the same way (same route name, address
+    /// and checks): a reload neither makes a dead backend healthy again
+    /// nor logs it down once more.
+    pub fn carried_over(routes: &[Route], previous: &Health) -> Arc<Self> {
+        let health = Self::new(routes);
+        for backend in health.backends() {
+            let Some(old) = previous.backends().find(|old| {
+                old.route == backend.route && old.addr == backend.addr && old.check == backend.check
+            }) else {
+                continue;
+            };
+            backend.healthy.store(old.healthy(), Relaxed);
+            backend.failures.store(old.failures.load(Relaxed), Relaxed);
+            backend
+                .successes
+                .store(old.successes.load(Relaxed), Relaxed);
+            backend.check_failures.store(old.check_failures(), Relaxed);
+        }
+        health
+    }
+
     /// Backend `index` of route `route` (indices of the configuration).
     pub fn backend(&self, route: usize, index: usize) -> &BackendHealth {
         &self.routes[route][index]
@@ -180,7 +210,10 @@ async fn check_forever(health: Weak<Health>, route: usize, index: usize) {
                 let _ = stream.close().await;
                 backend.check_passed();
             }
-            Err(e) => backend.failed(&format_args!("health check: {e}")),
+            Err(e) => {
+                backend.check_failures.fetch_add(1, Relaxed);
+                backend.failed(&format_args!("health check: {e}"));
+            }
         }
         drop(health);
         glommio::timer::sleep(check.interval.saturating_sub(started.elapsed())).await;

@@ -12,6 +12,10 @@
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
 //! - [`proxy_protocol`]: the PROXY protocol header sent to backends;
+//! - [`proxy_header`]: the PROXY protocol header a load balancer in front
+//!   sends (`accept_proxy`);
+//! - [`access_log`]: one line per connection at its end;
+//! - [`logging`]: the process log's level and one-line records;
 //! - [`startup`]: process start-up, then the main thread's supervision;
 //! - [`executor`]: one executor per core: its probe, its accept loops;
 //! - [`shard`]: an executor's state, as its connections use it;
@@ -19,12 +23,16 @@
 //!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
+//! - [`service`]: the systemd notify protocol (ready, reloading, stopping);
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
 //!
 //! Without the default feature `server` only the parsers are built
-//! (`config`, `sniff`, `routes`, `refuse`): what `fuzz/` needs.
+//! (`config`, `sniff`, `routes`, `refuse`, `proxy_header`): what `fuzz/`
+//! needs.
+#[cfg(feature = "server")]
+pub mod access_log;
 #[cfg(feature = "server")]
 pub mod backends;
 pub mod config;
@@ -40,12 +48,17 @@ pub mod host;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]
+pub mod logging;
+pub mod proxy_header;
+#[cfg(feature = "server")]
 pub mod proxy_protocol;
 pub mod refuse;
 #[cfg(feature = "server")]
 pub mod reload;
 pub mod rewrite;
 pub mod routes;
+#[cfg(feature = "server")]
+pub mod service;
 #[cfg(feature = "server")]
 pub mod shard;
 pub mod sniff;

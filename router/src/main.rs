@@ -8,9 +8,9 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use router::{
-    config::{Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
+    config::{AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
     demo::{self, DemoBackends},
-    startup,
+    logging, startup,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -89,16 +89,28 @@ struct Cli {
     /// `router=debug`. Takes precedence over RUST_LOG.
     #[arg(long, alias = "log", value_name = "FILTER")]
     log_level: Option<String>,
+    /// Access log: one line per connection at its end, as `text` (default),
+    /// `json`, or `off` [default: the file's `access_log`, else text].
+    #[arg(long, value_enum, value_name = "FORMAT")]
+    access_log: Option<AccessLog>,
+    /// Write the access log to FILE instead of stderr (reopened on SIGHUP
+    /// and SIGUSR2, for logrotate).
+    #[arg(long, value_name = "FILE")]
+    access_log_file: Option<PathBuf>,
+    /// Every --listen address expects a PROXY protocol header (v1 or v2)
+    /// from a load balancer in front; connections without one are refused.
+    #[arg(long)]
+    accept_proxy: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // --log-level, else RUST_LOG, else info.
     let filter = match &cli.log_level {
-        Some(level) => match EnvFilter::try_new(level) {
+        Some(level) => match logging::filter(level) {
             Ok(filter) => filter,
             Err(e) => {
-                eprintln!("router: error: --log-level {level}: {e}");
+                eprintln!("router: error: {e}");
                 return ExitCode::FAILURE;
             }
         },
@@ -106,7 +118,7 @@ fn main() -> ExitCode {
     };
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(logging::OneLineStderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {
@@ -184,6 +196,15 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
         config.listen.clear();
     }
     config.listen.extend(&cli.listen);
+    if cli.accept_proxy {
+        config.accept_proxy.extend(&cli.listen);
+    }
+    if let Some(format) = cli.access_log {
+        config.access_log = format;
+    }
+    if let Some(path) = &cli.access_log_file {
+        config.access_log_file = Some(path.clone());
+    }
     for spec in &cli.route {
         config.add_route_flag(spec)?;
     }

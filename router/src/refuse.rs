@@ -16,7 +16,7 @@ pub fn response(protocol: Protocol, refusal: Refusal) -> Vec<u8> {
         Protocol::Tls => tls_alert(match refusal {
             Refusal::NoRoute => UNRECOGNIZED_NAME,
             Refusal::Unauthorized => ACCESS_DENIED,
-            Refusal::Invalid | Refusal::TooLarge => DECODE_ERROR,
+            Refusal::Invalid | Refusal::TooLarge | Refusal::ProxyHeader => DECODE_ERROR,
             Refusal::Unavailable | Refusal::Timeout => INTERNAL_ERROR,
         }),
         Protocol::Preamble => format!("ERR {}\r\n", preamble_reason(refusal)).into_bytes(),
@@ -35,6 +35,7 @@ fn http(refusal: Refusal) -> Vec<u8> {
         ),
         Refusal::Timeout => ("408 Request Timeout", "request head not received in time\n"),
         Refusal::Unauthorized => ("403 Forbidden", "forbidden\n"),
+        Refusal::ProxyHeader => ("400 Bad Request", "PROXY protocol header expected\n"),
     };
     format!(
         "HTTP/1.1 {status}\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
@@ -57,6 +58,7 @@ fn preamble_reason(refusal: Refusal) -> &'static str {
         Refusal::Unavailable => "unavailable",
         Refusal::Timeout => "timeout",
         Refusal::TooLarge => "too large",
+        Refusal::ProxyHeader => "PROXY protocol header expected",
     }
 }
 

@@ -15,12 +15,17 @@ use std::{
 
 use crate::{config::Config, health::Health};
 
+/// How soon an executor without new connections adopts a published
+/// configuration (its checks and listeners follow it).
+pub const ADOPT_EVERY: Duration = Duration::from_millis(200);
+
 /// Builds the configuration anew for a reload (SIGHUP): re-reads the file
 /// and re-applies the command line, as at start.
 pub type Reloader = Box<dyn FnMut() -> anyhow::Result<Config>>;
 
 /// The configuration executors should use, with the health of its backends
 /// and a version that changes on every publication.
+#[derive(Debug)]
 pub struct Published {
     version: AtomicU64,
     config: Mutex<(Arc<Config>, Arc<Health>)>,
@@ -35,14 +40,15 @@ impl Published {
         }
     }
 
-    /// Replaces the configuration, with fresh health state for its backends
-    /// (checked from scratch: the executor that runs the checks starts them
-    /// when it adopts it, and the previous checks stop once no connection
-    /// holds the previous configuration); executors pick it up at their next
-    /// accept.
+    /// Replaces the configuration, with health state for its backends that
+    /// keeps what was known of the unchanged ones
+    /// ([`Health::carried_over`]); the executor that runs the checks starts
+    /// them when it adopts it, and the previous checks stop once no
+    /// connection holds the previous configuration. Executors pick it up
+    /// at their next accept, or within [`ADOPT_EVERY`].
     pub fn publish(&self, config: Arc<Config>) {
-        let health = Health::new(&config.routes);
         let mut current = self.config.lock().expect("no panic under this lock");
+        let health = Health::carried_over(&config.routes, &current.1);
         *current = (config, health);
         // Under the lock: whoever sees the new version and then takes the
         // lock gets the new configuration.
@@ -86,6 +92,11 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         format!("{:?}", running.listen),
     );
     keep(
+        "accept_proxy",
+        merged.accept_proxy != running.accept_proxy,
+        format!("{:?}", running.accept_proxy),
+    );
+    keep(
         "cores",
         merged.cores != running.cores,
         format!("{:?}", running.cores),
@@ -111,6 +122,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         format!("{:?}", running.metrics),
     );
     merged.listen.clone_from(&running.listen);
+    merged.accept_proxy.clone_from(&running.accept_proxy);
     merged.cores = running.cores;
     merged.mode = running.mode;
     merged.in_flight_limit = running.in_flight_limit;

@@ -22,16 +22,19 @@ pub enum Refusal {
     Timeout,
     /// The first packet grew past the size limit without being complete.
     TooLarge,
+    /// A listener with `accept_proxy` got no valid PROXY protocol header.
+    ProxyHeader,
 }
 
 impl Refusal {
-    pub const ALL: [Refusal; 6] = [
+    pub const ALL: [Refusal; 7] = [
         Refusal::NoRoute,
         Refusal::Unauthorized,
         Refusal::Invalid,
         Refusal::Unavailable,
         Refusal::Timeout,
         Refusal::TooLarge,
+        Refusal::ProxyHeader,
     ];
 
     pub fn name(self) -> &'static str {
@@ -42,6 +45,7 @@ impl Refusal {
             Self::Unavailable => "unavailable",
             Self::Timeout => "timeout",
             Self::TooLarge => "too_large",
+            Self::ProxyHeader => "proxy_header",
         }
     }
 }

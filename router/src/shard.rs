@@ -13,6 +13,7 @@ use splice::{readiness::Readiness, shard::ShardProbe};
 use tracing::debug;
 
 use crate::{
+    access_log::AccessLogger,
     backends::Pools,
     config::Config,
     health::Health,
@@ -91,6 +92,7 @@ pub(crate) struct Shard {
     /// When a refusal at a connection limit was last logged (at most one
     /// line a second per core), and how many since.
     pub(crate) limit_log: Cell<(Option<Instant>, u64)>,
+    pub(crate) access_log: Arc<AccessLogger>,
 }
 
 impl Shard {

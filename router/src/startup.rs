@@ -19,6 +19,7 @@ use splice::{
 use tracing::{info, warn};
 
 use crate::{
+    access_log::AccessLogger,
     config::{Config, Mode},
     executor::{ShardInput, serve_shard},
     limits::Limits,
@@ -57,18 +58,21 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if cores > online {
         bail!("cores = {cores}: this machine has {online} online cores (use 1 to {online})");
     }
-    let mut per_core: Vec<Vec<StdListener>> = (0..cores).map(|_| Vec::new()).collect();
+    let mut per_core: Vec<Vec<(StdListener, bool)>> = (0..cores).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     // The main thread's copies of the listeners, to close them on stop.
     let mut listeners = Vec::new();
     for addr in &config.listen {
-        let copies = runtime::bind_reuseport(*addr, cores)?;
+        let copies = runtime::bind_reuseport(*addr, cores).map_err(bind_error)?;
         bound.push(copies[0].local_addr()?);
+        let accept_proxy = config.accept_proxy.contains(addr);
         for (core, listener) in copies.into_iter().enumerate() {
             listeners.push(listener.try_clone()?);
-            per_core[core].push(listener);
+            per_core[core].push((listener, accept_proxy));
         }
     }
+    let access_log = AccessLogger::start(cores, config.access_log_file.as_ref())
+        .context("starting the access log")?;
     let metrics_listener = match config.metrics {
         Some(addr) => {
             Some(endpoint::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
@@ -111,6 +115,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             labelled: Arc::clone(&labelled),
             lifecycle: Arc::clone(&lifecycle),
             limits: Arc::clone(&limits),
+            access_log: Arc::clone(&access_log),
         })
         .collect();
     // Listeners are bound: from here on, every thread needs at most what
@@ -165,6 +170,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                         .context("opening the probe maps for the metrics")?,
                 ),
                 lifecycle: Arc::clone(&lifecycle),
+                published: Arc::clone(&published),
             };
             endpoint::serve(
                 listener,
@@ -179,6 +185,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);
+    crate::service::ready(&format!("serving on {bound:?}, mode {mode}"));
     if let Some(addr) = metrics_addr {
         println!("router: metrics on http://{addr}/metrics");
         let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -196,9 +203,28 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         config,
         limits,
         default_max_connections,
+        access_log,
     }
     .run();
     Ok(())
+}
+
+/// Why a listen address could not be bound, with the fix when it is a
+/// privileged port.
+fn bind_error(error: runtime::BindError) -> anyhow::Error {
+    match &error {
+        runtime::BindError::Other { addr, error: e }
+            if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 =>
+        {
+            anyhow::anyhow!(
+                "cannot listen on {addr}: {e}: a port below 1024 needs the \
+                 CAP_NET_BIND_SERVICE capability (`setcap cap_net_bind_service=+ep` on the \
+                 binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit, as \
+                 packaging/router.service does), or listen on a port from 1024 up"
+            )
+        }
+        _ => error.into(),
+    }
 }
 
 fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {

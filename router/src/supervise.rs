@@ -3,7 +3,8 @@
 //!
 //! - SIGUSR1 (and every `--stats-interval`): print the `stats:` line;
 //! - SIGHUP: reload the configuration ([`crate::reload`]); an invalid one
-//!   is logged and the running one kept;
+//!   is logged and the running one kept; the access log is reopened;
+//! - SIGUSR2: reopen the access log (logrotate);
 //! - SIGTERM or SIGINT: drain. The listeners are shut down (new connections
 //!   are refused by the kernel), live connections, spliced or copied, go on
 //!   until they end or `drain_timeout` passes, then the process exits. A
@@ -22,9 +23,11 @@ use splice::{
 use tracing::{debug, error, info, warn};
 
 use crate::{
+    access_log::AccessLogger,
     config::Config,
     limits::Limits,
     reload::{self, Published, Reloader},
+    service,
     telemetry::{
         counters::{Labelled, Lifecycle},
         stats::{Report, RouterStats},
@@ -52,6 +55,7 @@ pub struct Supervisor<'a> {
     /// the configuration sets none.
     pub limits: Arc<Limits>,
     pub default_max_connections: usize,
+    pub access_log: Arc<AccessLogger>,
 }
 
 impl Supervisor<'_> {
@@ -87,21 +91,34 @@ impl Supervisor<'_> {
                 Some(Signal::Stop) => break,
                 Some(Signal::Report) => self.print_report(),
                 Some(Signal::Reload) => self.reload(),
+                Some(Signal::Reopen) => self.reopen_access_log(),
                 None if self.stats_interval.is_some() => self.print_report(),
                 None => {}
             }
         }
         self.drain();
+        self.access_log.flush();
         if self.stats_interval.is_some() {
             self.print_report();
         }
     }
 
+    fn reopen_access_log(&self) {
+        self.access_log.reopen(self.config.access_log_file.clone());
+    }
+
     fn reload(&mut self) {
+        service::reloading();
+        self.reload_config();
+        service::ready("serving");
+    }
+
+    fn reload_config(&mut self) {
         let started = Instant::now();
         let new = match (self.reload)() {
             Ok(new) => new,
             Err(e) => {
+                self.reopen_access_log();
                 self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
                 error!("SIGHUP: the new configuration is invalid, keeping the running one: {e:#}");
                 return;
@@ -126,10 +143,12 @@ impl Supervisor<'_> {
             reload::summary(&self.config, &merged, started.elapsed())
         );
         self.config = merged;
+        self.reopen_access_log();
     }
 
     /// Stops accepting and waits for the live connections (bounded).
     fn drain(&mut self) {
+        service::stopping();
         self.lifecycle.draining.store(true, Relaxed);
         for listener in self.listeners.drain(..) {
             // Shutting a listening socket down takes it out of the kernel's
@@ -179,6 +198,7 @@ impl Supervisor<'_> {
                 }
                 Some(Signal::Report) => self.print_report(),
                 Some(Signal::Reload) => warn!("SIGHUP while draining: ignored"),
+                Some(Signal::Reopen) => self.reopen_access_log(),
                 None => {}
             }
         }

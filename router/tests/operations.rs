@@ -76,6 +76,17 @@ fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
+/// A plain HTTP/1.1 HEAD; returns the status and what came after the head.
+fn http_head(addr: SocketAddr, path: &str) -> (u16, String) {
+    let mut stream = clients::connect(addr).expect("connect to the metrics endpoint");
+    write!(stream, "HEAD {path} HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, body.to_owned())
+}
+
 /// One scrape of `/metrics`.
 struct Metrics(String);
 
@@ -96,6 +107,15 @@ impl Metrics {
         value
             .parse()
             .unwrap_or_else(|_| panic!("{series} = {value} is not an integer"))
+    }
+
+    /// The value of one series, as a float.
+    fn float(&self, series: &str) -> f64 {
+        self.0
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|value| value.parse().ok())
+            .unwrap_or_else(|| panic!("no series {series} in:\n{}", self.0))
     }
 
     /// Scrapes until nothing is open any more (refused clients linger up
@@ -249,33 +269,33 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         }
         assert_eq!(
             m.get(
-                "router_route_connections_refused_total{route=\"locked#1\",reason=\"unauthorized\"}"
+                "router_route_connections_refused_total{route=\"preamble:locked\",reason=\"unauthorized\"}"
             ),
             2,
             "{mode}"
         );
         assert_eq!(
             m.get(
-                "router_route_connections_refused_total{route=\"down#2\",reason=\"unavailable\"}"
+                "router_route_connections_refused_total{route=\"preamble:down\",reason=\"unavailable\"}"
             ),
             1,
             "{mode}"
         );
         assert_eq!(
             m.get(&format!(
-                "router_backend_connect_failures_total{{route=\"down#2\",backend=\"{dead}\"}}"
+                "router_backend_connect_failures_total{{route=\"preamble:down\",backend=\"{dead}\"}}"
             )),
             1,
             "{mode}"
         );
         assert_eq!(
-            m.get("router_route_connections_total{route=\"echo#0\"}"),
+            m.get("router_route_connections_total{route=\"preamble:echo\"}"),
             CONNECTIONS as u64,
             "{mode}"
         );
         assert_eq!(
             m.get(&format!(
-                "router_backend_connections_total{{route=\"echo#0\",backend=\"{}\"}}",
+                "router_backend_connections_total{{route=\"preamble:echo\",backend=\"{}\"}}",
                 echo.addr
             )),
             CONNECTIONS as u64,
@@ -283,18 +303,18 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         );
         // Every byte each way, kernel-redirected or userspace-written.
         assert_eq!(
-            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_backend\"}"),
+            m.get("router_route_bytes_total{route=\"preamble:echo\",direction=\"to_backend\"}"),
             sent,
             "{mode}"
         );
         assert_eq!(
-            m.get("router_route_bytes_total{route=\"echo#0\",direction=\"to_client\"}"),
+            m.get("router_route_bytes_total{route=\"preamble:echo\",direction=\"to_client\"}"),
             sent,
             "{mode}"
         );
         let served = |how: &str| {
             m.get(&format!(
-                "router_route_connections_served_total{{route=\"echo#0\",mode=\"{how}\"}}"
+                "router_route_connections_served_total{{route=\"preamble:echo\",mode=\"{how}\"}}"
             ))
         };
         if mode == "ebpf" {
@@ -348,12 +368,12 @@ fn metrics_count_connections_bytes_and_refusals_per_route() {
         assert!(
             refused_lines.iter().any(|l| l.contains("client=127.0.0.1:")
                 && l.contains("reason=\"unauthorized\"")
-                && l.contains("route=\"locked#1\"")),
+                && l.contains("route=\"preamble:locked\"")),
             "{log}"
         );
         let closed: Vec<&str> = log
             .lines()
-            .filter(|l| l.contains("connection closed") && l.contains("route=\"echo#0\""))
+            .filter(|l| l.contains("connection closed") && l.contains("route=\"preamble:echo\""))
             .collect();
         assert_eq!(closed.len(), CONNECTIONS, "{log}");
         let last_size = 1 + (CONNECTIONS - 1) * 16 * 1024;
@@ -570,8 +590,8 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
 }
 
 /// SIGTERM: new connections are refused at once, a live connection (spliced
-/// in ebpf mode) goes on transferring and completes, `/healthz` says
-/// draining, and the router exits as soon as the last connection closed.
+/// in ebpf mode) goes on transferring and completes, `/readyz` says
+/// draining (`/healthz`, liveness, stays 200), and the router exits as soon as the last connection closed.
 #[test]
 fn sigterm_drains_live_connections_and_refuses_new_ones() {
     both_modes("drain", |mode| {
@@ -603,7 +623,9 @@ fn sigterm_drains_live_connections_and_refuses_new_ones() {
             }
             thread::sleep(Duration::from_millis(5));
         }
-        assert_eq!(http_get(metrics, "/healthz"), (503, "draining\n".into()));
+        // Not ready while draining; alive all the same.
+        assert_eq!(http_get(metrics, "/readyz"), (503, "draining\n".into()));
+        assert_eq!(http_get(metrics, "/healthz"), (200, "ok\n".into()));
         let m = Metrics::scrape(metrics);
         assert_eq!(m.get("router_draining"), 1);
         if mode == "ebpf" {
@@ -870,4 +892,236 @@ fn health_answers_at_once_while_a_thousand_slow_clients_hold_the_metrics_port() 
         }
     }
     trickle.join().unwrap();
+}
+
+/// The `/metrics` series a `stats:` key is reported as (with the same
+/// value), or `None` for the keys that are labels of `router_info`.
+fn series_of(key: &str) -> Option<String> {
+    let series = match key {
+        "mode" | "cores" | "kernel" => return None,
+        "accepted" => "router_connections_accepted_total".into(),
+        "active" => "router_connections_active".into(),
+        "spliced" => "router_connections_served_total{mode=\"ebpf\"}".into(),
+        "early" => "router_connections_spliced_early_total".into(),
+        "copied" => "copy+fallback".into(),
+        "sockmap_full" | "insert_failed" => format!("router_fallbacks_total{{cause=\"{key}\"}}"),
+        "resets" => "router_connections_reset_total".into(),
+        "userspace_bytes" => "router_userspace_bytes_total".into(),
+        "slots_in_use" => "router_sockmap_slots_in_use".into(),
+        "routed" => "router_connections_routed_total".into(),
+        "backend_failures" => "router_backend_failures_total".into(),
+        "backends_down" => "router_backends_down".into(),
+        "routes" => "router_kernel_routes".into(),
+        "kernel_broken" => "router_kernel_broken_streams_total".into(),
+        _ => match key.strip_prefix("refused_") {
+            Some(reason) => format!("router_connections_refused_total{{reason=\"{reason}\"}}"),
+            None if key.starts_with("kernel_") => format!("router_{key}_total"),
+            None => panic!("stats key {key} has no metric"),
+        },
+    };
+    Some(series)
+}
+
+/// Every counter of the `stats:` line is on `/metrics` with the same value
+/// (`refused_limit`, `backends_down` included), with a per-backend up gauge
+/// and health-check failure counter, the standard process metrics,
+/// `router_build_info`, and `/readyz` (GET and HEAD).
+#[test]
+fn every_stats_counter_is_on_metrics_with_backend_health_and_process_metrics() {
+    both_modes("metrics_complete", |mode| {
+        let echo = Backend::echo();
+        let dead = backends::closed_port();
+        let dir = TempDir::new("metrics-complete");
+        let path = dir.0.join("router.toml");
+        write_config(
+            &path,
+            &format!(
+                "listen = [\"127.0.0.1:0\"]\nmode = \"{mode}\"\nmetrics = \"127.0.0.1:0\"\n\
+                 max_connections = 1\n\
+                 [[route]]\nname = \"echo\"\npreamble = \"echo\"\nbackends = [\"{}\"]\n\
+                 [[route]]\nname = \"down\"\npreamble = \"down\"\nbackends = [\"{dead}\"]\n\
+                 health_check = {{ interval = \"100ms\", fall = 2 }}\n",
+                echo.addr
+            ),
+        );
+        let mut router = Server::start(BIN, &["--config", path.to_str().unwrap()]);
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(http_get(metrics, "/readyz"), (200, "ready\n".into()));
+        assert_eq!(http_head(metrics, "/readyz"), (200, String::new()));
+        assert_eq!(http_head(metrics, "/metrics").0, 200);
+        wait_stderr(&router, "backend is down");
+        // One connection held open, so that the next one meets the limit.
+        let held = clients::connect(router.addr).unwrap();
+        (&held).write_all(b"ROUTE echo\r\nheld").unwrap();
+        let mut echoed = [0u8; 4];
+        (&held).read_exact(&mut echoed).unwrap();
+        let over = clients::send_and_receive(router.addr, b"ROUTE echo\r\nx".to_vec());
+        assert!(over.is_err() || over.is_ok_and(|a| a.is_empty()), "{mode}");
+        drop(held);
+        router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+        echo_through(router.addr, b"ROUTE echo\r\n", b"payload").unwrap();
+
+        let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+        let m = Metrics::when_idle(metrics);
+        assert_eq!(stats.get("refused_limit"), 1, "{mode}: {stats:?}");
+        assert_eq!(stats.get("backends_down"), 1, "{mode}: {stats:?}");
+        for key in stats.0.keys() {
+            let Some(series) = series_of(key) else {
+                continue;
+            };
+            let on_metrics = if series == "copy+fallback" {
+                m.get("router_connections_served_total{mode=\"copy\"}")
+                    + m.get("router_connections_served_total{mode=\"fallback\"}")
+            } else {
+                m.get(&series)
+            };
+            assert_eq!(on_metrics, stats.get(key), "{mode}: {key} as {series}");
+        }
+        assert!(
+            m.0.contains(&format!(
+                "router_info{{version=\"{}\",mode=\"{mode}\"",
+                env!("CARGO_PKG_VERSION")
+            )),
+            "{}",
+            m.0
+        );
+        assert_eq!(
+            m.get(&format!(
+                "router_build_info{{version=\"{}\"}}",
+                env!("CARGO_PKG_VERSION")
+            )),
+            1
+        );
+        let backend = |name: &str, route: &str, addr: SocketAddr| {
+            m.get(&format!("{name}{{route=\"{route}\",backend=\"{addr}\"}}"))
+        };
+        assert_eq!(backend("router_backend_up", "down", dead), 0, "{}", m.0);
+        assert_eq!(
+            backend("router_backend_up", "echo", echo.addr),
+            1,
+            "{}",
+            m.0
+        );
+        assert!(backend("router_backend_check_failures_total", "down", dead) >= 2);
+        // The process, under the names every exporter uses.
+        // Present (an idle router may not have used a clock tick yet).
+        assert!(m.float("process_cpu_seconds_total") >= 0.0, "{}", m.0);
+        assert!(m.float("process_resident_memory_bytes") > 1e6, "{}", m.0);
+        assert!(m.float("process_open_fds") >= 5.0, "{}", m.0);
+        let started = m.float("process_start_time_seconds");
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        assert!(
+            (now - 120.0..=now + 1.0).contains(&started),
+            "{started} vs {now}"
+        );
+    });
+}
+
+/// `--route` names follow what they match, whatever the flags' order.
+#[test]
+fn route_flag_names_do_not_change_when_flags_are_reordered() {
+    let echo = Backend::echo();
+    let routes = [
+        format!("preamble:one={}", echo.addr),
+        format!("host:a.test={}", echo.addr),
+        format!("default={}", echo.addr),
+    ];
+    let mut names = Vec::new();
+    for order in [[0, 1, 2], [1, 0, 2]] {
+        let picked: Vec<String> = order.iter().map(|i| routes[*i].clone()).collect();
+        let mut router = start("copy", &picked, &["--metrics", "127.0.0.1:0"]);
+        let metrics = metrics_addr(&mut router);
+        let m = Metrics::scrape(metrics);
+        let mut seen: Vec<&str> =
+            m.0.lines()
+                .filter_map(|l| l.strip_prefix("router_route_connections_total{route=\""))
+                .filter_map(|l| l.split('"').next())
+                .collect();
+        seen.sort_unstable();
+        names.push(seen.iter().map(|s| s.to_string()).collect::<Vec<_>>());
+    }
+    assert_eq!(names[0], ["default", "host:a.test", "preamble:one"]);
+    assert_eq!(names[0], names[1]);
+}
+
+/// `--log-level verbose` is no level: an error that lists the valid ones,
+/// not a router that silently logs nothing.
+#[test]
+fn an_unknown_log_level_is_an_error_listing_the_levels() {
+    let output = Command::new(BIN)
+        .args(["--log-level", "verbose", "--listen", "127.0.0.1:0"])
+        .args(["--route", "default=127.0.0.1:9"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--log-level verbose")
+            && stderr.contains("error, warn, info, debug, trace"),
+        "{stderr}"
+    );
+}
+
+/// A reload keeps the health of the backends it does not change: a dead
+/// backend stays down, and is not logged down again after each SIGHUP.
+#[test]
+fn a_reload_keeps_the_health_state_of_unchanged_backends() {
+    let echo = Backend::echo();
+    let dead = backends::closed_port();
+    let dir = TempDir::new("health-reload");
+    let path = dir.0.join("router.toml");
+    let text = |extra: &str| {
+        format!(
+            "listen = [\"127.0.0.1:0\"]\nmode = \"copy\"\n\
+             [health_check]\ninterval = \"100ms\"\nfall = 1\n\
+             [[route]]\nname = \"pool\"\ndefault = true\nbackends = [\"{dead}\", \"{}\"]\n{extra}",
+            echo.addr
+        )
+    };
+    write_config(&path, &text(""));
+    let mut router = Server::start(BIN, &["--config", path.to_str().unwrap()]);
+    wait_stderr(&router, "backend is down");
+    for round in 0..3 {
+        // A changed file (a route added before the default) and an
+        // unchanged one.
+        if round == 1 {
+            let added = format!(
+                "listen = [\"127.0.0.1:0\"]\nmode = \"copy\"\n\
+                 [health_check]\ninterval = \"100ms\"\nfall = 1\n\
+                 [[route]]\nname = \"other\"\nhost = \"other.test\"\nbackends = [\"{}\"]\n\
+                 [[route]]\nname = \"pool\"\ndefault = true\nbackends = [\"{dead}\", \"{}\"]\n",
+                echo.addr, echo.addr
+            );
+            write_config(&path, &added);
+        }
+        router.signal(libc::SIGHUP);
+        let reloaded = round + 1;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while router.stderr().matches("configuration reloaded").count() < reloaded {
+            assert!(Instant::now() < deadline, "{}", router.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+        // Several check intervals under the new configuration.
+        thread::sleep(Duration::from_millis(500));
+        let stats = router.stats();
+        assert_eq!(stats.get("backends_down"), 1, "round {round}: {stats:?}");
+    }
+    let log = router.stderr();
+    assert_eq!(
+        log.matches("backend is down").count(),
+        1,
+        "logged down again after a reload:\n{log}"
+    );
+    // Every connection goes to the live backend: the dead one stayed out.
+    for _ in 0..4 {
+        assert_eq!(
+            clients::send_and_receive(router.addr, b"\x00x".to_vec()).unwrap(),
+            b"\x00x"
+        );
+    }
+    let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+    assert_eq!(stats.get("backend_failures"), 0, "{stats:?}");
 }

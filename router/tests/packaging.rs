@@ -1,10 +1,13 @@
 //! `packaging/router.service`: systemd accepts it as written (no unknown key,
 //! every command exists), its sandboxing keeps the exposure score low, and
 //! the capabilities it grants are enough to splice in the kernel as an
-//! unprivileged user (and to listen below port 1024).
+//! unprivileged user (and to listen below port 1024); the router speaks the
+//! notify protocol of its `Type=notify`, its stop timeout leaves the drain
+//! room, and a port below 1024 without the capability names it.
 use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener},
+    os::unix::net::UnixDatagram,
     path::PathBuf,
     process::Command,
     time::Duration,
@@ -52,7 +55,7 @@ fn systemd_accepts_the_unit_and_rates_it_well_confined() {
         .arg("verify")
         .arg(&unit)
         .output()
-        .expect("systemd-analyze (scripts/setup.sh installs systemd)");
+        .expect("systemd-analyze (scripts/setup.sh --test installs systemd)");
     let stderr = String::from_utf8_lossy(&output.stderr);
     // Unknown keys are only warned about: any message is a failure.
     assert!(
@@ -85,6 +88,7 @@ fn systemd_accepts_the_unit_and_rates_it_well_confined() {
         ("ProtectSystem", "strict"),
         ("DynamicUser", "yes"),
         ("ExecReload", "/bin/kill -HUP $MAINPID"),
+        ("Type", "notify"),
     ] {
         assert!(values(key).contains(&wanted), "{key}={wanted}");
     }
@@ -148,4 +152,79 @@ fn the_unit_s_capabilities_are_enough_to_splice_as_an_unprivileged_user() {
     let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
     assert_eq!(stats.get("spliced"), 1, "{stats:?}");
     assert!(stats.get("kernel_redirected_bytes") >= 12, "{stats:?}");
+}
+
+#[test]
+fn the_stop_timeout_leaves_the_drain_room_to_finish() {
+    let stop = humantime::parse_duration(values("TimeoutStopSec")[0]).unwrap();
+    let drain = router::config::Config::default().drain_timeout;
+    assert!(
+        stop >= drain + Duration::from_secs(10),
+        "TimeoutStopSec {stop:?} vs drain_timeout {drain:?}"
+    );
+}
+
+/// What a service manager receives on `NOTIFY_SOCKET`, with a deadline.
+fn notification(socket: &UnixDatagram) -> String {
+    let mut buffer = [0u8; 4096];
+    let n = socket
+        .recv(&mut buffer)
+        .expect("a notification within 10 s");
+    String::from_utf8_lossy(&buffer[..n]).into_owned()
+}
+
+#[test]
+fn the_router_tells_the_service_manager_ready_reloading_and_stopping() {
+    let dir = TempDir::new("notify");
+    let path = dir.0.join("notify.sock");
+    let socket = UnixDatagram::bind(&path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let backend = Backend::echo();
+    let mut command = Command::new(BIN);
+    command
+        .env("NOTIFY_SOCKET", &path)
+        .args(["--listen", "127.0.0.1:0", "--mode", "copy", "--route"])
+        .arg(format!("default={}", backend.addr));
+    let mut router = Server::start_command(&mut command);
+    let ready = notification(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    router.signal(libc::SIGHUP);
+    let reloading = notification(&socket);
+    let lines: Vec<&str> = reloading.lines().collect();
+    assert_eq!(lines[0], "RELOADING=1", "{reloading:?}");
+    // systemd 253 and later fail a reload without it.
+    let usec: u64 = lines
+        .iter()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {reloading:?}"));
+    assert!(usec > 0);
+    let ready = notification(&socket);
+    assert!(ready.lines().any(|l| l == "READY=1"), "{ready:?}");
+    router.signal(libc::SIGTERM);
+    let stopping = notification(&socket);
+    assert!(stopping.lines().any(|l| l == "STOPPING=1"), "{stopping:?}");
+    assert!(router.wait_exit(Duration::from_secs(10)).is_some());
+}
+
+#[test]
+fn a_port_below_1024_without_the_capability_names_cap_net_bind_service() {
+    let backend = Backend::echo();
+    let listen = SocketAddr::from((Ipv4Addr::LOCALHOST, privileged_port()));
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["--inh-caps=-all", "--ambient-caps=-all", "--"])
+        .arg(BIN)
+        .args(["--listen", &listen.to_string(), "--mode", "copy", "--route"])
+        .arg(format!("default={}", backend.addr));
+    let (status, stderr) = testkit::server::run_to_failure(&mut command);
+    assert!(!status.success());
+    assert!(
+        stderr.contains(&format!("cannot listen on {listen}"))
+            && stderr.contains("CAP_NET_BIND_SERVICE"),
+        "{stderr}"
+    );
 }

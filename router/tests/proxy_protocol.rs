@@ -6,6 +6,7 @@ use std::{
     io::{Read, Write},
     net::{Shutdown, SocketAddr},
     sync::mpsc,
+    thread,
     time::Duration,
 };
 
@@ -122,4 +123,130 @@ fn nginx_sees_the_client_address_through_the_router() {
             assert_eq!(stats.get("routed"), 3, "{mode}: {stats:?}");
         }
     });
+}
+
+/// Connects, sends `header`, then `ROUTE pp` and two pieces (the second
+/// after the first's echo: spliced by then in ebpf mode), and returns the
+/// echo.
+fn proxied_exchange(addr: SocketAddr, header: &[u8]) -> Vec<u8> {
+    let mut stream = clients::connect(addr).unwrap();
+    stream
+        .write_all(&[header, b"ROUTE pp\r\nfirst-"].concat())
+        .unwrap();
+    let mut echoed = vec![0u8; 6];
+    stream.read_exact(&mut echoed).unwrap();
+    stream.write_all(b"second").unwrap();
+    stream.shutdown(Shutdown::Write).unwrap();
+    stream.read_to_end(&mut echoed).unwrap();
+    echoed
+}
+
+#[test]
+fn accept_proxy_takes_the_client_from_a_v1_or_v2_header_and_refuses_without() {
+    both_modes("accept_proxy", |mode| {
+        let (reports, received) = mpsc::channel();
+        let backend = ProxiedBackend::start(reports);
+        let web = testkit::backends::Backend::named("web");
+        let routes = [
+            format!("preamble:pp={},proxy_protocol=v2", backend.addr),
+            format!("host:web.test={}", web.addr),
+        ];
+        let mut router = Server::start(
+            BIN,
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--accept-proxy",
+                "--mode",
+                mode,
+                "--route",
+                &routes[0],
+                "--route",
+                &routes[1],
+            ],
+        );
+        for (version, source) in [(1u8, "203.0.113.7:40001"), (2, "198.51.100.8:40002")] {
+            let source: SocketAddr = source.parse().unwrap();
+            let header = testkit::proxy_protocol::client_header(version, source, router.addr);
+            let echoed = proxied_exchange(router.addr, &header);
+            assert_eq!(echoed, b"first-second", "{mode} v{version}");
+            let seen = received
+                .recv_timeout(Duration::from_secs(10))
+                .expect("the backend's report")
+                .unwrap_or_else(|e| panic!("{mode}: {e}"));
+            // The header sent on names the client the load balancer named.
+            assert_eq!(seen.source, source, "{mode} v{version}");
+            assert_eq!(seen.payload, b"first-second", "{mode} v{version}");
+        }
+        // curl, a real client, sending its own v1 header.
+        let output = std::process::Command::new("curl")
+            .args(["-s", "--max-time", "10", "--haproxy-protocol"])
+            .args(["-H", "Host: web.test"])
+            .arg(format!("http://{}/", router.addr))
+            .output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&output.stdout), "web\n", "{mode}");
+        // Without a header: closed unanswered, counted.
+        let answer = clients::send_and_receive(router.addr, b"ROUTE pp\r\nx".to_vec());
+        assert!(answer.is_ok_and(|a| a.is_empty()), "{mode}");
+        let broken = clients::send_and_receive(
+            router.addr,
+            b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\nROUTE pp\r\nx".to_vec(),
+        );
+        assert!(broken.is_ok_and(|a| a.is_empty()), "{mode}");
+        let stats = router.wait_stats(idle, Duration::from_secs(10));
+        assert_eq!(stats.get("refused_proxy_header"), 2, "{mode}: {stats:?}");
+        assert_eq!(stats.get("routed"), 3, "{mode}: {stats:?}");
+        // The access log names the carried clients.
+        thread::sleep(Duration::from_millis(200));
+        let log = router.stderr();
+        for client in ["client=203.0.113.7:40001", "client=198.51.100.8:40002"] {
+            assert!(
+                log.lines()
+                    .any(|l| l.contains(" access ") && l.contains(client)),
+                "{mode}: {client} in {log}"
+            );
+        }
+        assert_eq!(
+            log.matches("end=refused reason=proxy_header").count(),
+            2,
+            "{log}"
+        );
+    });
+}
+
+#[test]
+fn accept_proxy_is_per_listener_in_the_file() {
+    let echo = testkit::backends::Backend::echo();
+    let (proxied, plain) = (
+        testkit::backends::closed_port(),
+        testkit::backends::closed_port(),
+    );
+    let dir = std::env::temp_dir().join(format!("router-accept-proxy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("router.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "listen = [{{ address = \"{proxied}\", accept_proxy = true }}, \"{plain}\"]\n\
+             mode = \"copy\"\n[[route]]\nname = \"echo\"\npreamble = \"echo\"\nbackends = [\"{}\"]\n",
+            echo.addr
+        ),
+    )
+    .unwrap();
+    let mut router = Server::start(BIN, &["--config", path.to_str().unwrap()]);
+    assert_eq!(router.addr, proxied);
+    let send =
+        |addr: SocketAddr, bytes: &[u8]| clients::send_and_receive(addr, bytes.to_vec()).unwrap();
+    assert_eq!(send(plain, b"ROUTE echo\r\nplain"), b"plain");
+    assert_eq!(send(proxied, b"ROUTE echo\r\nplain"), b"");
+    let header =
+        testkit::proxy_protocol::client_header(2, "192.0.2.5:1234".parse().unwrap(), proxied);
+    assert_eq!(
+        send(proxied, &[&header[..], b"ROUTE echo\r\nproxied"].concat()),
+        b"proxied"
+    );
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(stats.get("refused_proxy_header"), 1, "{stats:?}");
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -87,7 +87,7 @@ fn file_backend(file: &std::path::Path) -> (Child, SocketAddr) {
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
-        .expect("socat (scripts/setup.sh installs it)");
+        .expect("socat (scripts/setup.sh --test installs it)");
     let deadline = Instant::now() + Duration::from_secs(10);
     while !listening(addr.port()) {
         assert!(Instant::now() < deadline, "socat did not listen");

@@ -165,6 +165,8 @@ pub enum Signal {
     Report,
     /// SIGHUP: reload the configuration.
     Reload,
+    /// SIGUSR2: reopen the log files (after logrotate moved them).
+    Reopen,
 }
 
 fn handled_signals() -> libc::sigset_t {
@@ -172,7 +174,13 @@ fn handled_signals() -> libc::sigset_t {
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGUSR1, libc::SIGHUP] {
+        for signal in [
+            libc::SIGINT,
+            libc::SIGTERM,
+            libc::SIGUSR1,
+            libc::SIGUSR2,
+            libc::SIGHUP,
+        ] {
             libc::sigaddset(&mut set, signal);
         }
         set
@@ -208,6 +216,7 @@ pub fn wait_for_signal(timeout: Duration) -> Option<Signal> {
         libc::SIGINT | libc::SIGTERM => Some(Signal::Stop),
         libc::SIGUSR1 => Some(Signal::Report),
         libc::SIGHUP => Some(Signal::Reload),
+        libc::SIGUSR2 => Some(Signal::Reopen),
         _ => None,
     }
 }

@@ -252,3 +252,21 @@ pub fn http_get(addr: SocketAddr, host: &str) -> io::Result<(SocketAddr, String)
         .ok_or_else(|| io::Error::other(format!("no HTTP response: {response:?}")))?;
     Ok((local, body))
 }
+
+/// The PROXY protocol header (`version` 1 or 2) a load balancer in front
+/// of a router sends for a client at `source` that connected to
+/// `destination` (both IPv4 or both IPv6).
+pub fn client_header(version: u8, source: SocketAddr, destination: SocketAddr) -> Vec<u8> {
+    if version == 1 {
+        return v1::Addresses::from((source, destination))
+            .to_string()
+            .into_bytes();
+    }
+    v2::Builder::with_addresses(
+        v2::Version::Two | v2::Command::Proxy,
+        v2::Protocol::Stream,
+        (source, destination),
+    )
+    .build()
+    .expect("a header of two addresses")
+}

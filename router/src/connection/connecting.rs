@@ -7,6 +7,7 @@ use splice::{halves::Half, stats::add};
 use tracing::{info, warn};
 
 use crate::{
+    access_log::{End, Entry},
     proxy_protocol, refuse,
     routes::{self, Refusal},
     shard::{Generation, Shard},
@@ -30,7 +31,6 @@ pub(crate) async fn connect<'a>(
     first: Vec<u8>,
     decision: routes::Decision,
     peer: &'a Client,
-    accepted: Instant,
 ) -> Option<impl Future<Output = ()> + 'a> {
     let stats = &shard.stats;
     let route = &generation.config.routes[decision.route];
@@ -60,6 +60,14 @@ pub(crate) async fn connect<'a>(
             route = route.name,
             "refused connection"
         );
+        shard.access_log.record(
+            shard.core,
+            generation.config.access_log,
+            &Entry {
+                route: Some(&route.name),
+                ..peer.entry(End::Refused(Refusal::Unavailable.name()))
+            },
+        );
         let (_, mut writer) = client;
         let _ = writer
             .write_all(&refuse::response(protocol, Refusal::Unavailable))
@@ -80,7 +88,7 @@ pub(crate) async fn connect<'a>(
         .proxy_protocol
         .map(|version| {
             let local = socket2::SockRef::from(&client.0.fd()).local_addr();
-            proxy_protocol::header(version, peer.0, local.ok().and_then(|a| a.as_socket()))
+            proxy_protocol::header(version, peer.addr, local.ok().and_then(|a| a.as_socket()))
         })
         .unwrap_or_default();
     Some(forward(
@@ -101,7 +109,8 @@ pub(crate) async fn connect<'a>(
             route,
             peer,
             backend_addr,
-            accepted,
+            shard,
+            format: generation.config.access_log,
         },
     ))
 }

@@ -2,7 +2,7 @@
 //! the first packet less a stripped preamble), the [`pipe`] that joins the
 //! two sockets until both directions ended, and the counters and log line
 //! of its end.
-use std::{net::SocketAddr, time::Instant};
+use std::net::SocketAddr;
 
 use splice::{
     halves::{Half, OwnSocket},
@@ -12,7 +12,9 @@ use splice::{
 use tracing::debug;
 
 use crate::{
+    access_log::{End, Entry},
     backends::ActiveGuard,
+    config::AccessLog,
     shard::Shard,
     telemetry::counters::{Held, RouteCounters, Served},
 };
@@ -26,7 +28,8 @@ pub(crate) struct Finish<'a> {
     pub(crate) route: &'a crate::config::Route,
     pub(crate) peer: &'a Client,
     pub(crate) backend_addr: SocketAddr,
-    pub(crate) accepted: Instant,
+    pub(crate) shard: &'a Shard,
+    pub(crate) format: AccessLog,
 }
 
 impl Finish<'_> {
@@ -47,8 +50,25 @@ impl Finish<'_> {
             bytes_to_backend = forwarded.to_backend,
             bytes_to_client = forwarded.to_client,
             reset = forwarded.reset,
-            duration_ms = self.accepted.elapsed().as_millis() as u64,
+            duration_ms = self.peer.accepted.elapsed().as_millis() as u64,
             "connection closed"
+        );
+        let end = if forwarded.reset {
+            End::Reset
+        } else {
+            End::Closed
+        };
+        self.shard.access_log.record(
+            self.shard.core,
+            self.format,
+            &Entry {
+                route: Some(&self.route.name),
+                backend: Some(self.backend_addr),
+                path: forwarded.path,
+                to_backend: forwarded.to_backend,
+                to_client: forwarded.to_client,
+                ..self.peer.entry(end)
+            },
         );
     }
 }

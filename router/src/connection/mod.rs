@@ -14,18 +14,54 @@ use std::{net::SocketAddr, rc::Rc, time::Instant};
 use splice::{halves::Half, stats::add};
 use tracing::info;
 
-use crate::{limits::Permit, refuse, shard::Shard, telemetry::counters::Held};
+use crate::{
+    access_log::{End, Entry},
+    executor::Listener,
+    limits::Permit,
+    refuse,
+    shard::Shard,
+    telemetry::counters::Held,
+};
 
 use self::{connecting::connect, refusing::answer_then_close, routing::route};
 
-/// A connection's client, for the logs.
-pub(crate) struct Client(pub(crate) Option<SocketAddr>);
+/// A connection's client, for the logs and the backend's PROXY header.
+pub(crate) struct Client {
+    /// The client's address: the one a PROXY protocol header carried (on a
+    /// listener with `accept_proxy`), else the peer's.
+    pub(crate) addr: Option<SocketAddr>,
+    /// The listener it came in on.
+    pub(crate) listener: Rc<Listener>,
+    /// What it was routed on: the TLS server name, HTTP host or preamble
+    /// route name, once read.
+    pub(crate) name: Option<Box<str>>,
+    pub(crate) accepted: Instant,
+}
 
 impl std::fmt::Display for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self.0 {
+        match self.addr {
             Some(addr) => write!(f, "{addr}"),
             None => f.write_str("unknown"),
+        }
+    }
+}
+
+impl Client {
+    /// Its access log entry, ended as `end`; the caller adds what is known
+    /// of the route, backend and bytes.
+    pub(crate) fn entry(&self, end: End) -> Entry<'_> {
+        Entry {
+            client: self.addr,
+            listener: self.listener.addr,
+            route: None,
+            name: self.name.as_deref(),
+            backend: None,
+            path: None,
+            to_backend: 0,
+            to_client: 0,
+            duration: self.accepted.elapsed(),
+            end,
         }
     }
 }
@@ -40,14 +76,14 @@ impl std::fmt::Display for Client {
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn serve(
     mut client: Box<(Half, Half)>,
-    peer: Client,
+    mut peer: Client,
     shard: Rc<Shard>,
     permit: Permit,
 ) -> impl Future<Output = ()> {
     async move {
         // Held until the connection ends.
         let _permit = &permit;
-        let accepted = Instant::now();
+        let accepted = peer.accepted;
         let stats = &shard.stats;
         let generation = shard.generation();
         add(&stats.splice.accepted, 1);
@@ -58,7 +94,7 @@ pub(crate) fn serve(
         let forwarding = std::pin::pin!({
             // Boxed, as the backend connect and the refusal below: a task is
             // as large as its largest state.
-            let routed = Box::pin(route(&mut client.0, &generation)).await;
+            let routed = Box::pin(route(&mut client.0, &generation, &mut peer)).await;
             shard.metrics.first_packet.observe(accepted.elapsed());
             match routed {
                 Ok((first, decision)) => {
@@ -71,7 +107,6 @@ pub(crate) fn serve(
                         first,
                         decision,
                         &peer,
-                        accepted,
                     ))
                     .await
                 }
@@ -86,6 +121,14 @@ pub(crate) fn serve(
                         reason = refused.reason.name(),
                         route,
                         "refused connection"
+                    );
+                    shard.access_log.record(
+                        shard.core,
+                        generation.config.access_log,
+                        &Entry {
+                            route,
+                            ..peer.entry(End::Refused(refused.reason.name()))
+                        },
                     );
                     let response = refuse::response(refused.protocol, refused.reason);
                     Box::pin(answer_then_close(*client, &response)).await;

@@ -2,6 +2,7 @@
 //! is read; after routing, the answer [`crate::refuse`] gives in the
 //! client's protocol, then a bounded lingering close.
 use std::{
+    net::SocketAddr,
     os::fd::{AsFd as _, OwnedFd},
     time::{Duration, Instant},
 };
@@ -10,15 +11,43 @@ use futures_lite::{AsyncReadExt as _, AsyncWriteExt as _, future};
 use splice::{halves::Half, socket, stats::add};
 use tracing::warn;
 
-use crate::{limits::Exceeded, shard::Shard};
+use crate::{
+    access_log::{End, Entry},
+    executor::Listener,
+    limits::Exceeded,
+    shard::Shard,
+};
 
 /// Closes a connection past a limit at once, with a reset: nothing is read,
 /// and the descriptor is free again before the next accept. Counted, and
 /// logged at most once a second per core.
-pub(crate) fn refuse_over_limit(socket: OwnedFd, shard: &Shard, exceeded: Exceeded) {
+pub(crate) fn refuse_over_limit(
+    socket: OwnedFd,
+    shard: &Shard,
+    exceeded: Exceeded,
+    peer: Option<SocketAddr>,
+    listener: &Listener,
+) {
     add(&shard.stats.refused_limit, 1);
     let _ = socket::reset_on_close(socket.as_fd());
     drop(socket);
+    let format = shard.current.borrow().1.config.access_log;
+    shard.access_log.record(
+        shard.core,
+        format,
+        &Entry {
+            client: peer,
+            listener: listener.addr,
+            route: None,
+            name: None,
+            backend: None,
+            path: None,
+            to_backend: 0,
+            to_client: 0,
+            duration: Duration::ZERO,
+            end: End::Refused("limit"),
+        },
+    );
     let (last, unlogged) = shard.limit_log.get();
     let now = Instant::now();
     if last.is_some_and(|at| now.duration_since(at) < Duration::from_secs(1)) {

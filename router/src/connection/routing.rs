@@ -7,8 +7,10 @@ use futures_lite::{AsyncReadExt as _, future};
 use splice::halves::Half;
 use tracing::debug;
 
+use super::Client;
 use crate::{
     config::Matcher,
+    proxy_header::{self, Header},
     routes::{self, Refusal},
     shard::Generation,
     sniff::{self, FirstPacket, Protocol, Sniff},
@@ -35,16 +37,97 @@ impl From<(Protocol, Refusal)> for Refused {
 /// Bytes read per call while reading the first packet.
 const FIRST_READ: usize = 4096;
 
+/// Why reading more of the first bytes stopped.
+enum Stop {
+    /// Closed or reset before the bytes said enough.
+    Closed,
+    /// The first-packet deadline passed.
+    TimedOut,
+}
+
+/// Reads what the client sends next onto `bytes` (up to `max` in all),
+/// until `deadline`.
+async fn read_more(
+    client: &mut Half,
+    bytes: &mut Vec<u8>,
+    max: usize,
+    deadline: Instant,
+) -> Result<(), Stop> {
+    let old = bytes.len();
+    bytes.resize((old + FIRST_READ).min(max), 0);
+    let left = deadline.saturating_duration_since(Instant::now());
+    let read = async { Some(client.read(&mut bytes[old..]).await) };
+    let timeout = async {
+        glommio::timer::sleep(left).await;
+        None
+    };
+    let result = future::or(read, timeout).await;
+    match result {
+        Some(Ok(n)) if n > 0 => {
+            bytes.truncate(old + n);
+            Ok(())
+        }
+        Some(_) => {
+            bytes.truncate(old);
+            Err(Stop::Closed)
+        }
+        None => {
+            bytes.truncate(old);
+            Err(Stop::TimedOut)
+        }
+    }
+}
+
+/// On a listener with `accept_proxy`: reads the PROXY protocol header,
+/// takes the client address it carries, and leaves in `bytes` what came
+/// after it. Without a valid header the connection is refused.
+async fn proxy_header(
+    client: &mut Half,
+    bytes: &mut Vec<u8>,
+    peer: &mut Client,
+    deadline: Instant,
+) -> Result<(), Refused> {
+    let refused = || Refused::from((Protocol::Unknown, Refusal::ProxyHeader));
+    loop {
+        match proxy_header::parse(bytes) {
+            Header::Done { len, client } => {
+                if client.is_some() {
+                    peer.addr = client;
+                }
+                bytes.drain(..len);
+                return Ok(());
+            }
+            Header::Invalid(why) => {
+                debug!(client = %peer, "no valid PROXY protocol header: {why}");
+                return Err(refused());
+            }
+            Header::NeedMore => {
+                if read_more(client, bytes, proxy_header::MAX_LEN, deadline)
+                    .await
+                    .is_err()
+                {
+                    return Err(refused());
+                }
+            }
+        }
+    }
+}
+
 /// Reads the first packet and picks the route; on refusal, says in which
-/// protocol to answer.
+/// protocol to answer. Notes in `peer` the name it was routed on (and the
+/// client a PROXY protocol header carried).
 pub(crate) async fn route(
     client: &mut Half,
     generation: &Generation,
+    peer: &mut Client,
 ) -> Result<(Vec<u8>, routes::Decision), Refused> {
     let config = &generation.config;
     let deadline = Instant::now() + config.first_packet_timeout;
     let max = config.first_packet_max;
     let mut bytes = Vec::with_capacity(FIRST_READ);
+    if peer.listener.accept_proxy {
+        Box::pin(proxy_header(client, &mut bytes, peer, deadline)).await?;
+    }
     let first = loop {
         match sniff::sniff(&bytes, max) {
             Sniff::Done(first) => break first,
@@ -58,26 +141,19 @@ pub(crate) async fn route(
         if bytes.len() >= max {
             return Err((sniff::guess(&bytes), Refusal::TooLarge).into());
         }
-        let old = bytes.len();
-        bytes.resize((old + FIRST_READ).min(max), 0);
-        let left = deadline.saturating_duration_since(Instant::now());
-        let read = async { Some(client.read(&mut bytes[old..]).await) };
-        let timeout = async {
-            glommio::timer::sleep(left).await;
-            None
-        };
-        match future::or(read, timeout).await {
-            Some(Ok(0)) | Some(Err(_)) => {
-                // Closed (or reset) before saying where to go.
-                bytes.truncate(old);
-                return Err((sniff::guess(&bytes), Refusal::Invalid).into());
-            }
-            Some(Ok(n)) => bytes.truncate(old + n),
-            None => {
-                bytes.truncate(old);
-                return Err((sniff::guess(&bytes), Refusal::Timeout).into());
-            }
+        match read_more(client, &mut bytes, max, deadline).await {
+            Ok(()) => {}
+            Err(Stop::Closed) => return Err((sniff::guess(&bytes), Refusal::Invalid).into()),
+            Err(Stop::TimedOut) => return Err((sniff::guess(&bytes), Refusal::Timeout).into()),
         }
+    };
+    peer.name = match &first {
+        FirstPacket::Tls { sni: Some(name) }
+        | FirstPacket::Http {
+            host: Some(name), ..
+        } => Some(name.as_str().into()),
+        FirstPacket::Preamble { route, .. } => Some(route.as_str().into()),
+        _ => None,
     };
     let decision = routes::decide(&config.routes, &first).map_err(|reason| Refused {
         protocol: first.protocol(),

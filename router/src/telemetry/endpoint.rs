@@ -235,7 +235,7 @@ fn answer(
     let draining = lifecycle.draining.load(Relaxed);
     let (status, content_type, body) = match path {
         "/metrics" => (200, prometheus_text::CONTENT_TYPE, encode(registry)),
-        "/healthz" if draining => (503, "text/plain", "draining\n".to_owned()),
+        // Liveness: the process answers, draining or not.
         "/healthz" => (200, "text/plain", "ok\n".to_owned()),
         "/readyz" if draining => (503, "text/plain", "draining\n".to_owned()),
         "/readyz" if !lifecycle.ready.load(Relaxed) => (503, "text/plain", "starting\n".to_owned()),

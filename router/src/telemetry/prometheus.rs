@@ -25,6 +25,7 @@ use prometheus_client::{
 };
 use splice::{KernelTotals, KernelView, stats::SpliceStats};
 
+use super::process::ProcessCollector;
 use super::{
     counters::{
         BackendCounters, CoreMetrics, Histogram, LATENCY_BUCKETS, Labelled, Lifecycle, PerCore,
@@ -32,7 +33,7 @@ use super::{
     },
     stats::RouterStats,
 };
-use crate::routes::Refusal;
+use crate::{reload::Published, routes::Refusal};
 
 /// The probes' maps, readable from the metrics thread.
 pub struct KernelViews(pub Vec<KernelView>);
@@ -53,6 +54,8 @@ pub struct RouterCollector {
     pub labelled: Arc<Labelled>,
     pub kernel: KernelViews,
     pub lifecycle: Arc<Lifecycle>,
+    /// The configuration in force, with its backends' health.
+    pub published: Arc<Published>,
 }
 
 type Labels = Vec<(&'static str, String)>;
@@ -182,13 +185,27 @@ impl RouterCollector {
         counter_family(
             encoder,
             "connections_refused",
-            "Connections refused, by reason.",
-            Refusal::ALL.map(|refusal| {
-                (
-                    vec![("reason", refusal.name().to_owned())],
-                    self.sum(|s| s.refused(refusal)),
-                )
-            }),
+            "Connections refused, by reason (limit: at a connection limit, before anything \
+             was read).",
+            Refusal::ALL
+                .map(|refusal| {
+                    (
+                        vec![("reason", refusal.name().to_owned())],
+                        self.sum(|s| s.refused(refusal)),
+                    )
+                })
+                .into_iter()
+                .chain([(
+                    vec![("reason", "limit".to_owned())],
+                    self.sum(|s| &s.refused_limit),
+                )]),
+        )?;
+        counter(
+            encoder,
+            "connections_spliced_early",
+            "Spliced connections whose first bytes arrived before their sockets were in the \
+             SockMap (userspace passed them on).",
+            self.splice_sum(|s| &s.early),
         )?;
         counter_family(
             encoder,
@@ -287,6 +304,11 @@ impl RouterCollector {
                 totals.resumed,
             ),
             (
+                "kernel_trimmed",
+                "Overlapping retransmissions the probes trimmed.",
+                totals.trimmed,
+            ),
+            (
                 "kernel_trimmed_bytes",
                 "Repeated bytes (overlapping retransmissions) the probes trimmed.",
                 totals.trimmed_bytes,
@@ -299,10 +321,24 @@ impl RouterCollector {
         ] {
             counter(encoder, name, help, value)?;
         }
-        // Not the route map's size (`routes` in the `stats:` line): walking
-        // it costs a system call per entry; `sockmap_slots_in_use` tells
-        // the same from userspace.
-        Ok(())
+        // The route map's size (`routes` in the `stats:` line): walking it
+        // costs a system call per entry, which a scrape every few seconds
+        // can afford.
+        let routes = self
+            .kernel
+            .0
+            .iter()
+            .map(|view| view.totals().map(|t| t.routes))
+            .sum::<io::Result<u64>>();
+        match routes {
+            Ok(routes) => gauge(
+                encoder,
+                "kernel_routes",
+                "Entries of the probes' route maps (one per spliced socket).",
+                routes,
+            ),
+            Err(_) => Ok(()),
+        }
     }
 
     fn encode_routes(&self, encoder: &mut DescriptorEncoder) -> fmt::Result {
@@ -415,7 +451,38 @@ impl RouterCollector {
                 counter_family(encoder, name, help, rows)?;
             }
         }
-        Ok(())
+        // Health: of the configuration in force only.
+        let (_, _, health) = self.published.current();
+        let health_labels = |b: &crate::health::BackendHealth| {
+            vec![
+                ("route", b.route().to_owned()),
+                ("backend", b.addr().to_string()),
+            ]
+        };
+        gauge_family(
+            encoder,
+            "backend_up",
+            "1 while the balancers send new connections to this backend, 0 once its health \
+             checks (or failed connects) marked it down.",
+            health
+                .backends()
+                .map(|b| (health_labels(b), u64::from(b.healthy()))),
+        )?;
+        counter_family(
+            encoder,
+            "backend_check_failures",
+            "Health checks of this backend that failed.",
+            health
+                .backends()
+                .filter(|b| b.checked())
+                .map(|b| (health_labels(b), b.check_failures())),
+        )?;
+        gauge(
+            encoder,
+            "backends_down",
+            "Backends marked down now (counted once per route that lists them).",
+            health.down() as u64,
+        )
     }
 }
 
@@ -434,6 +501,12 @@ impl Collector for RouterCollector {
                 ],
                 1,
             )],
+        )?;
+        gauge_family(
+            encoder,
+            "build_info",
+            "The router's build: its version.",
+            [(vec![("version", env!("CARGO_PKG_VERSION").to_owned())], 1)],
         )?;
         gauge(
             encoder,
@@ -470,10 +543,14 @@ impl Collector for RouterCollector {
     }
 }
 
-/// The registry a scrape encodes: every metric is prefixed `router_`.
+/// The registry a scrape encodes: the router's metrics are prefixed
+/// `router_`, the standard process metrics are not.
 pub fn registry(collector: RouterCollector) -> Registry {
-    let mut registry = Registry::with_prefix("router");
-    registry.register_collector(Box::new(collector));
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(ProcessCollector));
+    registry
+        .sub_registry_with_prefix("router")
+        .register_collector(Box::new(collector));
     registry
 }
 
@@ -498,6 +575,7 @@ mod tests {
             labelled: Arc::new(Labelled::new(shards)),
             kernel: KernelViews(Vec::new()),
             lifecycle: Arc::default(),
+            published: Arc::new(Published::new(Arc::new(crate::config::Config::default()))),
         }
     }
 
