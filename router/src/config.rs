@@ -176,6 +176,9 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Connections open at once on each listen address (over every core).
     pub max_connections_per_listener: Option<usize>,
+    /// Reload when the configuration file changes, as on SIGHUP (for a
+    /// Kubernetes ConfigMap, which is swapped in place).
+    pub watch_config: bool,
     pub routes: Vec<Route>,
 }
 
@@ -195,6 +198,7 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             max_connections: None,
             max_connections_per_listener: None,
+            watch_config: false,
             routes: Vec::new(),
         }
     }
@@ -255,6 +259,8 @@ struct RawConfig {
     drain_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_listener: Option<Spanned<usize>>,
+    #[serde(default)]
+    watch_config: bool,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
 }
@@ -404,6 +410,7 @@ impl Config {
                 *target = Some(*limit.get_ref());
             }
         }
+        config.watch_config = raw.watch_config;
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());

@@ -19,6 +19,7 @@
 //!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
+//! - [`watch`]: `watch_config`, a reload when the configuration file changes;
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
@@ -55,3 +56,5 @@ pub mod startup;
 pub mod supervise;
 #[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod watch;

@@ -2,8 +2,9 @@
 //! on them, so that nothing of this runs on the connection path.
 //!
 //! - SIGUSR1 (and every `--stats-interval`): print the `stats:` line;
-//! - SIGHUP: reload the configuration ([`crate::reload`]); an invalid one
-//!   is logged and the running one kept;
+//! - SIGHUP, or a changed configuration file under `watch_config`
+//!   ([`crate::watch`]): reload the configuration ([`crate::reload`]); an
+//!   invalid one is logged and the running one kept;
 //! - SIGTERM or SIGINT: drain. The listeners are shut down (new connections
 //!   are refused by the kernel), live connections, spliced or copied, go on
 //!   until they end or `drain_timeout` passes, then the process exits. A
@@ -29,6 +30,7 @@ use crate::{
         counters::{Labelled, Lifecycle},
         stats::{Report, RouterStats},
     },
+    watch::{self, ConfigWatch},
 };
 
 /// How often a draining router checks whether its connections ended.
@@ -46,6 +48,9 @@ pub struct Supervisor<'a> {
     pub listeners: Vec<TcpListener>,
     pub stats_interval: Option<Duration>,
     pub reload: Reloader,
+    /// The configuration file, read again every [`watch::POLL`] while the
+    /// configuration in force sets `watch_config`.
+    pub watch: Option<ConfigWatch>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// The connection limits every executor checks, and the total used when
@@ -81,14 +86,32 @@ impl Supervisor<'_> {
     /// Serves signals until SIGTERM/SIGINT, then drains; returns when the
     /// process should exit.
     pub fn run(mut self) {
-        let interval = self.stats_interval.unwrap_or(Duration::from_secs(3600));
+        let mut next_report = self.stats_interval.map(|every| Instant::now() + every);
         loop {
-            match runtime::wait_for_signal(interval) {
+            let watching = self.config.watch_config && self.watch.is_some();
+            // Wake for the next report, the next look at the file, or in an
+            // hour (a wait needs some bound).
+            let wait = [
+                next_report.map(|at| at.saturating_duration_since(Instant::now())),
+                watching.then_some(watch::POLL),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(Duration::from_secs(3600), Duration::min);
+            match runtime::wait_for_signal(wait) {
                 Some(Signal::Stop) => break,
                 Some(Signal::Report) => self.print_report(),
-                Some(Signal::Reload) => self.reload(),
-                None if self.stats_interval.is_some() => self.print_report(),
+                Some(Signal::Reload) => self.reload("SIGHUP"),
                 None => {}
+            }
+            if let (Some(at), Some(every)) = (next_report, self.stats_interval)
+                && Instant::now() >= at
+            {
+                self.print_report();
+                next_report = Some(Instant::now() + every);
+            }
+            if watching && self.watch.as_mut().is_some_and(ConfigWatch::changed) {
+                self.reload("config file changed");
             }
         }
         self.drain();
@@ -97,19 +120,21 @@ impl Supervisor<'_> {
         }
     }
 
-    fn reload(&mut self) {
+    /// Reloads the configuration; `cause` opens the log line (`SIGHUP`, or
+    /// the watched file's change).
+    fn reload(&mut self, cause: &str) {
         let started = Instant::now();
         let new = match (self.reload)() {
             Ok(new) => new,
             Err(e) => {
                 self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
-                error!("SIGHUP: the new configuration is invalid, keeping the running one: {e:#}");
+                error!("{cause}: the new configuration is invalid, keeping the running one: {e:#}");
                 return;
             }
         };
         let (merged, warnings) = reload::merge(&self.config, new);
         for warning in warnings {
-            warn!("SIGHUP: {warning}");
+            warn!("{cause}: {warning}");
         }
         let merged = Arc::new(merged);
         self.limits.set(
@@ -122,7 +147,7 @@ impl Supervisor<'_> {
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
         info!(
-            "SIGHUP: {}",
+            "{cause}: {}",
             reload::summary(&self.config, &merged, started.elapsed())
         );
         self.config = merged;
