@@ -451,19 +451,52 @@ kubelet_swap() {
     fi
 }
 
+# deployment.yaml as podman 4.3 can play it on one host, changed only where
+# podman differs from a cluster: one replica (every pod of the host network
+# would bind the same metrics port), the host network (the test's
+# backends are on loopback), no `ports` (podman refuses port mappings on
+# the host network; the probes name the port by number instead), and the
+# seccomp profile as the annotation podman reads (it ignores
+# securityContext.seccompProfile).
+kube_for_podman() {
+    python3 - "$KUBE/deployment.yaml" <<'PY'
+import sys, yaml
+deployment = yaml.safe_load(open(sys.argv[1]))
+deployment["spec"]["replicas"] = 1
+template = deployment["spec"]["template"]
+spec = template["spec"]
+spec["hostNetwork"] = True
+profile = spec["securityContext"]["seccompProfile"]
+assert profile["type"] == "Localhost", profile
+template["metadata"]["annotations"]["seccomp.security.alpha.kubernetes.io/pod"] = (
+    "localhost/" + profile["localhostProfile"])
+for container in spec["containers"]:
+    ports = {p["name"]: p["containerPort"] for p in container.pop("ports")}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = container[probe]["httpGet"]
+        get["port"] = ports.get(get["port"], get["port"])
+print(yaml.safe_dump(deployment, sort_keys=False), end="")
+PY
+}
+
 test_kube_play() {
     local dir=$1
     step "podman kube play deploy/kubernetes/deployment.yaml (with a loopback ConfigMap)"
     kube_configmap $((BASE + 1)) >"$dir/configmap.yaml"
-    podman kube down "$KUBE/deployment.yaml" >/dev/null 2>&1 || true
-    KUBE_PLAYED=$KUBE/deployment.yaml
-    podman kube play --network host --configmap "$dir/configmap.yaml" "$KUBE/deployment.yaml" >"$dir/kube-play.log" 2>&1 \
+    kube_for_podman >"$dir/deployment.yaml"
+    # The kubelet's seccomp root, with the profile the manifest names.
+    mkdir -p "$dir/seccomp"
+    cp "$SECCOMP" "$dir/seccomp/ebpf-router.json"
+    podman kube down "$dir/deployment.yaml" >/dev/null 2>&1 || true
+    KUBE_PLAYED=$dir/deployment.yaml
+    podman kube play --seccomp-profile-root "$PWD/$dir/seccomp" --configmap "$dir/configmap.yaml" \
+        "$dir/deployment.yaml" >"$dir/kube-play.log" 2>&1 \
         || { cat "$dir/kube-play.log" >&2; die "podman kube play failed"; }
     wait_for "curl -fsS http://127.0.0.1:$KUBE_METRICS/readyz" 20 \
-        || { cat "$dir/kube-play.log" >&2; die "the played Deployment did not become ready"; }
-    local container
-    container=$(podman ps --filter "pod=ebpf-router-pod" --format '{{.Names}}' | grep -v infra | head -n1)
-    [ -n "$container" ] || die "no router container in the played pod"
+        || { podman logs ebpf-router-pod-0-router >&2 || true; die "the played Deployment did not become ready"; }
+    # podman names the container POD-CONTAINER, the pod NAME-pod-REPLICA.
+    local container=ebpf-router-pod-0-router
+    podman container exists "$container" || die "no container $container: $(podman ps -a --format '{{.Names}}')"
     expect "played pod: user inside (and its id on the host)" "$(podman top "$container" user huser | tail -n1 | xargs)" "router $UID_INSIDE"
     expect "played pod: read-only root" "$(podman inspect --format '{{.HostConfig.ReadonlyRootfs}}' "$container")" true
     expect "played pod: curl by Host a.test" "$(curl -fsS --max-time 5 -H 'Host: a.test' "http://127.0.0.1:$KUBE_PORT/")" backend-a
@@ -485,7 +518,7 @@ test_kube_play() {
     done
     podman logs "$container" 2>&1 | grep -q 'config file changed: configuration reloaded' \
         || die "no 'config file changed' reload line in the log"
-    podman kube down "$KUBE/deployment.yaml" >/dev/null
+    podman kube down "$dir/deployment.yaml" >/dev/null 2>&1
     KUBE_PLAYED=
 }
 
