@@ -78,7 +78,7 @@ runtime = \"runc\""
         return
     fi
     if [ -f "$CONTAINERS_CONF" ] && ! head -n1 "$CONTAINERS_CONF" | grep -qF "$marker"; then
-        grep -q '^default_ulimits *= *\[\]' "$CONTAINERS_CONF" && grep -q '^runtime *= *"runc"' "$CONTAINERS_CONF" \
+        { grep -q '^default_ulimits *= *\[\]' "$CONTAINERS_CONF" && grep -q '^runtime *= *"runc"' "$CONTAINERS_CONF"; } \
             || die "$CONTAINERS_CONF exists and lacks 'default_ulimits = []' under [containers] or 'runtime = \"runc\"' under [engine]: add them (docs/containers.md)"
         return
     fi
@@ -377,7 +377,7 @@ test_manifests() {
     local venv=target/kubernetes-validate
     if [ ! -x "$venv/bin/kubernetes-validate" ]; then
         say "installing $KUBERNETES_VALIDATE into $venv (PyPI)"
-        python3 -m venv "$venv" && "$venv/bin/pip" install -q "$KUBERNETES_VALIDATE" \
+        { python3 -m venv "$venv" && "$venv/bin/pip" install -q "$KUBERNETES_VALIDATE"; } \
             || { cannot "kubernetes-validate could not be installed from PyPI"; return; }
     fi
     local listed f version
@@ -506,11 +506,11 @@ test_kube_play() {
     step "the ConfigMap file is replaced as the kubelet does: the router reloads (watch_config)"
     local volume
     volume=$(podman inspect --format '{{ range .Mounts }}{{ if eq .Destination "/etc/ebpf-router" }}{{ .Source }}{{ end }}{{ end }}' "$container")
-    [ -n "$volume" ] && [ -f "$volume/router.toml" ] || die "no ConfigMap volume at /etc/ebpf-router in $container"
+    { [ -n "$volume" ] && [ -f "$volume/router.toml" ]; } || die "no ConfigMap volume at /etc/ebpf-router in $container"
     local backend name
     for backend in $((BASE + 2)) $((BASE + 1)); do
-        name=backend-a
-        [ "$backend" = $((BASE + 2)) ] && name=backend-b
+        name="backend-a"
+        if [ "$backend" = $((BASE + 2)) ]; then name="backend-b"; fi
         kubelet_swap "$volume" "$(kube_router_toml "$backend")"
         wait_for "[ \"\$(curl -fsS --max-time 2 -H 'Host: a.test' http://127.0.0.1:$KUBE_PORT/)\" = $name ]" 5 \
             || die "a.test does not reach $name 5 s after the ConfigMap swap: $(podman logs "$container" 2>&1 | tail -n3)"

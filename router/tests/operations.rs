@@ -569,6 +569,103 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
     });
 }
 
+/// Lays `dir` out as the kubelet lays out a ConfigMap volume
+/// (`router.toml -> ..data/router.toml`, `..data -> ..VERSION`) and puts
+/// `text` in force as the kubelet does on an update: a new version
+/// directory, then a rename of the `..data` link over the old one.
+fn configmap_swap(dir: &Path, version: &str, text: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("router.toml"), text).unwrap();
+    let link = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &link).unwrap();
+    std::fs::rename(&link, dir.join("..data")).unwrap();
+    let file = dir.join("router.toml");
+    if std::fs::symlink_metadata(&file).is_err() {
+        std::os::unix::fs::symlink("..data/router.toml", &file).unwrap();
+    }
+}
+
+/// Asks until the answer is `want` (the reload in force), within 5 s.
+fn wait_answer(addr: SocketAddr, want: &[u8], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(addr).unwrap() != want {
+        assert!(Instant::now() < deadline, "{what}: not in force after 5 s");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `--watch-config` on a configuration laid out as a Kubernetes ConfigMap
+/// volume: each swap of `..data` is reloaded by itself, as on SIGHUP
+/// (counted, logged as a change of the file); an invalid version is
+/// logged once and the running configuration kept. Without the option a
+/// swap changes nothing until SIGHUP.
+#[test]
+fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
+    both_modes("watch-config", |mode| {
+        let (a, b) = (Backend::named("a"), Backend::named("b"));
+        let dir = TempDir::new("watch");
+        let config = dir.0.join("router.toml");
+        configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+        let mut router = start(
+            mode,
+            &[],
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--watch-config",
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+        );
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(ask(router.addr).unwrap(), b"a:ping", "{mode}");
+        configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+        wait_answer(router.addr, b"b:ping", &format!("{mode}: swap to B"));
+        wait_stderr(&router, "config file changed: configuration reloaded");
+        configmap_swap(&dir.0, "3", "listen = [");
+        wait_stderr(&router, "config file changed: the new configuration is invalid");
+        configmap_swap(&dir.0, "4", &svc_config(a.addr, ""));
+        wait_answer(router.addr, b"a:ping", &format!("{mode}: swap back to A"));
+        let m = Metrics::scrape(metrics);
+        assert_eq!(m.get("router_config_reloads_total{result=\"ok\"}"), 2);
+        assert_eq!(
+            m.get("router_config_reloads_total{result=\"error\"}"),
+            1,
+            "{mode}: the invalid version is tried once"
+        );
+    });
+
+    // Without the option: the file is read on SIGHUP only.
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let dir = TempDir::new("no-watch");
+    let config = dir.0.join("router.toml");
+    configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+    let router = start("copy", &[], &["--config", config.to_str().unwrap()]);
+    configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+    // Three polls of a watching router.
+    thread::sleep(3 * Duration::from_secs(1));
+    assert_eq!(ask(router.addr).unwrap(), b"a:ping", "reloaded unasked");
+    router.signal(libc::SIGHUP);
+    wait_answer(router.addr, b"b:ping", "SIGHUP after the swap");
+}
+
+/// `watch_config` needs a file to watch.
+#[test]
+fn watch_config_without_a_config_file_is_refused_with_the_fix() {
+    let output = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--route", "default=127.0.0.1:1"])
+        .arg("--watch-config")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("watch_config watches the --config file: give --config FILE"),
+        "{stderr}"
+    );
+}
+
 /// SIGTERM: new connections are refused at once, a live connection (spliced
 /// in ebpf mode) goes on transferring and completes, `/healthz` says
 /// draining, and the router exits as soon as the last connection closed.
