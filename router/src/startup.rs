@@ -24,13 +24,13 @@ use crate::{
     limits::Limits,
     reload::{Published, Reloader},
     supervise::Supervisor,
-    watch::ConfigWatch,
     telemetry::{
         counters::{CoreMetrics, Labelled, Lifecycle},
         endpoint,
         prometheus::{self, KernelViews, RouterCollector},
         stats::RouterStats,
     },
+    watch::ConfigWatch,
 };
 
 /// The router probe, built by build.rs (the bpfel-unknown-none object).

@@ -68,9 +68,15 @@ mod tests {
         assert!(watch.changed(), "the swap to ..v2 is a change");
         assert!(!watch.changed(), "a change is reported once");
         publish(&dir, "..v3", "cores = 2\n");
-        assert!(!watch.changed(), "the same bytes in a new version are no change");
+        assert!(
+            !watch.changed(),
+            "the same bytes in a new version are no change"
+        );
         fs::remove_dir_all(dir.join("..v3")).unwrap();
-        assert!(!watch.changed(), "a dangling link keeps the running configuration");
+        assert!(
+            !watch.changed(),
+            "a dangling link keeps the running configuration"
+        );
         fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -624,7 +624,10 @@ fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
         wait_answer(router.addr, b"b:ping", &format!("{mode}: swap to B"));
         wait_stderr(&router, "config file changed: configuration reloaded");
         configmap_swap(&dir.0, "3", "listen = [");
-        wait_stderr(&router, "config file changed: the new configuration is invalid");
+        wait_stderr(
+            &router,
+            "config file changed: the new configuration is invalid",
+        );
         configmap_swap(&dir.0, "4", &svc_config(a.addr, ""));
         wait_answer(router.addr, b"a:ping", &format!("{mode}: swap back to A"));
         let m = Metrics::scrape(metrics);
