@@ -171,6 +171,9 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How long a stopping router lets live connections finish.
     pub drain_timeout: Duration,
+    /// How long a stopping router keeps accepting, with `/readyz` already
+    /// answering 503, before it closes its listeners.
+    pub drain_delay: Duration,
     /// Connections open at once over every listener and core; `None`: as
     /// many as the open-files limit allows (two descriptors each).
     pub max_connections: Option<usize>,
@@ -196,6 +199,7 @@ impl Default for Config {
             health_check: None,
             metrics: None,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_connections: None,
             max_connections_per_listener: None,
             watch_config: false,
@@ -257,6 +261,7 @@ struct RawConfig {
     health_check: Option<RawHealthCheck>,
     metrics: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
+    drain_delay: Option<Spanned<String>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_listener: Option<Spanned<usize>>,
     #[serde(default)]
@@ -387,9 +392,18 @@ impl Config {
             config.metrics =
                 Some(parse_addr(addr.get_ref()).map_err(|m| fail(addr.span(), "metrics", m))?);
         }
-        if let Some(timeout) = &raw.drain_timeout {
-            config.drain_timeout = parse_drain_timeout(timeout.get_ref())
-                .map_err(|m| fail(timeout.span(), "drain_timeout", m))?;
+        for (value, field, target) in [
+            (
+                &raw.drain_timeout,
+                "drain_timeout",
+                &mut config.drain_timeout,
+            ),
+            (&raw.drain_delay, "drain_delay", &mut config.drain_delay),
+        ] {
+            if let Some(text) = value {
+                *target =
+                    parse_drain_timeout(text.get_ref()).map_err(|m| fail(text.span(), field, m))?;
+            }
         }
         for (value, field, target) in [
             (

@@ -86,6 +86,11 @@ struct Cli {
     /// router exits (e.g. 30s, 2m, 0s) [default: 30s, or the file's].
     #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
     drain_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long to keep accepting, with /readyz already
+    /// answering 503, before closing the listeners, so that balancers stop
+    /// sending first (e.g. 1s) [default: 0s, or the file's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
+    drain_delay: Option<Duration>,
     /// Log level: error, warn, info (default), debug (adds a line per
     /// closed connection), trace, or a tracing filter such as
     /// `router=debug`. Takes precedence over RUST_LOG.
@@ -212,6 +217,9 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     }
     if let Some(timeout) = cli.drain_timeout {
         config.drain_timeout = timeout;
+    }
+    if let Some(delay) = cli.drain_delay {
+        config.drain_delay = delay;
     }
     if let Some(max) = cli.max_connections {
         config.max_connections = Some(usize::try_from(max)?);

@@ -152,6 +152,11 @@ pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
         duration(new.drain_timeout),
     );
     compare(
+        "drain_delay",
+        duration(old.drain_delay),
+        duration(new.drain_delay),
+    );
+    compare(
         "max_connections",
         limit(old.max_connections),
         limit(new.max_connections),

@@ -5,10 +5,11 @@
 //! - SIGHUP, or a changed configuration file under `watch_config`
 //!   ([`crate::watch`]): reload the configuration ([`crate::reload`]); an
 //!   invalid one is logged and the running one kept;
-//! - SIGTERM or SIGINT: drain. The listeners are shut down (new connections
-//!   are refused by the kernel), live connections, spliced or copied, go on
-//!   until they end or `drain_timeout` passes, then the process exits. A
-//!   second SIGTERM/SIGINT exits at once.
+//! - SIGTERM or SIGINT: drain. `/readyz` answers 503 at once; after
+//!   `drain_delay` (default none) the listeners are shut down (new
+//!   connections are refused by the kernel), live connections, spliced or
+//!   copied, go on until they end or `drain_timeout` passes, then the
+//!   process exits. A second SIGTERM/SIGINT exits at once.
 use std::{
     io::Write as _,
     net::{Shutdown, TcpListener},
@@ -153,9 +154,23 @@ impl Supervisor<'_> {
         self.config = merged;
     }
 
-    /// Stops accepting and waits for the live connections (bounded).
+    /// Says it is draining (`/readyz` 503), keeps accepting for
+    /// `drain_delay` so that balancers stop sending first, then stops
+    /// accepting and waits for the live connections (bounded).
     fn drain(&mut self) {
         self.lifecycle.draining.store(true, Relaxed);
+        let delay = self.config.drain_delay;
+        if !delay.is_zero() {
+            info!(
+                "stopping: /readyz answers 503; accepting for {} more (drain_delay) \
+                 before closing the listeners",
+                humantime::format_duration(delay)
+            );
+            if !self.serve_signals_until(Instant::now() + delay, || false) {
+                self.second_signal();
+                return;
+            }
+        }
         for listener in self.listeners.drain(..) {
             // Shutting a listening socket down takes it out of the kernel's
             // lookup (new SYNs get a reset once every core's copy is shut)
@@ -177,36 +192,47 @@ impl Supervisor<'_> {
              (send the signal again to exit now)",
             humantime::format_duration(timeout)
         );
-        loop {
-            let open = self.active();
-            if open == 0 {
-                info!("drained: every connection ended");
-                return;
-            }
+        if !self.serve_signals_until(deadline, || self.active() == 0) {
+            self.second_signal();
+            return;
+        }
+        let open = self.active();
+        if open == 0 {
+            info!("drained: every connection ended");
+            return;
+        }
+        warn!(
+            "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
+             resetting them",
+            humantime::format_duration(timeout)
+        );
+        cut_open_connections();
+    }
+
+    /// Serves signals while draining until `done()` or `deadline`; false
+    /// if a second stop signal came (the caller exits at once).
+    fn serve_signals_until(&self, deadline: Instant, done: impl Fn() -> bool) -> bool {
+        while !done() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                warn!(
-                    "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
-                     resetting them",
-                    humantime::format_duration(timeout)
-                );
-                cut_open_connections();
-                return;
+                break;
             }
             match runtime::wait_for_signal(left.min(DRAIN_POLL)) {
-                Some(Signal::Stop) => {
-                    warn!(
-                        "second stop signal: exiting now with {open} connection(s) open, \
-                         resetting them"
-                    );
-                    cut_open_connections();
-                    return;
-                }
+                Some(Signal::Stop) => return false,
                 Some(Signal::Report) => self.print_report(),
                 Some(Signal::Reload) => warn!("SIGHUP while draining: ignored"),
                 None => {}
             }
         }
+        true
+    }
+
+    fn second_signal(&self) {
+        warn!(
+            "second stop signal: exiting now with {} connection(s) open, resetting them",
+            self.active()
+        );
+        cut_open_connections();
     }
 }
 

@@ -569,6 +569,58 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
     });
 }
 
+/// `--drain-delay`: on SIGTERM `/readyz` answers 503 at once while new
+/// connections are still routed (a balancer checking readiness stops
+/// sending before any is refused); once the delay passed the listeners
+/// close, and the router exits 0 with nothing open.
+#[test]
+fn drain_delay_keeps_routing_while_readyz_says_draining() {
+    both_modes("drain-delay", |mode| {
+        const DELAY: Duration = Duration::from_millis(1500);
+        let echo = Backend::echo();
+        let mut router = start(
+            mode,
+            &[format!("preamble:echo={}", echo.addr)],
+            &["--metrics", "127.0.0.1:0", "--drain-delay", "1500ms"],
+        );
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(http_get(metrics, "/readyz").0, 200, "{mode}");
+        let signalled = Instant::now();
+        router.signal(libc::SIGTERM);
+        wait_stderr(&router, "accepting for 1s 500ms more (drain_delay)");
+        assert_eq!(
+            http_get(metrics, "/readyz"),
+            (503, "draining\n".into()),
+            "{mode}"
+        );
+        // Well within the delay: still routed.
+        let mut served = 0;
+        while signalled.elapsed() < DELAY / 2 {
+            echo_through(router.addr, b"ROUTE echo\r\n", b"during the delay").unwrap();
+            served += 1;
+        }
+        assert!(served > 0, "{mode}");
+        let deadline = signalled + DELAY + Duration::from_secs(3);
+        loop {
+            match TcpStream::connect(router.addr) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                _ => assert!(Instant::now() < deadline, "{mode}: still accepting"),
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            signalled.elapsed() >= DELAY,
+            "{mode}: refused {:?} after SIGTERM, before the delay",
+            signalled.elapsed()
+        );
+        let status = router
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{mode}: no exit after the delay"));
+        assert!(status.success(), "{mode}: {status:?}");
+        eprintln!("{mode}: {served} connections routed during the delay, refused after it");
+    });
+}
+
 /// Lays `dir` out as the kubelet lays out a ConfigMap volume
 /// (`router.toml -> ..data/router.toml`, `..data -> ..VERSION`) and puts
 /// `text` in force as the kubelet does on an update: a new version
