@@ -752,6 +752,8 @@ mode = "copy"
 first_packet_timeout = "250ms"
 metrics = "127.0.0.1:9100"
 drain_timeout = "0s"
+drain_delay = "1500ms"
+watch_config = true
 max_connections = 1000
 max_connections_per_listener = 600
 
@@ -786,6 +788,8 @@ backends = ["127.0.0.1:9000"]
         assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
         assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(config.drain_timeout, Duration::ZERO);
+        assert_eq!(config.drain_delay, Duration::from_millis(1500));
+        assert!(config.watch_config);
         assert_eq!(config.max_connections, Some(1000));
         assert_eq!(config.max_connections_per_listener, Some(600));
         assert_eq!(config.routes.len(), 4);
