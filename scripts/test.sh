@@ -2,7 +2,8 @@
 # The project's test command: sets up the machine (idempotent), then runs
 # every check: formatting, clippy (host code and the probes' bpf code), all
 # tests (kernel tests included), licence/ban/source checks of the
-# dependencies (cargo deny) and a 60-second fuzz smoke run of the parsers.
+# dependencies (cargo deny), a 60-second fuzz smoke run of the parsers, and
+# the container image's tests (scripts/container.sh test).
 # Needs root (or CAP_BPF + CAP_NET_ADMIN + CAP_PERFMON); with CI=true a
 # kernel test fails instead of skipping when it cannot run.
 #
@@ -64,6 +65,13 @@ cargo deny --locked check licenses bans sources || status=$?
 
 step "fuzz smoke run (60 s over 4 targets)"
 scripts/fuzz.sh smoke 60 || status=$?
+
+# The image, and the router in containers: least privileges, reload, drain,
+# the Kubernetes manifests (schemas, podman kube play, a ConfigMap swap),
+# two routers behind HAProxy (docs/containers.md). About 30 s once the
+# release build is warm (a cold one: about 6 min on 2 cores).
+step "containers (scripts/container.sh test)"
+scripts/container.sh test || status=$?
 # One closing line over every test binary (cargo prints one per binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed;/) p += $i; if ($(i+1) ~ /^failed;/) f += $i } }
      END { printf "\ntests: %d passed, %d failed\n", p, f }' "$log"

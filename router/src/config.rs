@@ -185,11 +185,17 @@ pub struct Config {
     pub metrics: Option<SocketAddr>,
     /// How long a stopping router lets live connections finish.
     pub drain_timeout: Duration,
+    /// How long a stopping router keeps accepting, with `/readyz` already
+    /// answering 503, before it closes its listeners.
+    pub drain_delay: Duration,
     /// Connections open at once over every listener and core; `None`: as
     /// many as the open-files limit allows (two descriptors each).
     pub max_connections: Option<usize>,
     /// Connections open at once on each listen address (over every core).
     pub max_connections_per_listener: Option<usize>,
+    /// Reload when the configuration file changes, as on SIGHUP (for a
+    /// Kubernetes ConfigMap, which is swapped in place).
+    pub watch_config: bool,
     pub routes: Vec<Route>,
     /// The listen addresses that expect a PROXY protocol header (v1 or v2)
     /// from a load balancer in front before the client's bytes.
@@ -214,8 +220,10 @@ impl Default for Config {
             health_check: None,
             metrics: None,
             drain_timeout: Duration::from_secs(30),
+            drain_delay: Duration::ZERO,
             max_connections: None,
             max_connections_per_listener: None,
+            watch_config: false,
             routes: Vec::new(),
             accept_proxy: Vec::new(),
             access_log: AccessLog::Text,
@@ -277,8 +285,11 @@ struct RawConfig {
     health_check: Option<RawHealthCheck>,
     metrics: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
+    drain_delay: Option<Spanned<String>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_listener: Option<Spanned<usize>>,
+    #[serde(default)]
+    watch_config: bool,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
     access_log: Option<AccessLog>,
@@ -442,9 +453,18 @@ impl Config {
             config.metrics =
                 Some(parse_addr(addr.get_ref()).map_err(|m| fail(addr.span(), "metrics", m))?);
         }
-        if let Some(timeout) = &raw.drain_timeout {
-            config.drain_timeout = parse_drain_timeout(timeout.get_ref())
-                .map_err(|m| fail(timeout.span(), "drain_timeout", m))?;
+        for (value, field, target) in [
+            (
+                &raw.drain_timeout,
+                "drain_timeout",
+                &mut config.drain_timeout,
+            ),
+            (&raw.drain_delay, "drain_delay", &mut config.drain_delay),
+        ] {
+            if let Some(text) = value {
+                *target =
+                    parse_drain_timeout(text.get_ref()).map_err(|m| fail(text.span(), field, m))?;
+            }
         }
         for (value, field, target) in [
             (
@@ -465,6 +485,7 @@ impl Config {
                 *target = Some(*limit.get_ref());
             }
         }
+        config.watch_config = raw.watch_config;
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -793,6 +814,8 @@ mode = "copy"
 first_packet_timeout = "250ms"
 metrics = "127.0.0.1:9100"
 drain_timeout = "0s"
+drain_delay = "1500ms"
+watch_config = true
 max_connections = 1000
 max_connections_per_listener = 600
 
@@ -827,6 +850,8 @@ backends = ["127.0.0.1:9000"]
         assert_eq!(config.first_packet_timeout, Duration::from_millis(250));
         assert_eq!(config.metrics, Some("127.0.0.1:9100".parse().unwrap()));
         assert_eq!(config.drain_timeout, Duration::ZERO);
+        assert_eq!(config.drain_delay, Duration::from_millis(1500));
+        assert!(config.watch_config);
         assert_eq!(config.max_connections, Some(1000));
         assert_eq!(config.max_connections_per_listener, Some(600));
         assert_eq!(config.routes.len(), 4);

@@ -24,6 +24,7 @@
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
 //! - [`service`]: the systemd notify protocol (ready, reloading, stopping);
+//! - [`watch`]: `watch_config`, a reload when the configuration file changes;
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
@@ -68,3 +69,5 @@ pub mod startup;
 pub mod supervise;
 #[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod watch;

@@ -11,6 +11,7 @@ use router::{
     config::{AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
     demo::{self, DemoBackends},
     logging, startup,
+    watch::ConfigWatch,
 };
 use tracing_subscriber::EnvFilter;
 
@@ -32,6 +33,7 @@ use tracing_subscriber::EnvFilter;
         router ... --log-level debug                  # one line per closed connection too\n  \
         kill -USR1 <pid>                              # print counters now\n  \
         kill -HUP <pid>                               # reload the config file (bad one: kept old)\n  \
+        router --config router.toml --watch-config    # reload when the file changes (ConfigMap)\n  \
         systemctl reload router                       # packaging/router.service: check, then SIGHUP\n  \
         kill -TERM <pid>                              # drain (--drain-timeout), again: exit now"
 )]
@@ -84,6 +86,11 @@ struct Cli {
     /// router exits (e.g. 30s, 2m, 0s) [default: 30s, or the file's].
     #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
     drain_timeout: Option<Duration>,
+    /// On SIGTERM/SIGINT, how long to keep accepting, with /readyz already
+    /// answering 503, before closing the listeners, so that balancers stop
+    /// sending first (e.g. 1s) [default: 0s, or the file's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
+    drain_delay: Option<Duration>,
     /// Log level: error, warn, info (default), debug (adds a line per
     /// closed connection), trace, or a tracing filter such as
     /// `router=debug`. Takes precedence over RUST_LOG.
@@ -101,6 +108,11 @@ struct Cli {
     /// from a load balancer in front; connections without one are refused.
     #[arg(long)]
     accept_proxy: bool,
+    /// Reload when the --config file changes (checked every second), as on
+    /// SIGHUP: for a Kubernetes ConfigMap [default: off, or the file's
+    /// `watch_config`].
+    #[arg(long)]
+    watch_config: bool,
 }
 
 fn main() -> ExitCode {
@@ -144,6 +156,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         None
     };
+    // Before the file is read, so that a change in between is noticed.
+    let watch = match (&cli.config, &demo_backends) {
+        (Some(path), None) => Some(ConfigWatch::new(path.clone())),
+        _ => None,
+    };
     let config = build_config(&cli, demo_backends.as_deref())?;
     if cli.check_config {
         println!("configuration ok: {}", summary(&config));
@@ -173,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let _ = std::io::stdout().flush();
         }),
         reload: Box::new(move || build_config(&reload_cli, demo_for_reload.as_deref())),
+        watch,
     };
     let result = startup::run(config, options);
     drop(demo_backends);
@@ -221,12 +239,22 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     if let Some(timeout) = cli.drain_timeout {
         config.drain_timeout = timeout;
     }
+    if let Some(delay) = cli.drain_delay {
+        config.drain_delay = delay;
+    }
     if let Some(max) = cli.max_connections {
         config.max_connections = Some(usize::try_from(max)?);
     }
     if let Some(max) = cli.max_connections_per_listener {
         config.max_connections_per_listener = Some(usize::try_from(max)?);
     }
+    if cli.watch_config {
+        config.watch_config = true;
+    }
+    anyhow::ensure!(
+        !config.watch_config || (cli.config.is_some() && demo.is_none()),
+        "watch_config watches the --config file: give --config FILE"
+    );
     config.validate().map_err(|e| match &cli.config {
         Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e}", path.display()),
         _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),

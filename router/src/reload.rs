@@ -1,6 +1,6 @@
-//! Hot reload (SIGHUP): the main thread re-reads the configuration,
-//! [`merge`]s it with the running one (keeping what only a restart can
-//! change) and [`Published::publish`]es it; each executor adopts the new
+//! Hot reload (SIGHUP, or a changed file under `watch_config`): the main
+//! thread re-reads the configuration, [`merge`]s it with the running one
+//! (keeping what only a restart can change) and [`Published::publish`]es it; each executor adopts the new
 //! configuration at its next accept, after one atomic load that tells it
 //! something changed. Connections already accepted keep the configuration
 //! they started with (their routes, backend pools and timeouts), so spliced
@@ -164,6 +164,11 @@ pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
         duration(new.drain_timeout),
     );
     compare(
+        "drain_delay",
+        duration(old.drain_delay),
+        duration(new.drain_delay),
+    );
+    compare(
         "max_connections",
         limit(old.max_connections),
         limit(new.max_connections),
@@ -177,6 +182,11 @@ pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
         "health_check",
         format!("{:?}", old.health_check),
         format!("{:?}", new.health_check),
+    );
+    compare(
+        "watch_config",
+        old.watch_config.to_string(),
+        new.watch_config.to_string(),
     );
     if old.routes != new.routes {
         changed.push("routes".to_owned());

@@ -31,6 +31,7 @@ use crate::{
         prometheus::{self, KernelViews, RouterCollector},
         stats::RouterStats,
     },
+    watch::ConfigWatch,
 };
 
 /// The router probe, built by build.rs (the bpfel-unknown-none object).
@@ -45,13 +46,18 @@ pub struct RunOptions {
     /// Print a `stats:` line every interval (and at exit).
     pub stats_interval: Option<Duration>,
     pub on_ready: OnReady,
-    /// Called on SIGHUP.
+    /// Called on SIGHUP, and when the watched file changes.
     pub reload: Reloader,
+    /// The configuration file, watched while `watch_config` is on.
+    pub watch: Option<ConfigWatch>,
 }
 
 /// Runs the router until SIGINT/SIGTERM, then drains (see
 /// [`crate::supervise`]).
 pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
+    // Before binding (a port below 1024 needs CAP_NET_BIND_SERVICE) and
+    // before the capability check.
+    capabilities::raise_permitted().context("raising the permitted capabilities")?;
     let open_files = runtime::raise_open_files_limit();
     let online = runtime::online_cores();
     let cores = config.cores.unwrap_or(online);
@@ -200,6 +206,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         listeners,
         stats_interval: options.stats_interval,
         reload: options.reload,
+        watch: options.watch,
         config,
         limits,
         default_max_connections,

@@ -2,13 +2,16 @@
 //! on them, so that nothing of this runs on the connection path.
 //!
 //! - SIGUSR1 (and every `--stats-interval`): print the `stats:` line;
-//! - SIGHUP: reload the configuration ([`crate::reload`]); an invalid one
-//!   is logged and the running one kept; the access log is reopened;
+//! - SIGHUP, or a changed configuration file under `watch_config`
+//!   ([`crate::watch`]): reload the configuration ([`crate::reload`]); an
+//!   invalid one is logged and the running one kept; the access log is
+//!   reopened;
 //! - SIGUSR2: reopen the access log (logrotate);
-//! - SIGTERM or SIGINT: drain. The listeners are shut down (new connections
-//!   are refused by the kernel), live connections, spliced or copied, go on
-//!   until they end or `drain_timeout` passes, then the process exits. A
-//!   second SIGTERM/SIGINT exits at once.
+//! - SIGTERM or SIGINT: drain. `/readyz` answers 503 at once; after
+//!   `drain_delay` (default none) the listeners are shut down (new
+//!   connections are refused by the kernel), live connections, spliced or
+//!   copied, go on until they end or `drain_timeout` passes, then the
+//!   process exits. A second SIGTERM/SIGINT exits at once.
 use std::{
     io::Write as _,
     net::{Shutdown, TcpListener},
@@ -32,6 +35,7 @@ use crate::{
         counters::{Labelled, Lifecycle},
         stats::{Report, RouterStats},
     },
+    watch::{self, ConfigWatch},
 };
 
 /// How often a draining router checks whether its connections ended.
@@ -49,6 +53,9 @@ pub struct Supervisor<'a> {
     pub listeners: Vec<TcpListener>,
     pub stats_interval: Option<Duration>,
     pub reload: Reloader,
+    /// The configuration file, read again every [`watch::POLL`] while the
+    /// configuration in force sets `watch_config`.
+    pub watch: Option<ConfigWatch>,
     /// The configuration in force.
     pub config: Arc<Config>,
     /// The connection limits every executor checks, and the total used when
@@ -85,15 +92,33 @@ impl Supervisor<'_> {
     /// Serves signals until SIGTERM/SIGINT, then drains; returns when the
     /// process should exit.
     pub fn run(mut self) {
-        let interval = self.stats_interval.unwrap_or(Duration::from_secs(3600));
+        let mut next_report = self.stats_interval.map(|every| Instant::now() + every);
         loop {
-            match runtime::wait_for_signal(interval) {
+            let watching = self.config.watch_config && self.watch.is_some();
+            // Wake for the next report, the next look at the file, or in an
+            // hour (a wait needs some bound).
+            let wait = [
+                next_report.map(|at| at.saturating_duration_since(Instant::now())),
+                watching.then_some(watch::POLL),
+            ]
+            .into_iter()
+            .flatten()
+            .fold(Duration::from_secs(3600), Duration::min);
+            match runtime::wait_for_signal(wait) {
                 Some(Signal::Stop) => break,
                 Some(Signal::Report) => self.print_report(),
-                Some(Signal::Reload) => self.reload(),
+                Some(Signal::Reload) => self.reload("SIGHUP"),
                 Some(Signal::Reopen) => self.reopen_access_log(),
-                None if self.stats_interval.is_some() => self.print_report(),
                 None => {}
+            }
+            if let (Some(at), Some(every)) = (next_report, self.stats_interval)
+                && Instant::now() >= at
+            {
+                self.print_report();
+                next_report = Some(Instant::now() + every);
+            }
+            if watching && self.watch.as_mut().is_some_and(ConfigWatch::changed) {
+                self.reload("config file changed");
             }
         }
         self.drain();
@@ -107,26 +132,28 @@ impl Supervisor<'_> {
         self.access_log.reopen(self.config.access_log_file.clone());
     }
 
-    fn reload(&mut self) {
+    /// Reloads the configuration, telling the service manager; `cause`
+    /// opens the log line (`SIGHUP`, or the watched file's change).
+    fn reload(&mut self, cause: &str) {
         service::reloading();
-        self.reload_config();
+        self.reload_config(cause);
         service::ready("serving");
     }
 
-    fn reload_config(&mut self) {
+    fn reload_config(&mut self, cause: &str) {
         let started = Instant::now();
         let new = match (self.reload)() {
             Ok(new) => new,
             Err(e) => {
                 self.reopen_access_log();
                 self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
-                error!("SIGHUP: the new configuration is invalid, keeping the running one: {e:#}");
+                error!("{cause}: the new configuration is invalid, keeping the running one: {e:#}");
                 return;
             }
         };
         let (merged, warnings) = reload::merge(&self.config, new);
         for warning in warnings {
-            warn!("SIGHUP: {warning}");
+            warn!("{cause}: {warning}");
         }
         let merged = Arc::new(merged);
         self.limits.set(
@@ -139,17 +166,31 @@ impl Supervisor<'_> {
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
         info!(
-            "SIGHUP: {}",
+            "{cause}: {}",
             reload::summary(&self.config, &merged, started.elapsed())
         );
         self.config = merged;
         self.reopen_access_log();
     }
 
-    /// Stops accepting and waits for the live connections (bounded).
+    /// Says it is draining (`/readyz` 503), keeps accepting for
+    /// `drain_delay` so that balancers stop sending first, then stops
+    /// accepting and waits for the live connections (bounded).
     fn drain(&mut self) {
         service::stopping();
         self.lifecycle.draining.store(true, Relaxed);
+        let delay = self.config.drain_delay;
+        if !delay.is_zero() {
+            info!(
+                "stopping: /readyz answers 503; accepting for {} more (drain_delay) \
+                 before closing the listeners",
+                humantime::format_duration(delay)
+            );
+            if !self.serve_signals_until(Instant::now() + delay, || false) {
+                self.second_signal();
+                return;
+            }
+        }
         for listener in self.listeners.drain(..) {
             // Shutting a listening socket down takes it out of the kernel's
             // lookup (new SYNs get a reset once every core's copy is shut)
@@ -171,37 +212,48 @@ impl Supervisor<'_> {
              (send the signal again to exit now)",
             humantime::format_duration(timeout)
         );
-        loop {
-            let open = self.active();
-            if open == 0 {
-                info!("drained: every connection ended");
-                return;
-            }
+        if !self.serve_signals_until(deadline, || self.active() == 0) {
+            self.second_signal();
+            return;
+        }
+        let open = self.active();
+        if open == 0 {
+            info!("drained: every connection ended");
+            return;
+        }
+        warn!(
+            "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
+             resetting them",
+            humantime::format_duration(timeout)
+        );
+        cut_open_connections();
+    }
+
+    /// Serves signals while draining until `done()` or `deadline`; false
+    /// if a second stop signal came (the caller exits at once).
+    fn serve_signals_until(&self, deadline: Instant, done: impl Fn() -> bool) -> bool {
+        while !done() {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
-                warn!(
-                    "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
-                     resetting them",
-                    humantime::format_duration(timeout)
-                );
-                cut_open_connections();
-                return;
+                break;
             }
             match runtime::wait_for_signal(left.min(DRAIN_POLL)) {
-                Some(Signal::Stop) => {
-                    warn!(
-                        "second stop signal: exiting now with {open} connection(s) open, \
-                         resetting them"
-                    );
-                    cut_open_connections();
-                    return;
-                }
+                Some(Signal::Stop) => return false,
                 Some(Signal::Report) => self.print_report(),
                 Some(Signal::Reload) => warn!("SIGHUP while draining: ignored"),
                 Some(Signal::Reopen) => self.reopen_access_log(),
                 None => {}
             }
         }
+        true
+    }
+
+    fn second_signal(&self) {
+        warn!(
+            "second stop signal: exiting now with {} connection(s) open, resetting them",
+            self.active()
+        );
+        cut_open_connections();
     }
 }
 

@@ -589,6 +589,158 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
     });
 }
 
+/// `--drain-delay`: on SIGTERM `/readyz` answers 503 at once while new
+/// connections are still routed (a balancer checking readiness stops
+/// sending before any is refused); once the delay passed the listeners
+/// close, and the router exits 0 with nothing open.
+#[test]
+fn drain_delay_keeps_routing_while_readyz_says_draining() {
+    both_modes("drain-delay", |mode| {
+        const DELAY: Duration = Duration::from_millis(1500);
+        let echo = Backend::echo();
+        let mut router = start(
+            mode,
+            &[format!("preamble:echo={}", echo.addr)],
+            &["--metrics", "127.0.0.1:0", "--drain-delay", "1500ms"],
+        );
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(http_get(metrics, "/readyz").0, 200, "{mode}");
+        let signalled = Instant::now();
+        router.signal(libc::SIGTERM);
+        wait_stderr(&router, "accepting for 1s 500ms more (drain_delay)");
+        assert_eq!(
+            http_get(metrics, "/readyz"),
+            (503, "draining\n".into()),
+            "{mode}"
+        );
+        // Well within the delay: still routed.
+        let mut served = 0;
+        while signalled.elapsed() < DELAY / 2 {
+            echo_through(router.addr, b"ROUTE echo\r\n", b"during the delay").unwrap();
+            served += 1;
+        }
+        assert!(served > 0, "{mode}");
+        let deadline = signalled + DELAY + Duration::from_secs(3);
+        loop {
+            match TcpStream::connect(router.addr) {
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => break,
+                _ => assert!(Instant::now() < deadline, "{mode}: still accepting"),
+            }
+            thread::sleep(Duration::from_millis(5));
+        }
+        assert!(
+            signalled.elapsed() >= DELAY,
+            "{mode}: refused {:?} after SIGTERM, before the delay",
+            signalled.elapsed()
+        );
+        let status = router
+            .wait_exit(Duration::from_secs(5))
+            .unwrap_or_else(|| panic!("{mode}: no exit after the delay"));
+        assert!(status.success(), "{mode}: {status:?}");
+        eprintln!("{mode}: {served} connections routed during the delay, refused after it");
+    });
+}
+
+/// Lays `dir` out as the kubelet lays out a ConfigMap volume
+/// (`router.toml -> ..data/router.toml`, `..data -> ..VERSION`) and puts
+/// `text` in force as the kubelet does on an update: a new version
+/// directory, then a rename of the `..data` link over the old one.
+fn configmap_swap(dir: &Path, version: &str, text: &str) {
+    let versioned = dir.join(format!("..{version}"));
+    std::fs::create_dir(&versioned).unwrap();
+    std::fs::write(versioned.join("router.toml"), text).unwrap();
+    let link = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..{version}"), &link).unwrap();
+    std::fs::rename(&link, dir.join("..data")).unwrap();
+    let file = dir.join("router.toml");
+    if std::fs::symlink_metadata(&file).is_err() {
+        std::os::unix::fs::symlink("..data/router.toml", &file).unwrap();
+    }
+}
+
+/// Asks until the answer is `want` (the reload in force), within 5 s.
+fn wait_answer(addr: SocketAddr, want: &[u8], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while ask(addr).unwrap() != want {
+        assert!(Instant::now() < deadline, "{what}: not in force after 5 s");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `--watch-config` on a configuration laid out as a Kubernetes ConfigMap
+/// volume: each swap of `..data` is reloaded by itself, as on SIGHUP
+/// (counted, logged as a change of the file); an invalid version is
+/// logged once and the running configuration kept. Without the option a
+/// swap changes nothing until SIGHUP.
+#[test]
+fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
+    both_modes("watch-config", |mode| {
+        let (a, b) = (Backend::named("a"), Backend::named("b"));
+        let dir = TempDir::new("watch");
+        let config = dir.0.join("router.toml");
+        configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+        let mut router = start(
+            mode,
+            &[],
+            &[
+                "--config",
+                config.to_str().unwrap(),
+                "--watch-config",
+                "--metrics",
+                "127.0.0.1:0",
+            ],
+        );
+        let metrics = metrics_addr(&mut router);
+        assert_eq!(ask(router.addr).unwrap(), b"a:ping", "{mode}");
+        configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+        wait_answer(router.addr, b"b:ping", &format!("{mode}: swap to B"));
+        wait_stderr(&router, "config file changed: configuration reloaded");
+        configmap_swap(&dir.0, "3", "listen = [");
+        wait_stderr(
+            &router,
+            "config file changed: the new configuration is invalid",
+        );
+        configmap_swap(&dir.0, "4", &svc_config(a.addr, ""));
+        wait_answer(router.addr, b"a:ping", &format!("{mode}: swap back to A"));
+        let m = Metrics::scrape(metrics);
+        assert_eq!(m.get("router_config_reloads_total{result=\"ok\"}"), 2);
+        assert_eq!(
+            m.get("router_config_reloads_total{result=\"error\"}"),
+            1,
+            "{mode}: the invalid version is tried once"
+        );
+    });
+
+    // Without the option: the file is read on SIGHUP only.
+    let (a, b) = (Backend::named("a"), Backend::named("b"));
+    let dir = TempDir::new("no-watch");
+    let config = dir.0.join("router.toml");
+    configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+    let router = start("copy", &[], &["--config", config.to_str().unwrap()]);
+    configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+    // Three polls of a watching router.
+    thread::sleep(3 * Duration::from_secs(1));
+    assert_eq!(ask(router.addr).unwrap(), b"a:ping", "reloaded unasked");
+    router.signal(libc::SIGHUP);
+    wait_answer(router.addr, b"b:ping", "SIGHUP after the swap");
+}
+
+/// `watch_config` needs a file to watch.
+#[test]
+fn watch_config_without_a_config_file_is_refused_with_the_fix() {
+    let output = Command::new(BIN)
+        .args(["--listen", "127.0.0.1:0", "--route", "default=127.0.0.1:1"])
+        .arg("--watch-config")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("watch_config watches the --config file: give --config FILE"),
+        "{stderr}"
+    );
+}
+
 /// SIGTERM: new connections are refused at once, a live connection (spliced
 /// in ebpf mode) goes on transferring and completes, `/readyz` says
 /// draining (`/healthz`, liveness, stays 200), and the router exits as soon as the last connection closed.

@@ -53,6 +53,19 @@ pub fn check() -> Result<(), MissingCapabilities> {
     }
 }
 
+/// Makes every permitted capability of the calling thread effective. A
+/// binary given file capabilities without the effective bit (`setcap
+/// cap_bpf,...=p`, as the container image does, for a non-root user where
+/// the runtime sets no ambient capabilities) starts with them permitted
+/// only. The effective bit would do this in the kernel, but then exec fails
+/// outright wherever the bounding set lacks one of them (a container run
+/// without them); this way the router starts and [`check`] says what is
+/// missing. Call it before any thread starts, so that they inherit it.
+pub fn raise_permitted() -> io::Result<()> {
+    let permitted = caps::read(None, CapSet::Permitted).map_err(other)?;
+    caps::set(None, CapSet::Effective, &permitted).map_err(other)
+}
+
 /// Capabilities a splicing server needs once its probes are loaded and its
 /// listeners bound: CAP_NET_ADMIN only, for the per-connection socket
 /// options (`TCP_REPAIR` to read where a stream starts, `SO_SNDBUFFORCE`).
