@@ -29,7 +29,8 @@ from pathlib import Path
 # The benchmark's own helpers (this script's folder is on sys.path).
 from bench import Direct, Haproxy, Nginx, Processes, Router, free_port, iperf_command, iperf_result, med, settle, wait_port
 
-CONTENDERS = [Direct, lambda: Router("ebpf"), lambda: Router("copy"), lambda: Haproxy(True), Nginx]
+# The peers as their users tune them (bench.py's tuned rows).
+CONTENDERS = [Direct, lambda: Router("ebpf"), lambda: Router("copy"), lambda: Haproxy(True), lambda: Nginx(True)]
 
 
 def last_cpu(pid):
