@@ -1,9 +1,14 @@
 //! The router's configuration: a TOML file (`router --config`) or the
 //! `--listen`/`--route` flags, validated before anything starts, with errors
 //! that name the line and field. `router.example.toml` documents every key.
-use std::{fmt, net::SocketAddr, ops::Range, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 /// How connections are forwarded.
@@ -140,7 +145,19 @@ impl fmt::Display for Pattern {
 pub struct Route {
     pub name: String,
     pub matcher: Matcher,
+    /// The backends as configured: addresses, or names to resolve.
+    pub targets: Vec<Target>,
+    /// Every backend address: each target's, in order (a name gives as many
+    /// as it resolves to). Balancing, health and counters go by these.
     pub backends: Vec<SocketAddr>,
+    /// The weight of each of `backends` (same index): its target's.
+    pub weights: Vec<u32>,
+    /// How long a forwarded connection may move no byte before it is
+    /// closed (`None`: the top-level `idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Backends tried again after a failed connect (`None`: the top-level
+    /// `connect_retries`).
+    pub connect_retries: Option<u32>,
     pub balance: Balance,
     /// Send the backend a PROXY protocol header first (default: none).
     pub proxy_protocol: Option<ProxyProtocol>,
@@ -152,6 +169,124 @@ pub struct Route {
     /// kept-alive connection are not routed, so this keeps them from
     /// reaching another virtual host of the backend.
     pub http_close: bool,
+}
+
+impl Default for Route {
+    /// A `default` route without backends: the base the parsers fill in.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            matcher: Matcher::Default,
+            targets: Vec::new(),
+            backends: Vec::new(),
+            weights: Vec::new(),
+            idle_timeout: None,
+            connect_retries: None,
+            balance: Balance::default(),
+            proxy_protocol: None,
+            health_check: None,
+            http_close: false,
+        }
+    }
+}
+
+impl Route {
+    /// `options` with its name, matcher and targets, and the addresses of
+    /// those targets.
+    fn new(name: String, matcher: Matcher, targets: Vec<Target>, options: Route) -> Self {
+        let mut route = Route {
+            name,
+            matcher,
+            targets,
+            ..options
+        };
+        route.expand();
+        route
+    }
+
+    /// Rebuilds `backends` and `weights` from the targets.
+    fn expand(&mut self) {
+        self.backends.clear();
+        self.weights.clear();
+        for target in &self.targets {
+            for addr in target.addrs() {
+                self.backends.push(addr);
+                self.weights.push(target.weight);
+            }
+        }
+    }
+}
+
+/// A backend as configured: an address or a name (resolved at start, on
+/// reload and every `resolve_interval`), with its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: TargetHost,
+    pub port: u16,
+    /// Its share of the route's connections, relative to the others'
+    /// (1 to 256; a name's addresses each get it).
+    pub weight: u32,
+}
+
+/// Where a target is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetHost {
+    Ip(IpAddr),
+    /// A DNS name, with the addresses it last resolved to (empty until
+    /// resolved).
+    Name {
+        name: String,
+        addrs: Vec<IpAddr>,
+    },
+}
+
+impl Target {
+    /// The addresses it stands for now.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let ips = match &self.host {
+            TargetHost::Ip(ip) => std::slice::from_ref(ip),
+            TargetHost::Name { addrs, .. } => addrs.as_slice(),
+        };
+        ips.iter().map(|ip| SocketAddr::new(*ip, self.port))
+    }
+
+    /// The name to resolve, if it is one.
+    pub fn name(&self) -> Option<&str> {
+        match &self.host {
+            TargetHost::Ip(_) => None,
+            TargetHost::Name { name, .. } => Some(name),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            TargetHost::Name { name, .. } => write!(f, "{name}:{}", self.port),
+            TargetHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+        }
+    }
+}
+
+/// TCP keepalive on both sockets of a connection: after `idle` without
+/// traffic, a probe every `interval`; `count` unanswered ones end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Default for Keepalive {
+    /// A dead peer is found within about 2 minutes of silence (Linux's own
+    /// defaults take over 2 hours).
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
+    }
 }
 
 /// The whole configuration, validated.
@@ -176,8 +311,23 @@ pub struct Config {
     pub max_connections: Option<usize>,
     /// Connections open at once on each listen address (over every core).
     pub max_connections_per_listener: Option<usize>,
+    /// How long a forwarded connection may move no byte either way before
+    /// it is closed on both sides (`Duration::ZERO`: never).
+    pub idle_timeout: Duration,
+    /// TCP keepalive on client and backend sockets (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Backends tried again after a failed connect, for routes that do not
+    /// set theirs (`None`: each backend of the route once).
+    pub connect_retries: Option<u32>,
+    /// How often backend names are resolved again.
+    pub resolve_interval: Duration,
+    /// The DNS servers to ask (empty: those of /etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
     pub routes: Vec<Route>,
 }
+
+/// HAProxy's usual `timeout client`/`timeout server`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
     fn default() -> Self {
@@ -195,6 +345,11 @@ impl Default for Config {
             drain_timeout: Duration::from_secs(30),
             max_connections: None,
             max_connections_per_listener: None,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            tcp_keepalive: Some(Keepalive::default()),
+            connect_retries: None,
+            resolve_interval: Duration::from_secs(30),
+            resolvers: Vec::new(),
             routes: Vec::new(),
         }
     }
@@ -255,8 +410,66 @@ struct RawConfig {
     drain_timeout: Option<Spanned<String>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_listener: Option<Spanned<usize>>,
+    idle_timeout: Option<Spanned<String>>,
+    tcp_keepalive: Option<RawKeepalive>,
+    connect_retries: Option<Spanned<u32>>,
+    resolve_interval: Option<Spanned<String>>,
+    resolvers: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     route: Vec<Spanned<RawRoute>>,
+}
+
+/// A `tcp_keepalive` table, over the defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    enabled: Option<bool>,
+    idle: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    count: Option<Spanned<u32>>,
+}
+
+/// A backend in the file: `"ADDR"`, or `{ address = "ADDR", weight = N }`.
+struct RawBackend {
+    address: String,
+    weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            weight: Option<u32>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an address (\"IP:PORT\" or \"NAME:PORT\") or { address = ..., weight = N }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    address: text.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawBackend, A::Error> {
+                let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend {
+                    address: table.address,
+                    weight: table.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A `health_check` table: each key overrides the one it is layered on
@@ -284,9 +497,11 @@ struct RawRoute {
     #[serde(default)]
     default: bool,
     #[serde(default)]
-    backends: Vec<Spanned<String>>,
+    backends: Vec<Spanned<RawBackend>>,
     #[serde(default)]
     balance: Balance,
+    idle_timeout: Option<Spanned<String>>,
+    connect_retries: Option<Spanned<u32>>,
     proxy_protocol: Option<ProxyProtocol>,
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
@@ -404,6 +619,31 @@ impl Config {
                 *target = Some(*limit.get_ref());
             }
         }
+        if let Some(timeout) = &raw.idle_timeout {
+            config.idle_timeout = parse_idle_timeout(timeout.get_ref())
+                .map_err(|m| fail(timeout.span(), "idle_timeout", m))?;
+        }
+        if let Some(table) = &raw.tcp_keepalive {
+            config.tcp_keepalive = table
+                .resolve()
+                .map_err(|(span, key, m)| fail(span, &format!("tcp_keepalive.{key}"), m))?;
+        }
+        if let Some(retries) = &raw.connect_retries {
+            config.connect_retries = Some(
+                check_retries(*retries.get_ref())
+                    .map_err(|m| fail(retries.span(), "connect_retries", m))?,
+            );
+        }
+        if let Some(interval) = &raw.resolve_interval {
+            config.resolve_interval = parse_duration(interval.get_ref())
+                .map_err(|m| fail(interval.span(), "resolve_interval", m))?;
+        }
+        for server in raw.resolvers.iter().flatten() {
+            config.resolvers.push(
+                parse_resolver(server.get_ref())
+                    .map_err(|m| fail(server.span(), "resolvers", m))?,
+            );
+        }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -457,11 +697,34 @@ impl Config {
                     "only a `preamble` route takes a token".into(),
                 ));
             }
-            let backends = route
+            let targets = route
                 .backends
                 .iter()
-                .map(|b| parse_addr(b.get_ref()).map_err(|m| fail(b.span(), &field("backends"), m)))
+                .map(|b| {
+                    let raw = b.get_ref();
+                    let mut target = parse_target(&raw.address)?;
+                    if let Some(weight) = raw.weight {
+                        target.weight = check_weight(weight)?;
+                    }
+                    Ok(target)
+                })
+                .zip(&route.backends)
+                .map(|(target, b)| target.map_err(|m| fail(b.span(), &field("backends"), m)))
                 .collect::<Result<Vec<_>, _>>()?;
+            let idle_timeout = match &route.idle_timeout {
+                Some(timeout) => Some(
+                    parse_idle_timeout(timeout.get_ref())
+                        .map_err(|m| fail(timeout.span(), &field("idle_timeout"), m))?,
+                ),
+                None => None,
+            };
+            let connect_retries = match &route.connect_retries {
+                Some(retries) => Some(
+                    check_retries(*retries.get_ref())
+                        .map_err(|m| fail(retries.span(), &field("connect_retries"), m))?,
+                ),
+                None => None,
+            };
             let health_check = match &route.health_check {
                 None => config.health_check,
                 Some(table) => {
@@ -472,15 +735,20 @@ impl Config {
                     enabled.then_some(check)
                 }
             };
-            config.routes.push(Route {
-                name: route.name.get_ref().clone(),
+            config.routes.push(Route::new(
+                route.name.get_ref().clone(),
                 matcher,
-                backends,
-                balance: route.balance,
-                proxy_protocol: route.proxy_protocol,
-                health_check,
-                http_close: route.http_close,
-            });
+                targets,
+                Route {
+                    balance: route.balance,
+                    proxy_protocol: route.proxy_protocol,
+                    health_check,
+                    http_close: route.http_close,
+                    idle_timeout,
+                    connect_retries,
+                    ..Route::default()
+                },
+            ));
             config.validate_route(i).map_err(|m| {
                 fail(
                     spanned.span(),
@@ -494,7 +762,7 @@ impl Config {
 
     fn validate_route(&self, index: usize) -> Result<(), String> {
         let route = &self.routes[index];
-        if route.backends.is_empty() {
+        if route.targets.is_empty() {
             return Err("`backends` must list at least one address".into());
         }
         if self.routes[..index].iter().any(|r| r.name == route.name) {
@@ -523,6 +791,77 @@ impl Config {
         Ok(())
     }
 
+    /// The idle timeout of `route`'s connections (`ZERO`: none).
+    pub fn idle_timeout_of(&self, route: &Route) -> Duration {
+        route.idle_timeout.unwrap_or(self.idle_timeout)
+    }
+
+    /// How many connects a connection of `route` may try: one, then
+    /// `connect_retries` more; by default each backend once.
+    pub fn connect_attempts_of(&self, route: &Route) -> usize {
+        match route.connect_retries.or(self.connect_retries) {
+            Some(retries) => retries as usize + 1,
+            None => route.backends.len(),
+        }
+    }
+
+    /// Whether any backend is given by name.
+    pub fn has_names(&self) -> bool {
+        self.routes
+            .iter()
+            .flat_map(|r| &r.targets)
+            .any(|t| t.name().is_some())
+    }
+
+    /// Resolves every backend name with `lookup`, as at start: a name that
+    /// does not resolve is an error naming the route, the backend and why.
+    pub fn resolve_names(
+        &mut self,
+        lookup: &mut dyn FnMut(&str) -> Result<Vec<IpAddr>, String>,
+    ) -> Result<(), String> {
+        for route in &mut self.routes {
+            for target in &mut route.targets {
+                let shown = target.to_string();
+                if let TargetHost::Name { name, addrs } = &mut target.host {
+                    *addrs = lookup(name).map_err(|why| {
+                        format!(
+                            "route `{}`: backend `{shown}`: cannot resolve `{name}`: {why}",
+                            route.name
+                        )
+                    })?;
+                }
+            }
+            route.expand();
+        }
+        Ok(())
+    }
+
+    /// The configuration with its backend names resolved again, or `None`
+    /// if no address changed. A name that no longer resolves keeps its last
+    /// addresses; `failed` hears of it (route, backend, why).
+    pub fn re_resolved(
+        &self,
+        lookup: &mut dyn FnMut(&str) -> Result<Vec<IpAddr>, String>,
+        failed: &mut dyn FnMut(&str, &Target, &str),
+    ) -> Option<Config> {
+        let mut new = self.clone();
+        for route in &mut new.routes {
+            for target in &mut route.targets {
+                let Some(name) = target.name() else { continue };
+                match lookup(name) {
+                    Ok(found) => {
+                        if let TargetHost::Name { addrs, .. } = &mut target.host {
+                            *addrs = found;
+                        }
+                    }
+                    Err(why) => failed(&route.name, target, &why),
+                }
+            }
+            route.expand();
+        }
+        (new.routes != self.routes).then_some(new)
+    }
+
     /// Checks what concerns the whole configuration.
     pub fn validate(&self) -> Result<(), String> {
         if self.listen.is_empty() {
@@ -544,21 +883,43 @@ impl Config {
         let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
             fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
         })?;
-        let mut backends = Vec::new();
-        let mut balance = Balance::RoundRobin;
-        let mut proxy_protocol = None;
-        let mut http_close = false;
+        let mut targets: Vec<Target> = Vec::new();
+        let mut options = Route::default();
         for item in addrs.split(',').map(str::trim) {
             // An address never holds `=`: an item that does is an option.
             match item.split_once('=') {
-                None => backends.push(parse_addr(item).map_err(&fail)?),
-                Some(("proxy_protocol", version)) => {
-                    proxy_protocol = Some(version.parse().map_err(&fail)?);
+                None => targets.push(parse_target(item).map_err(&fail)?),
+                Some(("weight", weight)) => {
+                    let Some(target) = targets.last_mut() else {
+                        return Err(fail("`weight=N` follows the address it weighs".into()));
+                    };
+                    let weight = weight
+                        .parse()
+                        .map_err(|_| format!("`{weight}`: a weight is a number"))
+                        .and_then(check_weight)
+                        .map_err(&fail)?;
+                    target.weight = weight;
                 }
-                Some(("balance", "round-robin")) => balance = Balance::RoundRobin,
-                Some(("balance", "least-connections")) => balance = Balance::LeastConnections,
-                Some(("http_close", "true")) => http_close = true,
-                Some(("http_close", "false")) => http_close = false,
+                Some(("connect_retries", retries)) => {
+                    let retries = retries
+                        .parse()
+                        .map_err(|_| format!("`{retries}`: connect_retries is a number"))
+                        .and_then(check_retries)
+                        .map_err(&fail)?;
+                    options.connect_retries = Some(retries);
+                }
+                Some(("idle_timeout", timeout)) => {
+                    options.idle_timeout = Some(parse_idle_timeout(timeout).map_err(&fail)?);
+                }
+                Some(("proxy_protocol", version)) => {
+                    options.proxy_protocol = Some(version.parse().map_err(&fail)?);
+                }
+                Some(("balance", "round-robin")) => options.balance = Balance::RoundRobin,
+                Some(("balance", "least-connections")) => {
+                    options.balance = Balance::LeastConnections;
+                }
+                Some(("http_close", "true")) => options.http_close = true,
+                Some(("http_close", "false")) => options.http_close = false,
                 Some(("http_close", other)) => {
                     return Err(fail(format!("`{other}`: http_close is true or false")));
                 }
@@ -569,7 +930,9 @@ impl Config {
                 }
                 Some((option, _)) => {
                     return Err(fail(format!(
-                        "unknown option `{option}` (options: proxy_protocol=v1|v2, balance=..., http_close=true)"
+                        "unknown option `{option}` (options: weight=N after an address, \
+                         proxy_protocol=v1|v2, balance=..., http_close=true, connect_retries=N, \
+                         idle_timeout=DURATION)"
                     )));
                 }
             }
@@ -608,15 +971,16 @@ impl Config {
                 ));
             }
         };
-        self.routes.push(Route {
-            name: format!("{}#{}", name, self.routes.len()),
+        let name = format!("{}#{}", name, self.routes.len());
+        self.routes.push(Route::new(
+            name,
             matcher,
-            backends,
-            balance,
-            proxy_protocol,
-            health_check: self.health_check,
-            http_close,
-        });
+            targets,
+            Route {
+                health_check: self.health_check,
+                ..options
+            },
+        ));
         self.validate_route(self.routes.len() - 1).map_err(fail)
     }
 }
@@ -651,6 +1015,96 @@ impl RawHealthCheck {
         }
         Ok((self.enabled.unwrap_or(true), check))
     }
+}
+
+impl RawKeepalive {
+    /// Layers this table over the defaults: `None` when `enabled = false`;
+    /// an error names the key and where it is.
+    fn resolve(&self) -> Result<Option<Keepalive>, (Range<usize>, &'static str, String)> {
+        let mut keepalive = Keepalive::default();
+        for (value, target, key) in [
+            (&self.idle, &mut keepalive.idle, "idle"),
+            (&self.interval, &mut keepalive.interval, "interval"),
+        ] {
+            if let Some(value) = value {
+                let duration =
+                    parse_duration(value.get_ref()).map_err(|m| (value.span(), key, m))?;
+                // The kernel counts these in whole seconds.
+                if duration < Duration::from_secs(1) || duration > Duration::from_secs(32767) {
+                    return Err((value.span(), key, "must be between 1s and 32767s".into()));
+                }
+                *target = duration;
+            }
+        }
+        if let Some(count) = &self.count {
+            if !(1..=127).contains(count.get_ref()) {
+                return Err((count.span(), "count", "must be between 1 and 127".into()));
+            }
+            keepalive.count = *count.get_ref();
+        }
+        Ok(self.enabled.unwrap_or(true).then_some(keepalive))
+    }
+}
+
+/// A backend address: `IP:PORT` (IPv6 in brackets), `localhost:PORT`, or
+/// `NAME:PORT` (a DNS name, resolved later), of weight 1.
+pub fn parse_target(text: &str) -> Result<Target, String> {
+    let bad = || format!("`{text}` is not an IP:port or NAME:port address (IPv6 as [addr]:port)");
+    let (host, port) = match parse_addr(text) {
+        Ok(addr) => (TargetHost::Ip(addr.ip()), addr.port()),
+        Err(_) => {
+            let (name, port) = text.rsplit_once(':').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| format!("`{text}`: bad port"))?;
+            // A name has a letter somewhere: `1.2.3:80` is a typo, not a name.
+            let name = crate::host::normalize(name.as_bytes())
+                .filter(|n| n.bytes().any(|b| b.is_ascii_alphabetic()))
+                .ok_or_else(bad)?;
+            (
+                TargetHost::Name {
+                    name,
+                    addrs: Vec::new(),
+                },
+                port,
+            )
+        }
+    };
+    Ok(Target {
+        host,
+        port,
+        weight: 1,
+    })
+}
+
+fn check_weight(weight: u32) -> Result<u32, String> {
+    if (1..=256).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(format!("weight {weight}: must be between 1 and 256"))
+    }
+}
+
+fn check_retries(retries: u32) -> Result<u32, String> {
+    if retries <= 100 {
+        Ok(retries)
+    } else {
+        Err(format!("connect_retries {retries}: at most 100"))
+    }
+}
+
+/// A DNS server: `IP` or `IP:PORT` (port 53 by default).
+fn parse_resolver(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    text.parse().map_err(|_| {
+        format!("`{text}` is not a DNS server address (IP or IP:PORT; IPv6 as [addr]:port)")
+    })
+}
+
+/// Parses an idle timeout: a duration, where `0s` turns it off.
+pub fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (e.g. \"1h\", \"30s\", \"0s\" for none)"))
 }
 
 /// A `--route` spec as errors show it: a preamble token replaced by
@@ -783,11 +1237,11 @@ backends = ["127.0.0.1:9000"]
         );
         // Tokens never show in debug output (logs, dumps), nor in errors.
         let e = Config::default()
-            .add_route_flag("preamble:db:s3cret=nowhere:1")
+            .add_route_flag("preamble:db:s3cret=nowhere")
             .unwrap_err()
             .0;
         assert!(
-            e.starts_with("--route preamble:db:<redacted>=nowhere:1: "),
+            e.starts_with("--route preamble:db:<redacted>=nowhere: "),
             "{e}"
         );
         let dump = format!("{config:?}");
@@ -982,11 +1436,31 @@ health_check = { enabled = false }
             .unwrap_err()
             .0;
         assert!(e.contains("v1 or v2"), "{e}");
+        let mut weighted = Config::default();
+        weighted
+            .add_route_flag("host:b=127.0.0.1:1,weight=3,db.internal:2,connect_retries=0")
+            .unwrap();
+        let route = &weighted.routes[0];
+        // The name has no address until resolved.
+        assert_eq!(route.weights, vec![3]);
+        assert_eq!(route.targets[1].weight, 1);
+        assert_eq!(route.targets[1].to_string(), "db.internal:2");
+        assert_eq!(route.connect_retries, Some(0));
         let e = config
-            .add_route_flag("host:b=127.0.0.1:1,weight=2")
+            .add_route_flag("host:c=weight=2,127.0.0.1:1")
             .unwrap_err()
             .0;
-        assert!(e.contains("unknown option `weight`"), "{e}");
+        assert!(e.contains("follows the address it weighs"), "{e}");
+        let e = config
+            .add_route_flag("host:c=127.0.0.1:1,weight=0")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("between 1 and 256"), "{e}");
+        let e = config
+            .add_route_flag("host:c=127.0.0.1:1,wieght=2")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("unknown option `wieght`"), "{e}");
         let e = config
             .add_route_flag("host:b=proxy_protocol=v1")
             .unwrap_err()

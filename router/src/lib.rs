@@ -19,6 +19,8 @@
 //!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
+//! - [`resolve`]: backend names, resolved at start, on reload and every
+//!   `resolve_interval`;
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
@@ -44,6 +46,8 @@ pub mod proxy_protocol;
 pub mod refuse;
 #[cfg(feature = "server")]
 pub mod reload;
+#[cfg(feature = "server")]
+pub mod resolve;
 pub mod rewrite;
 pub mod routes;
 #[cfg(feature = "server")]

@@ -8,7 +8,7 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use router::{
-    config::{Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
+    config::{Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout, parse_idle_timeout},
     demo::{self, DemoBackends},
     startup,
 };
@@ -46,10 +46,11 @@ struct Cli {
     /// Address to listen on (repeatable; adds to the file's `listen`).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     listen: Vec<SocketAddr>,
-    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...,
-    /// with options among the addresses: proxy_protocol=v1|v2, balance=least-connections,
-    /// http_close=true (repeatable; tried after the file's routes, in order; health checks:
-    /// config file).
+    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...;
+    /// an ADDR is IP:PORT or NAME:PORT (a DNS name: every address it resolves to), optionally
+    /// followed by weight=N; options among the addresses: proxy_protocol=v1|v2,
+    /// balance=least-connections, http_close=true, connect_retries=N, idle_timeout=DURATION
+    /// (repeatable; tried after the file's routes, in order; health checks: config file).
     #[arg(long, value_name = "SPEC")]
     route: Vec<String>,
     /// Executors, one pinned per core [default: all online cores].
@@ -84,6 +85,10 @@ struct Cli {
     /// router exits (e.g. 30s, 2m, 0s) [default: 30s, or the file's].
     #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
     drain_timeout: Option<Duration>,
+    /// Close a forwarded connection after this long without a byte either
+    /// way (e.g. 1h, 30s; 0s: never) [default: 1h, or the file's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
+    idle_timeout: Option<Duration>,
     /// Log level: error, warn, info (default), debug (adds a line per
     /// closed connection), trace, or a tracing filter such as
     /// `router=debug`. Takes precedence over RUST_LOG.
@@ -200,6 +205,9 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     if let Some(timeout) = cli.drain_timeout {
         config.drain_timeout = timeout;
     }
+    if let Some(timeout) = cli.idle_timeout {
+        config.idle_timeout = timeout;
+    }
     if let Some(max) = cli.max_connections {
         config.max_connections = Some(usize::try_from(max)?);
     }
@@ -209,6 +217,10 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     config.validate().map_err(|e| match &cli.config {
         Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e}", path.display()),
         _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),
+    })?;
+    router::resolve::resolve_names(&mut config).map_err(|e| match &cli.config {
+        Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e:#}", path.display()),
+        _ => e,
     })?;
     Ok(config)
 }

@@ -41,12 +41,27 @@ impl Published {
     /// holds the previous configuration); executors pick it up at their next
     /// accept.
     pub fn publish(&self, config: Arc<Config>) {
+        self.publish_if_at(None, config);
+    }
+
+    /// [`Published::publish`], unless another publication came after
+    /// `version` (the resolver thread's, which must not undo a reload).
+    /// Whether it published.
+    pub fn publish_if(&self, version: u64, config: Arc<Config>) -> bool {
+        self.publish_if_at(Some(version), config)
+    }
+
+    fn publish_if_at(&self, version: Option<u64>, config: Arc<Config>) -> bool {
         let health = Health::new(&config.routes);
         let mut current = self.config.lock().expect("no panic under this lock");
+        if version.is_some_and(|v| v != self.version.load(Ordering::Acquire)) {
+            return false;
+        }
         *current = (config, health);
         // Under the lock: whoever sees the new version and then takes the
         // lock gets the new configuration.
         self.version.fetch_add(1, Ordering::Release);
+        true
     }
 
     /// The version to compare with the one a [`Published::current`] call

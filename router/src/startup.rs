@@ -176,6 +176,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    crate::resolve::spawn_refresh(Arc::clone(&published), Arc::clone(&labelled_for_reload))?;
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);

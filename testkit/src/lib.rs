@@ -6,11 +6,13 @@ pub mod backends;
 pub mod budget;
 pub mod clients;
 pub mod data;
+pub mod dns;
 pub mod no_sockmap;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod server;
 pub mod soak;
 pub mod tls;
+pub mod tools;
 
 pub use server::{Server, Stats};
