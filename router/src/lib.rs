@@ -8,6 +8,7 @@
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
 //! - [`rewrite`]: what a route changes in the first packet (`http_close`);
+//! - [`exclusive`]: one router per listen address;
 //! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
@@ -34,6 +35,8 @@ pub mod config;
 pub mod connection;
 #[cfg(feature = "server")]
 pub mod demo;
+#[cfg(feature = "server")]
+pub mod exclusive;
 #[cfg(feature = "server")]
 pub mod executor;
 #[cfg(feature = "server")]

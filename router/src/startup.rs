@@ -62,6 +62,10 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // The main thread's copies of the listeners, to close them on stop.
     let mut listeners = Vec::new();
     for addr in &config.listen {
+        // Before the SO_REUSEPORT copies, which another router could share.
+        crate::exclusive::check_free(*addr)?;
+    }
+    for addr in &config.listen {
         let copies = runtime::bind_reuseport(*addr, cores)?;
         bound.push(copies[0].local_addr()?);
         for (core, listener) in copies.into_iter().enumerate() {

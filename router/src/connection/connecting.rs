@@ -40,6 +40,7 @@ pub(crate) async fn connect<'a>(
     let (connected, failures) = Box::pin(generation.pools.connect(
         decision.route,
         generation.config.connect_timeout,
+        generation.config.connect_attempts_of(route),
         &shard.readiness,
     ))
     .await;
