@@ -113,7 +113,9 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         lifecycle: input.lifecycle,
         limits: input.limits,
         limit_log: Cell::new((None, 0)),
+        idle: Default::default(),
     });
+    glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
     // Listeners come in configuration order: the index is the listener's.
     for (index, listener) in input.listeners.into_iter().enumerate() {
         // Non-blocking already (see `runtime::bind_reuseport`).

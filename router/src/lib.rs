@@ -9,6 +9,7 @@
 //! - [`refuse`]: what a refused client receives;
 //! - [`rewrite`]: what a route changes in the first packet (`http_close`);
 //! - [`exclusive`]: one router per listen address;
+//! - [`idle`]: idle timeout and TCP keepalive;
 //! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
@@ -42,6 +43,8 @@ pub mod executor;
 #[cfg(feature = "server")]
 pub mod health;
 pub mod host;
+#[cfg(feature = "server")]
+pub mod idle;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]

@@ -91,6 +91,8 @@ pub(crate) struct Shard {
     /// When a refusal at a connection limit was last logged (at most one
     /// line a second per core), and how many since.
     pub(crate) limit_log: Cell<(Option<Instant>, u64)>,
+    /// Forwarded connections, for the idle timeout.
+    pub(crate) idle: crate::idle::Idle,
 }
 
 impl Shard {

@@ -69,6 +69,9 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         let copies = runtime::bind_reuseport(*addr, cores)?;
         bound.push(copies[0].local_addr()?);
         for (core, listener) in copies.into_iter().enumerate() {
+            // Accepted sockets inherit it.
+            crate::idle::set_keepalive(&listener, config.tcp_keepalive)
+                .with_context(|| format!("setting TCP keepalive on {addr}"))?;
             listeners.push(listener.try_clone()?);
             per_core[core].push(listener);
         }

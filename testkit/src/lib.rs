@@ -7,6 +7,7 @@ pub mod budget;
 pub mod clients;
 pub mod data;
 pub mod dns;
+pub mod netns;
 pub mod no_sockmap;
 pub mod privileges;
 pub mod proxy_protocol;
