@@ -1469,6 +1469,97 @@ health_check = { enabled = false }
     }
 
     #[test]
+    fn names_weights_timeouts_and_keepalive_parse_from_the_file() {
+        let text = r#"
+listen = ["127.0.0.1:1"]
+idle_timeout = "10m"
+connect_retries = 1
+resolve_interval = "5s"
+resolvers = ["127.0.0.1:5353", "10.0.0.53"]
+[tcp_keepalive]
+idle = "30s"
+count = 3
+
+[[route]]
+name = "db"
+default = true
+backends = ["db.internal:5432", { address = "127.0.0.1:2", weight = 4 }]
+idle_timeout = "0s"
+connect_retries = 0
+"#;
+        let mut config = Config::from_toml(text, "t.toml").unwrap();
+        assert_eq!(config.idle_timeout, Duration::from_secs(600));
+        assert_eq!(config.resolve_interval, Duration::from_secs(5));
+        assert_eq!(config.resolvers[1], "10.0.0.53:53".parse().unwrap());
+        assert_eq!(
+            config.tcp_keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(30),
+                count: 3,
+                ..Keepalive::default()
+            })
+        );
+        let route = &config.routes[0];
+        assert_eq!(config.idle_timeout_of(route), Duration::ZERO);
+        assert_eq!(config.connect_attempts_of(route), 1);
+        // Unresolved, the name stands for no address yet.
+        assert_eq!(route.backends, vec!["127.0.0.1:2".parse().unwrap()]);
+        assert_eq!(route.weights, vec![4]);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        config
+            .resolve_names(&mut |name| {
+                assert_eq!(name, "db.internal");
+                Ok(vec![ip("10.0.0.1"), ip("10.0.0.2")])
+            })
+            .unwrap();
+        assert_eq!(config.routes[0].backends.len(), 3);
+        assert_eq!(config.routes[0].weights, vec![1, 1, 4]);
+        // Unchanged: nothing to publish; a failure keeps the addresses.
+        let mut failures = Vec::new();
+        let same = config.re_resolved(
+            &mut |_| {
+                Ok(vec![ip("10.0.0.2"), ip("10.0.0.1")]
+                    .into_iter()
+                    .rev()
+                    .collect())
+            },
+            &mut |_, _, _| {},
+        );
+        assert!(same.is_none());
+        let kept = config.re_resolved(
+            &mut |_| Err("SERVFAIL".into()),
+            &mut |route, target, why| {
+                failures.push(format!("{route} {target} {why}"));
+            },
+        );
+        assert!(kept.is_none());
+        assert_eq!(failures, ["db db.internal:5432 SERVFAIL"]);
+        let moved = config
+            .re_resolved(&mut |_| Ok(vec![ip("10.0.0.9")]), &mut |_, _, _| {})
+            .unwrap();
+        assert_eq!(
+            moved.routes[0].backends[0],
+            "10.0.0.9:5432".parse().unwrap()
+        );
+        let e = config
+            .resolve_names(&mut |_| Err("NXDOMAIN".into()))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "route `db`: backend `db.internal:5432`: cannot resolve `db.internal`: NXDOMAIN"
+        );
+        let base = "listen = [\"127.0.0.1:1\"]\n";
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\ndefault = true\nbackends = [{{ address = \"127.0.0.1:2\", weight = 0 }}]\n"
+        ));
+        assert!(e.contains("line 5: route[0] (a).backends: weight 0"), "{e}");
+        let e = error(&format!("{base}[tcp_keepalive]\ninterval = \"10ms\"\n"));
+        assert!(e.contains("line 3: tcp_keepalive.interval"), "{e}");
+        let e = error(&format!("{base}resolvers = [\"dns.example\"]\n"));
+        assert!(e.contains("line 2: resolvers"), "{e}");
+    }
+
+    #[test]
     fn patterns_match_exactly_or_by_suffix() {
         let exact = Pattern::parse("A.Test.").unwrap();
         assert!(exact.matches("a.test"));

@@ -181,6 +181,31 @@ pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
         format!("{:?}", old.health_check),
         format!("{:?}", new.health_check),
     );
+    compare(
+        "idle_timeout",
+        duration(old.idle_timeout),
+        duration(new.idle_timeout),
+    );
+    compare(
+        "tcp_keepalive",
+        format!("{:?}", old.tcp_keepalive),
+        format!("{:?}", new.tcp_keepalive),
+    );
+    compare(
+        "connect_retries",
+        format!("{:?}", old.connect_retries),
+        format!("{:?}", new.connect_retries),
+    );
+    compare(
+        "resolve_interval",
+        duration(old.resolve_interval),
+        duration(new.resolve_interval),
+    );
+    compare(
+        "resolvers",
+        format!("{:?}", old.resolvers),
+        format!("{:?}", new.resolvers),
+    );
     if old.routes != new.routes {
         changed.push("routes".to_owned());
     }
@@ -233,11 +258,12 @@ mod tests {
         new.max_connections = Some(20);
         new.max_connections_per_listener = Some(3);
         new.connect_timeout = Duration::from_millis(500);
+        new.idle_timeout = Duration::from_secs(60);
         let line = summary(&old, &new, Duration::ZERO);
         assert!(
             line.ends_with(
                 "changed: connect_timeout 2s -> 500ms, max_connections default -> 20, \
-                 max_connections_per_listener default -> 3"
+                 max_connections_per_listener default -> 3, idle_timeout 1h -> 1m"
             ),
             "{line}"
         );

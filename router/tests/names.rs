@@ -58,7 +58,7 @@ fn a_backend_name_follows_its_dns_record_and_keeps_its_addresses_when_it_stops_r
             };
             // Same port, two loopback addresses: only the record tells them apart.
             let a = Backend::named_at("a", SocketAddr::new(A, 0));
-            let b = Backend::named_at("b", SocketAddr::new(B, a.addr.port()));
+            let _b = Backend::named_at("b", SocketAddr::new(B, a.addr.port()));
             let config = config_file(
                 &format!("names-{mode}"),
                 &format!(
