@@ -14,7 +14,9 @@
 #     package ships LLVM 22; bpf-linker must read the nightly's bitcode);
 #   - Debian packages the tests and demo use (openssl, curl, nc, socat,
 #     iproute2, bpftool, setpriv; nginx, a backend that reads the PROXY
-#     protocol; systemd's systemd-analyze, which checks the service unit).
+#     protocol; systemd's systemd-analyze, which checks the service unit;
+#     dnsmasq-base, the DNS server of the backend-name tests, and nftables,
+#     which drops a vanished peer's packets in the keepalive test).
 #     Installing nginx starts no server where no init system runs
 #     (invoke-rc.d then refuses); the tests run their own on loopback;
 #   - cargo-fuzz (fuzz smoke run of scripts/test.sh) and cargo-deny
@@ -27,7 +29,7 @@ BPF_LINKER_VERSION=0.13.0
 CARGO_FUZZ_VERSION=0.13.2
 CARGO_DENY_VERSION=0.20.2
 NIGHTLY=${NIGHTLY:-nightly}
-APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux nginx systemd ${SETUP_APT_EXTRA:-})
+APT_PACKAGES=(openssl curl iproute2 bpftool procps netcat-openbsd socat util-linux nginx systemd dnsmasq-base nftables ${SETUP_APT_EXTRA:-})
 
 say() { printf 'setup: %s\n' "$*"; }
 die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }

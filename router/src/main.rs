@@ -28,6 +28,7 @@ use tracing_subscriber::EnvFilter;
         --route sni:b.test=127.0.0.1:9002,127.0.0.1:9003 --route default=127.0.0.1:9004\n  \
         router ... --route preamble:db:s3cret=127.0.0.1:5432   # clients send \"ROUTE db s3cret\\r\\n\" first\n  \
         router ... --route host:a.test=127.0.0.1:9001,127.0.0.1:9002,proxy_protocol=v2,balance=least-connections\n  \
+        router ... --route default=db1.internal:5432,weight=3,db2.internal:5432,connect_retries=1 --idle-timeout 30m\n  \
         router --config router.toml --metrics 127.0.0.1:9100   # curl 127.0.0.1:9100/metrics\n  \
         router ... --log-level debug                  # one line per closed connection too\n  \
         kill -USR1 <pid>                              # print counters now\n  \
