@@ -18,7 +18,9 @@
 #     nc for the commands it prints);
 #   - with --test: Debian packages the tests use (socat, iproute2, bpftool,
 #     setpriv; nginx, a backend that reads the PROXY protocol; systemd's
-#     systemd-analyze, which checks the service unit). Installing nginx
+#     systemd-analyze, which checks the service unit; dnsmasq-base, the DNS
+#     server of the backend-name tests; nftables, which drops a vanished
+#     peer's packets in the keepalive test). Installing nginx
 #     starts no server where no init system runs (invoke-rc.d then refuses);
 #     the tests run their own on loopback. And cargo-fuzz (fuzz smoke run)
 #     and cargo-deny (licence/ban/source checks), from crates.io, once:
@@ -31,7 +33,7 @@ CARGO_FUZZ_VERSION=0.13.2
 CARGO_DENY_VERSION=0.20.2
 NIGHTLY=${NIGHTLY:-nightly}
 APT_PACKAGES=(openssl curl netcat-openbsd procps ${SETUP_APT_EXTRA:-})
-TEST_APT_PACKAGES=(iproute2 bpftool socat util-linux nginx systemd)
+TEST_APT_PACKAGES=(iproute2 bpftool socat util-linux nginx systemd dnsmasq-base nftables)
 TEST=false
 case "${1:-}" in
     --test) TEST=true; APT_PACKAGES+=("${TEST_APT_PACKAGES[@]}") ;;

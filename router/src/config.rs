@@ -1,9 +1,15 @@
 //! The router's configuration: a TOML file (`router --config`) or the
 //! `--listen`/`--route` flags, validated before anything starts, with errors
 //! that name the line and field. `router.example.toml` documents every key.
-use std::{fmt, net::SocketAddr, ops::Range, path::PathBuf, time::Duration};
+use std::{
+    fmt,
+    net::{IpAddr, SocketAddr},
+    ops::Range,
+    path::PathBuf,
+    time::Duration,
+};
 
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
 /// How connections are forwarded.
@@ -154,7 +160,19 @@ impl fmt::Display for Pattern {
 pub struct Route {
     pub name: String,
     pub matcher: Matcher,
+    /// The backends as configured: addresses, or names to resolve.
+    pub targets: Vec<Target>,
+    /// Every backend address: each target's, in order (a name gives as many
+    /// as it resolves to). Balancing, health and counters go by these.
     pub backends: Vec<SocketAddr>,
+    /// The weight of each of `backends` (same index): its target's.
+    pub weights: Vec<u32>,
+    /// How long a forwarded connection may move no byte before it is
+    /// closed (`None`: the top-level `idle_timeout`).
+    pub idle_timeout: Option<Duration>,
+    /// Backends tried again after a failed connect (`None`: the top-level
+    /// `connect_retries`).
+    pub connect_retries: Option<u32>,
     pub balance: Balance,
     /// Send the backend a PROXY protocol header first (default: none).
     pub proxy_protocol: Option<ProxyProtocol>,
@@ -166,6 +184,124 @@ pub struct Route {
     /// kept-alive connection are not routed, so this keeps them from
     /// reaching another virtual host of the backend.
     pub http_close: bool,
+}
+
+impl Default for Route {
+    /// A `default` route without backends: the base the parsers fill in.
+    fn default() -> Self {
+        Self {
+            name: String::new(),
+            matcher: Matcher::Default,
+            targets: Vec::new(),
+            backends: Vec::new(),
+            weights: Vec::new(),
+            idle_timeout: None,
+            connect_retries: None,
+            balance: Balance::default(),
+            proxy_protocol: None,
+            health_check: None,
+            http_close: false,
+        }
+    }
+}
+
+impl Route {
+    /// `options` with its name, matcher and targets, and the addresses of
+    /// those targets.
+    fn new(name: String, matcher: Matcher, targets: Vec<Target>, options: Route) -> Self {
+        let mut route = Route {
+            name,
+            matcher,
+            targets,
+            ..options
+        };
+        route.expand();
+        route
+    }
+
+    /// Rebuilds `backends` and `weights` from the targets.
+    fn expand(&mut self) {
+        self.backends.clear();
+        self.weights.clear();
+        for target in &self.targets {
+            for addr in target.addrs() {
+                self.backends.push(addr);
+                self.weights.push(target.weight);
+            }
+        }
+    }
+}
+
+/// A backend as configured: an address or a name (resolved at start, on
+/// reload and every `resolve_interval`), with its weight.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub host: TargetHost,
+    pub port: u16,
+    /// Its share of the route's connections, relative to the others'
+    /// (1 to 256; a name's addresses each get it).
+    pub weight: u32,
+}
+
+/// Where a target is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TargetHost {
+    Ip(IpAddr),
+    /// A DNS name, with the addresses it last resolved to (empty until
+    /// resolved).
+    Name {
+        name: String,
+        addrs: Vec<IpAddr>,
+    },
+}
+
+impl Target {
+    /// The addresses it stands for now.
+    pub fn addrs(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        let ips = match &self.host {
+            TargetHost::Ip(ip) => std::slice::from_ref(ip),
+            TargetHost::Name { addrs, .. } => addrs.as_slice(),
+        };
+        ips.iter().map(|ip| SocketAddr::new(*ip, self.port))
+    }
+
+    /// The name to resolve, if it is one.
+    pub fn name(&self) -> Option<&str> {
+        match &self.host {
+            TargetHost::Ip(_) => None,
+            TargetHost::Name { name, .. } => Some(name),
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.host {
+            TargetHost::Name { name, .. } => write!(f, "{name}:{}", self.port),
+            TargetHost::Ip(ip) => write!(f, "{}", SocketAddr::new(*ip, self.port)),
+        }
+    }
+}
+
+/// TCP keepalive on both sockets of a connection: after `idle` without
+/// traffic, a probe every `interval`; `count` unanswered ones end it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub idle: Duration,
+    pub interval: Duration,
+    pub count: u32,
+}
+
+impl Default for Keepalive {
+    /// A dead peer is found within about 2 minutes of silence (Linux's own
+    /// defaults take over 2 hours).
+    fn default() -> Self {
+        Self {
+            idle: Duration::from_secs(60),
+            interval: Duration::from_secs(10),
+            count: 6,
+        }
+    }
 }
 
 /// The whole configuration, validated.
@@ -196,6 +332,18 @@ pub struct Config {
     /// Reload when the configuration file changes, as on SIGHUP (for a
     /// Kubernetes ConfigMap, which is swapped in place).
     pub watch_config: bool,
+    /// How long a forwarded connection may move no byte either way before
+    /// it is closed on both sides (`Duration::ZERO`: never).
+    pub idle_timeout: Duration,
+    /// TCP keepalive on client and backend sockets (`None`: off).
+    pub tcp_keepalive: Option<Keepalive>,
+    /// Backends tried again after a failed connect, for routes that do not
+    /// set theirs (`None`: each backend of the route once).
+    pub connect_retries: Option<u32>,
+    /// How often backend names are resolved again.
+    pub resolve_interval: Duration,
+    /// The DNS servers to ask (empty: those of /etc/resolv.conf).
+    pub resolvers: Vec<SocketAddr>,
     pub routes: Vec<Route>,
     /// The listen addresses that expect a PROXY protocol header (v1 or v2)
     /// from a load balancer in front before the client's bytes.
@@ -205,6 +353,9 @@ pub struct Config {
     /// Where the access log goes (`None`: stderr).
     pub access_log_file: Option<PathBuf>,
 }
+
+/// HAProxy's usual `timeout client`/`timeout server`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
     fn default() -> Self {
@@ -224,6 +375,11 @@ impl Default for Config {
             max_connections: None,
             max_connections_per_listener: None,
             watch_config: false,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            tcp_keepalive: Some(Keepalive::default()),
+            connect_retries: None,
+            resolve_interval: Duration::from_secs(30),
+            resolvers: Vec::new(),
             routes: Vec::new(),
             accept_proxy: Vec::new(),
             access_log: AccessLog::Text,
@@ -288,6 +444,11 @@ struct RawConfig {
     drain_delay: Option<Spanned<String>>,
     max_connections: Option<Spanned<usize>>,
     max_connections_per_listener: Option<Spanned<usize>>,
+    idle_timeout: Option<Spanned<String>>,
+    tcp_keepalive: Option<RawKeepalive>,
+    connect_retries: Option<Spanned<u32>>,
+    resolve_interval: Option<Spanned<String>>,
+    resolvers: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     watch_config: bool,
     #[serde(default)]
@@ -310,6 +471,59 @@ struct RawListenOptions {
     address: String,
     #[serde(default)]
     accept_proxy: bool,
+}
+
+/// A `tcp_keepalive` table, over the defaults.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeepalive {
+    enabled: Option<bool>,
+    idle: Option<Spanned<String>>,
+    interval: Option<Spanned<String>>,
+    count: Option<Spanned<u32>>,
+}
+
+/// A backend in the file: `"ADDR"`, or `{ address = "ADDR", weight = N }`.
+struct RawBackend {
+    address: String,
+    weight: Option<u32>,
+}
+
+impl<'de> Deserialize<'de> for RawBackend {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Table {
+            address: String,
+            weight: Option<u32>,
+        }
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = RawBackend;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(
+                    "an address (\"IP:PORT\" or \"NAME:PORT\") or { address = ..., weight = N }",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<RawBackend, E> {
+                Ok(RawBackend {
+                    address: text.to_owned(),
+                    weight: None,
+                })
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<RawBackend, A::Error> {
+                let table = Table::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(RawBackend {
+                    address: table.address,
+                    weight: table.weight,
+                })
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A `health_check` table: each key overrides the one it is layered on
@@ -337,9 +551,11 @@ struct RawRoute {
     #[serde(default)]
     default: bool,
     #[serde(default)]
-    backends: Vec<Spanned<String>>,
+    backends: Vec<Spanned<RawBackend>>,
     #[serde(default)]
     balance: Balance,
+    idle_timeout: Option<Spanned<String>>,
+    connect_retries: Option<Spanned<u32>>,
     proxy_protocol: Option<ProxyProtocol>,
     health_check: Option<RawHealthCheck>,
     #[serde(default)]
@@ -486,6 +702,31 @@ impl Config {
             }
         }
         config.watch_config = raw.watch_config;
+        if let Some(timeout) = &raw.idle_timeout {
+            config.idle_timeout = parse_idle_timeout(timeout.get_ref())
+                .map_err(|m| fail(timeout.span(), "idle_timeout", m))?;
+        }
+        if let Some(table) = &raw.tcp_keepalive {
+            config.tcp_keepalive = table
+                .resolve()
+                .map_err(|(span, key, m)| fail(span, &format!("tcp_keepalive.{key}"), m))?;
+        }
+        if let Some(retries) = &raw.connect_retries {
+            config.connect_retries = Some(
+                check_retries(*retries.get_ref())
+                    .map_err(|m| fail(retries.span(), "connect_retries", m))?,
+            );
+        }
+        if let Some(interval) = &raw.resolve_interval {
+            config.resolve_interval = parse_duration(interval.get_ref())
+                .map_err(|m| fail(interval.span(), "resolve_interval", m))?;
+        }
+        for server in raw.resolvers.iter().flatten() {
+            config.resolvers.push(
+                parse_resolver(server.get_ref())
+                    .map_err(|m| fail(server.span(), "resolvers", m))?,
+            );
+        }
         for (i, spanned) in raw.route.iter().enumerate() {
             let route = spanned.get_ref();
             let field = |name: &str| format!("route[{i}] ({}).{name}", route.name.get_ref());
@@ -539,11 +780,34 @@ impl Config {
                     "only a `preamble` route takes a token".into(),
                 ));
             }
-            let backends = route
+            let targets = route
                 .backends
                 .iter()
-                .map(|b| parse_addr(b.get_ref()).map_err(|m| fail(b.span(), &field("backends"), m)))
+                .map(|b| {
+                    let raw = b.get_ref();
+                    let mut target = parse_target(&raw.address)?;
+                    if let Some(weight) = raw.weight {
+                        target.weight = check_weight(weight)?;
+                    }
+                    Ok(target)
+                })
+                .zip(&route.backends)
+                .map(|(target, b)| target.map_err(|m| fail(b.span(), &field("backends"), m)))
                 .collect::<Result<Vec<_>, _>>()?;
+            let idle_timeout = match &route.idle_timeout {
+                Some(timeout) => Some(
+                    parse_idle_timeout(timeout.get_ref())
+                        .map_err(|m| fail(timeout.span(), &field("idle_timeout"), m))?,
+                ),
+                None => None,
+            };
+            let connect_retries = match &route.connect_retries {
+                Some(retries) => Some(
+                    check_retries(*retries.get_ref())
+                        .map_err(|m| fail(retries.span(), &field("connect_retries"), m))?,
+                ),
+                None => None,
+            };
             let health_check = match &route.health_check {
                 None => config.health_check,
                 Some(table) => {
@@ -554,15 +818,20 @@ impl Config {
                     enabled.then_some(check)
                 }
             };
-            config.routes.push(Route {
-                name: route.name.get_ref().clone(),
+            config.routes.push(Route::new(
+                route.name.get_ref().clone(),
                 matcher,
-                backends,
-                balance: route.balance,
-                proxy_protocol: route.proxy_protocol,
-                health_check,
-                http_close: route.http_close,
-            });
+                targets,
+                Route {
+                    balance: route.balance,
+                    proxy_protocol: route.proxy_protocol,
+                    health_check,
+                    http_close: route.http_close,
+                    idle_timeout,
+                    connect_retries,
+                    ..Route::default()
+                },
+            ));
             config.validate_route(i).map_err(|m| {
                 fail(
                     spanned.span(),
@@ -576,7 +845,7 @@ impl Config {
 
     fn validate_route(&self, index: usize) -> Result<(), String> {
         let route = &self.routes[index];
-        if route.backends.is_empty() {
+        if route.targets.is_empty() {
             return Err("`backends` must list at least one address".into());
         }
         if self.routes[..index].iter().any(|r| r.name == route.name) {
@@ -605,6 +874,77 @@ impl Config {
         Ok(())
     }
 
+    /// The idle timeout of `route`'s connections (`ZERO`: none).
+    pub fn idle_timeout_of(&self, route: &Route) -> Duration {
+        route.idle_timeout.unwrap_or(self.idle_timeout)
+    }
+
+    /// How many connects a connection of `route` may try: one, then
+    /// `connect_retries` more; by default each backend once.
+    pub fn connect_attempts_of(&self, route: &Route) -> usize {
+        match route.connect_retries.or(self.connect_retries) {
+            Some(retries) => retries as usize + 1,
+            None => route.backends.len(),
+        }
+    }
+
+    /// Whether any backend is given by name.
+    pub fn has_names(&self) -> bool {
+        self.routes
+            .iter()
+            .flat_map(|r| &r.targets)
+            .any(|t| t.name().is_some())
+    }
+
+    /// Resolves every backend name with `lookup`, as at start: a name that
+    /// does not resolve is an error naming the route, the backend and why.
+    pub fn resolve_names(
+        &mut self,
+        lookup: &mut dyn FnMut(&str) -> Result<Vec<IpAddr>, String>,
+    ) -> Result<(), String> {
+        for route in &mut self.routes {
+            for target in &mut route.targets {
+                let shown = target.to_string();
+                if let TargetHost::Name { name, addrs } = &mut target.host {
+                    *addrs = lookup(name).map_err(|why| {
+                        format!(
+                            "route `{}`: backend `{shown}`: cannot resolve `{name}`: {why}",
+                            route.name
+                        )
+                    })?;
+                }
+            }
+            route.expand();
+        }
+        Ok(())
+    }
+
+    /// The configuration with its backend names resolved again, or `None`
+    /// if no address changed. A name that no longer resolves keeps its last
+    /// addresses; `failed` hears of it (route, backend, why).
+    pub fn re_resolved(
+        &self,
+        lookup: &mut dyn FnMut(&str) -> Result<Vec<IpAddr>, String>,
+        failed: &mut dyn FnMut(&str, &Target, &str),
+    ) -> Option<Config> {
+        let mut new = self.clone();
+        for route in &mut new.routes {
+            for target in &mut route.targets {
+                let Some(name) = target.name() else { continue };
+                match lookup(name) {
+                    Ok(found) => {
+                        if let TargetHost::Name { addrs, .. } = &mut target.host {
+                            *addrs = found;
+                        }
+                    }
+                    Err(why) => failed(&route.name, target, &why),
+                }
+            }
+            route.expand();
+        }
+        (new.routes != self.routes).then_some(new)
+    }
+
     /// Checks what concerns the whole configuration.
     pub fn validate(&self) -> Result<(), String> {
         if self.listen.is_empty() {
@@ -626,21 +966,43 @@ impl Config {
         let (matcher, addrs) = spec.split_once('=').ok_or_else(|| {
             fail("expected KIND:NAME=ADDR[,ADDR...] or default=ADDR[,...]".into())
         })?;
-        let mut backends = Vec::new();
-        let mut balance = Balance::RoundRobin;
-        let mut proxy_protocol = None;
-        let mut http_close = false;
+        let mut targets: Vec<Target> = Vec::new();
+        let mut options = Route::default();
         for item in addrs.split(',').map(str::trim) {
             // An address never holds `=`: an item that does is an option.
             match item.split_once('=') {
-                None => backends.push(parse_addr(item).map_err(&fail)?),
-                Some(("proxy_protocol", version)) => {
-                    proxy_protocol = Some(version.parse().map_err(&fail)?);
+                None => targets.push(parse_target(item).map_err(&fail)?),
+                Some(("weight", weight)) => {
+                    let Some(target) = targets.last_mut() else {
+                        return Err(fail("`weight=N` follows the address it weighs".into()));
+                    };
+                    let weight = weight
+                        .parse()
+                        .map_err(|_| format!("`{weight}`: a weight is a number"))
+                        .and_then(check_weight)
+                        .map_err(&fail)?;
+                    target.weight = weight;
                 }
-                Some(("balance", "round-robin")) => balance = Balance::RoundRobin,
-                Some(("balance", "least-connections")) => balance = Balance::LeastConnections,
-                Some(("http_close", "true")) => http_close = true,
-                Some(("http_close", "false")) => http_close = false,
+                Some(("connect_retries", retries)) => {
+                    let retries = retries
+                        .parse()
+                        .map_err(|_| format!("`{retries}`: connect_retries is a number"))
+                        .and_then(check_retries)
+                        .map_err(&fail)?;
+                    options.connect_retries = Some(retries);
+                }
+                Some(("idle_timeout", timeout)) => {
+                    options.idle_timeout = Some(parse_idle_timeout(timeout).map_err(&fail)?);
+                }
+                Some(("proxy_protocol", version)) => {
+                    options.proxy_protocol = Some(version.parse().map_err(&fail)?);
+                }
+                Some(("balance", "round-robin")) => options.balance = Balance::RoundRobin,
+                Some(("balance", "least-connections")) => {
+                    options.balance = Balance::LeastConnections;
+                }
+                Some(("http_close", "true")) => options.http_close = true,
+                Some(("http_close", "false")) => options.http_close = false,
                 Some(("http_close", other)) => {
                     return Err(fail(format!("`{other}`: http_close is true or false")));
                 }
@@ -651,7 +1013,9 @@ impl Config {
                 }
                 Some((option, _)) => {
                     return Err(fail(format!(
-                        "unknown option `{option}` (options: proxy_protocol=v1|v2, balance=..., http_close=true)"
+                        "unknown option `{option}` (options: weight=N after an address, \
+                         proxy_protocol=v1|v2, balance=..., http_close=true, connect_retries=N, \
+                         idle_timeout=DURATION)"
                     )));
                 }
             }
@@ -690,16 +1054,16 @@ impl Config {
                 ));
             }
         };
-        self.routes.push(Route {
-            // Named after what it matches: the same whatever the flags' order.
+        // Named after what it matches: the same whatever the flags' order.
+        self.routes.push(Route::new(
             name,
             matcher,
-            backends,
-            balance,
-            proxy_protocol,
-            health_check: self.health_check,
-            http_close,
-        });
+            targets,
+            Route {
+                health_check: self.health_check,
+                ..options
+            },
+        ));
         self.validate_route(self.routes.len() - 1).map_err(fail)
     }
 }
@@ -734,6 +1098,96 @@ impl RawHealthCheck {
         }
         Ok((self.enabled.unwrap_or(true), check))
     }
+}
+
+impl RawKeepalive {
+    /// Layers this table over the defaults: `None` when `enabled = false`;
+    /// an error names the key and where it is.
+    fn resolve(&self) -> Result<Option<Keepalive>, (Range<usize>, &'static str, String)> {
+        let mut keepalive = Keepalive::default();
+        for (value, target, key) in [
+            (&self.idle, &mut keepalive.idle, "idle"),
+            (&self.interval, &mut keepalive.interval, "interval"),
+        ] {
+            if let Some(value) = value {
+                let duration =
+                    parse_duration(value.get_ref()).map_err(|m| (value.span(), key, m))?;
+                // The kernel counts these in whole seconds.
+                if duration < Duration::from_secs(1) || duration > Duration::from_secs(32767) {
+                    return Err((value.span(), key, "must be between 1s and 32767s".into()));
+                }
+                *target = duration;
+            }
+        }
+        if let Some(count) = &self.count {
+            if !(1..=127).contains(count.get_ref()) {
+                return Err((count.span(), "count", "must be between 1 and 127".into()));
+            }
+            keepalive.count = *count.get_ref();
+        }
+        Ok(self.enabled.unwrap_or(true).then_some(keepalive))
+    }
+}
+
+/// A backend address: `IP:PORT` (IPv6 in brackets), `localhost:PORT`, or
+/// `NAME:PORT` (a DNS name, resolved later), of weight 1.
+pub fn parse_target(text: &str) -> Result<Target, String> {
+    let bad = || format!("`{text}` is not an IP:port or NAME:port address (IPv6 as [addr]:port)");
+    let (host, port) = match parse_addr(text) {
+        Ok(addr) => (TargetHost::Ip(addr.ip()), addr.port()),
+        Err(_) => {
+            let (name, port) = text.rsplit_once(':').ok_or_else(bad)?;
+            let port: u16 = port.parse().map_err(|_| format!("`{text}`: bad port"))?;
+            // A name has a letter somewhere: `1.2.3:80` is a typo, not a name.
+            let name = crate::host::normalize(name.as_bytes())
+                .filter(|n| n.bytes().any(|b| b.is_ascii_alphabetic()))
+                .ok_or_else(bad)?;
+            (
+                TargetHost::Name {
+                    name,
+                    addrs: Vec::new(),
+                },
+                port,
+            )
+        }
+    };
+    Ok(Target {
+        host,
+        port,
+        weight: 1,
+    })
+}
+
+fn check_weight(weight: u32) -> Result<u32, String> {
+    if (1..=256).contains(&weight) {
+        Ok(weight)
+    } else {
+        Err(format!("weight {weight}: must be between 1 and 256"))
+    }
+}
+
+fn check_retries(retries: u32) -> Result<u32, String> {
+    if retries <= 100 {
+        Ok(retries)
+    } else {
+        Err(format!("connect_retries {retries}: at most 100"))
+    }
+}
+
+/// A DNS server: `IP` or `IP:PORT` (port 53 by default).
+fn parse_resolver(text: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    text.parse().map_err(|_| {
+        format!("`{text}` is not a DNS server address (IP or IP:PORT; IPv6 as [addr]:port)")
+    })
+}
+
+/// Parses an idle timeout: a duration, where `0s` turns it off.
+pub fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text)
+        .map_err(|e| format!("`{text}`: {e} (e.g. \"1h\", \"30s\", \"0s\" for none)"))
 }
 
 /// A `--route` spec as errors show it: a preamble token replaced by
@@ -870,11 +1324,11 @@ backends = ["127.0.0.1:9000"]
         );
         // Tokens never show in debug output (logs, dumps), nor in errors.
         let e = Config::default()
-            .add_route_flag("preamble:db:s3cret=nowhere:1")
+            .add_route_flag("preamble:db:s3cret=nowhere")
             .unwrap_err()
             .0;
         assert!(
-            e.starts_with("--route preamble:db:<redacted>=nowhere:1: "),
+            e.starts_with("--route preamble:db:<redacted>=nowhere: "),
             "{e}"
         );
         let dump = format!("{config:?}");
@@ -1069,16 +1523,127 @@ health_check = { enabled = false }
             .unwrap_err()
             .0;
         assert!(e.contains("v1 or v2"), "{e}");
+        let mut weighted = Config::default();
+        weighted
+            .add_route_flag("host:b=127.0.0.1:1,weight=3,db.internal:2,connect_retries=0")
+            .unwrap();
+        let route = &weighted.routes[0];
+        // The name has no address until resolved.
+        assert_eq!(route.weights, vec![3]);
+        assert_eq!(route.targets[1].weight, 1);
+        assert_eq!(route.targets[1].to_string(), "db.internal:2");
+        assert_eq!(route.connect_retries, Some(0));
         let e = config
-            .add_route_flag("host:b=127.0.0.1:1,weight=2")
+            .add_route_flag("host:c=weight=2,127.0.0.1:1")
             .unwrap_err()
             .0;
-        assert!(e.contains("unknown option `weight`"), "{e}");
+        assert!(e.contains("follows the address it weighs"), "{e}");
+        let e = config
+            .add_route_flag("host:c=127.0.0.1:1,weight=0")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("between 1 and 256"), "{e}");
+        let e = config
+            .add_route_flag("host:c=127.0.0.1:1,wieght=2")
+            .unwrap_err()
+            .0;
+        assert!(e.contains("unknown option `wieght`"), "{e}");
         let e = config
             .add_route_flag("host:b=proxy_protocol=v1")
             .unwrap_err()
             .0;
         assert!(e.contains("at least one address"), "{e}");
+    }
+
+    #[test]
+    fn names_weights_timeouts_and_keepalive_parse_from_the_file() {
+        let text = r#"
+listen = ["127.0.0.1:1"]
+idle_timeout = "10m"
+connect_retries = 1
+resolve_interval = "5s"
+resolvers = ["127.0.0.1:5353", "10.0.0.53"]
+[tcp_keepalive]
+idle = "30s"
+count = 3
+
+[[route]]
+name = "db"
+default = true
+backends = ["db.internal:5432", { address = "127.0.0.1:2", weight = 4 }]
+idle_timeout = "0s"
+connect_retries = 0
+"#;
+        let mut config = Config::from_toml(text, "t.toml").unwrap();
+        assert_eq!(config.idle_timeout, Duration::from_secs(600));
+        assert_eq!(config.resolve_interval, Duration::from_secs(5));
+        assert_eq!(config.resolvers[1], "10.0.0.53:53".parse().unwrap());
+        assert_eq!(
+            config.tcp_keepalive,
+            Some(Keepalive {
+                idle: Duration::from_secs(30),
+                count: 3,
+                ..Keepalive::default()
+            })
+        );
+        let route = &config.routes[0];
+        assert_eq!(config.idle_timeout_of(route), Duration::ZERO);
+        assert_eq!(config.connect_attempts_of(route), 1);
+        // Unresolved, the name stands for no address yet.
+        assert_eq!(route.backends, vec!["127.0.0.1:2".parse().unwrap()]);
+        assert_eq!(route.weights, vec![4]);
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        config
+            .resolve_names(&mut |name| {
+                assert_eq!(name, "db.internal");
+                Ok(vec![ip("10.0.0.1"), ip("10.0.0.2")])
+            })
+            .unwrap();
+        assert_eq!(config.routes[0].backends.len(), 3);
+        assert_eq!(config.routes[0].weights, vec![1, 1, 4]);
+        // Unchanged: nothing to publish; a failure keeps the addresses.
+        let mut failures = Vec::new();
+        let same = config.re_resolved(
+            &mut |_| {
+                Ok(vec![ip("10.0.0.2"), ip("10.0.0.1")]
+                    .into_iter()
+                    .rev()
+                    .collect())
+            },
+            &mut |_, _, _| {},
+        );
+        assert!(same.is_none());
+        let kept = config.re_resolved(
+            &mut |_| Err("SERVFAIL".into()),
+            &mut |route, target, why| {
+                failures.push(format!("{route} {target} {why}"));
+            },
+        );
+        assert!(kept.is_none());
+        assert_eq!(failures, ["db db.internal:5432 SERVFAIL"]);
+        let moved = config
+            .re_resolved(&mut |_| Ok(vec![ip("10.0.0.9")]), &mut |_, _, _| {})
+            .unwrap();
+        assert_eq!(
+            moved.routes[0].backends[0],
+            "10.0.0.9:5432".parse().unwrap()
+        );
+        let e = config
+            .resolve_names(&mut |_| Err("NXDOMAIN".into()))
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "route `db`: backend `db.internal:5432`: cannot resolve `db.internal`: NXDOMAIN"
+        );
+        let base = "listen = [\"127.0.0.1:1\"]\n";
+        let e = error(&format!(
+            "{base}[[route]]\nname = \"a\"\ndefault = true\nbackends = [{{ address = \"127.0.0.1:2\", weight = 0 }}]\n"
+        ));
+        assert!(e.contains("line 5: route[0] (a).backends: weight 0"), "{e}");
+        let e = error(&format!("{base}[tcp_keepalive]\ninterval = \"10ms\"\n"));
+        assert!(e.contains("line 3: tcp_keepalive.interval"), "{e}");
+        let e = error(&format!("{base}resolvers = [\"dns.example\"]\n"));
+        assert!(e.contains("line 2: resolvers"), "{e}");
     }
 
     #[test]

@@ -128,7 +128,9 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         limits: input.limits,
         limit_log: Cell::new((None, 0)),
         access_log: input.access_log,
+        idle: Default::default(),
     });
+    glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
     // Listeners come in configuration order: the index is the listener's.
     for (index, (listener, accept_proxy)) in input.listeners.into_iter().enumerate() {
         let info = Rc::new(Listener {

@@ -8,6 +8,8 @@
 //! - [`routes`]: which route it takes, or why it is refused;
 //! - [`refuse`]: what a refused client receives;
 //! - [`rewrite`]: what a route changes in the first packet (`http_close`);
+//! - [`exclusive`]: one router per listen address;
+//! - [`idle`]: idle timeout and TCP keepalive;
 //! - [`limits`]: connection limits, in total and per listener;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
@@ -25,6 +27,8 @@
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
 //! - [`service`]: the systemd notify protocol (ready, reloading, stopping);
 //! - [`watch`]: `watch_config`, a reload when the configuration file changes;
+//! - [`resolve`]: backend names, resolved at start, on reload and every
+//!   `resolve_interval`;
 //! - [`telemetry`]: counters, the `stats:` line, Prometheus metrics and
 //!   their HTTP endpoint (`/metrics`, `/healthz`, `/readyz`);
 //! - [`demo`]: the demo backends of `router --demo`.
@@ -42,10 +46,14 @@ pub mod connection;
 #[cfg(feature = "server")]
 pub mod demo;
 #[cfg(feature = "server")]
+pub mod exclusive;
+#[cfg(feature = "server")]
 pub mod executor;
 #[cfg(feature = "server")]
 pub mod health;
 pub mod host;
+#[cfg(feature = "server")]
+pub mod idle;
 #[cfg(feature = "server")]
 pub mod limits;
 #[cfg(feature = "server")]
@@ -56,6 +64,8 @@ pub mod proxy_protocol;
 pub mod refuse;
 #[cfg(feature = "server")]
 pub mod reload;
+#[cfg(feature = "server")]
+pub mod resolve;
 pub mod rewrite;
 pub mod routes;
 #[cfg(feature = "server")]

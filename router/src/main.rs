@@ -8,7 +8,10 @@ use std::{
 use anyhow::Context as _;
 use clap::Parser;
 use router::{
-    config::{AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout},
+    config::{
+        AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout,
+        parse_idle_timeout,
+    },
     demo::{self, DemoBackends},
     logging, startup,
     watch::ConfigWatch,
@@ -29,6 +32,7 @@ use tracing_subscriber::EnvFilter;
         --route sni:b.test=127.0.0.1:9002,127.0.0.1:9003 --route default=127.0.0.1:9004\n  \
         router ... --route preamble:db:s3cret=127.0.0.1:5432   # clients send \"ROUTE db s3cret\\r\\n\" first\n  \
         router ... --route host:a.test=127.0.0.1:9001,127.0.0.1:9002,proxy_protocol=v2,balance=least-connections\n  \
+        router ... --route default=db1.internal:5432,weight=3,db2.internal:5432,connect_retries=1 --idle-timeout 30m\n  \
         router --config router.toml --metrics 127.0.0.1:9100   # curl 127.0.0.1:9100/metrics\n  \
         router ... --log-level debug                  # one line per closed connection too\n  \
         kill -USR1 <pid>                              # print counters now\n  \
@@ -48,10 +52,11 @@ struct Cli {
     /// Address to listen on (repeatable; adds to the file's `listen`).
     #[arg(long, value_name = "ADDR", value_parser = parse_addr)]
     listen: Vec<SocketAddr>,
-    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...,
-    /// with options among the addresses: proxy_protocol=v1|v2, balance=least-connections,
-    /// http_close=true (repeatable; tried after the file's routes, in order; health checks:
-    /// config file).
+    /// A route: host:NAME=ADDR[,ADDR...], sni:NAME=..., preamble:NAME[:TOKEN]=..., default=...;
+    /// an ADDR is IP:PORT or NAME:PORT (a DNS name: every address it resolves to), optionally
+    /// followed by weight=N; options among the addresses: proxy_protocol=v1|v2,
+    /// balance=least-connections, http_close=true, connect_retries=N, idle_timeout=DURATION
+    /// (repeatable; tried after the file's routes, in order; health checks: config file).
     #[arg(long, value_name = "SPEC")]
     route: Vec<String>,
     /// Executors, one pinned per core [default: all online cores].
@@ -91,6 +96,10 @@ struct Cli {
     /// sending first (e.g. 1s) [default: 0s, or the file's].
     #[arg(long, value_name = "DURATION", value_parser = parse_drain_timeout)]
     drain_delay: Option<Duration>,
+    /// Close a forwarded connection after this long without a byte either
+    /// way (e.g. 1h, 30s; 0s: never) [default: 1h, or the file's].
+    #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
+    idle_timeout: Option<Duration>,
     /// Log level: error, warn, info (default), debug (adds a line per
     /// closed connection), trace, or a tracing filter such as
     /// `router=debug`. Takes precedence over RUST_LOG.
@@ -242,6 +251,9 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     if let Some(delay) = cli.drain_delay {
         config.drain_delay = delay;
     }
+    if let Some(timeout) = cli.idle_timeout {
+        config.idle_timeout = timeout;
+    }
     if let Some(max) = cli.max_connections {
         config.max_connections = Some(usize::try_from(max)?);
     }
@@ -258,6 +270,10 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     config.validate().map_err(|e| match &cli.config {
         Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e}", path.display()),
         _ => anyhow::anyhow!("{e} (give --config FILE, or --listen and --route)"),
+    })?;
+    router::resolve::resolve_names(&mut config).map_err(|e| match &cli.config {
+        Some(path) if demo.is_none() => anyhow::anyhow!("{}: {e:#}", path.display()),
+        _ => e,
     })?;
     Ok(config)
 }

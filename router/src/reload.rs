@@ -47,12 +47,27 @@ impl Published {
     /// connection holds the previous configuration. Executors pick it up
     /// at their next accept, or within [`ADOPT_EVERY`].
     pub fn publish(&self, config: Arc<Config>) {
+        self.publish_if_at(None, config);
+    }
+
+    /// [`Published::publish`], unless another publication came after
+    /// `version` (the resolver thread's, which must not undo a reload).
+    /// Whether it published.
+    pub fn publish_if(&self, version: u64, config: Arc<Config>) -> bool {
+        self.publish_if_at(Some(version), config)
+    }
+
+    fn publish_if_at(&self, version: Option<u64>, config: Arc<Config>) -> bool {
         let mut current = self.config.lock().expect("no panic under this lock");
+        if version.is_some_and(|v| v != self.version.load(Ordering::Acquire)) {
+            return false;
+        }
         let health = Health::carried_over(&config.routes, &current.1);
         *current = (config, health);
         // Under the lock: whoever sees the new version and then takes the
         // lock gets the new configuration.
         self.version.fetch_add(1, Ordering::Release);
+        true
     }
 
     /// The version to compare with the one a [`Published::current`] call
@@ -188,6 +203,31 @@ pub fn summary(old: &Config, new: &Config, took: Duration) -> String {
         old.watch_config.to_string(),
         new.watch_config.to_string(),
     );
+    compare(
+        "idle_timeout",
+        duration(old.idle_timeout),
+        duration(new.idle_timeout),
+    );
+    compare(
+        "tcp_keepalive",
+        format!("{:?}", old.tcp_keepalive),
+        format!("{:?}", new.tcp_keepalive),
+    );
+    compare(
+        "connect_retries",
+        format!("{:?}", old.connect_retries),
+        format!("{:?}", new.connect_retries),
+    );
+    compare(
+        "resolve_interval",
+        duration(old.resolve_interval),
+        duration(new.resolve_interval),
+    );
+    compare(
+        "resolvers",
+        format!("{:?}", old.resolvers),
+        format!("{:?}", new.resolvers),
+    );
     if old.routes != new.routes {
         changed.push("routes".to_owned());
     }
@@ -240,11 +280,12 @@ mod tests {
         new.max_connections = Some(20);
         new.max_connections_per_listener = Some(3);
         new.connect_timeout = Duration::from_millis(500);
+        new.idle_timeout = Duration::from_secs(60);
         let line = summary(&old, &new, Duration::ZERO);
         assert!(
             line.ends_with(
                 "changed: connect_timeout 2s -> 500ms, max_connections default -> 20, \
-                 max_connections_per_listener default -> 3"
+                 max_connections_per_listener default -> 3, idle_timeout 1h -> 1m"
             ),
             "{line}"
         );

@@ -93,6 +93,8 @@ pub(crate) struct Shard {
     /// line a second per core), and how many since.
     pub(crate) limit_log: Cell<(Option<Instant>, u64)>,
     pub(crate) access_log: Arc<AccessLogger>,
+    /// Forwarded connections, for the idle timeout.
+    pub(crate) idle: crate::idle::Idle,
 }
 
 impl Shard {

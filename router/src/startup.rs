@@ -69,10 +69,17 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // The main thread's copies of the listeners, to close them on stop.
     let mut listeners = Vec::new();
     for addr in &config.listen {
+        // Before the SO_REUSEPORT copies, which another router could share.
+        crate::exclusive::check_free(*addr)?;
+    }
+    for addr in &config.listen {
         let copies = runtime::bind_reuseport(*addr, cores).map_err(bind_error)?;
         bound.push(copies[0].local_addr()?);
         let accept_proxy = config.accept_proxy.contains(addr);
         for (core, listener) in copies.into_iter().enumerate() {
+            // Accepted sockets inherit it.
+            crate::idle::set_keepalive(&listener, config.tcp_keepalive)
+                .with_context(|| format!("setting TCP keepalive on {addr}"))?;
             listeners.push(listener.try_clone()?);
             per_core[core].push((listener, accept_proxy));
         }
@@ -188,6 +195,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    crate::resolve::spawn_refresh(Arc::clone(&published), Arc::clone(&labelled_for_reload))?;
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);

@@ -163,6 +163,13 @@ impl Supervisor<'_> {
             merged.max_connections_per_listener,
         );
         self.labelled.register(&merged);
+        if merged.tcp_keepalive != self.config.tcp_keepalive {
+            for listener in &self.listeners {
+                if let Err(e) = crate::idle::set_keepalive(listener, merged.tcp_keepalive) {
+                    warn!("SIGHUP: setting TCP keepalive on a listener: {e}");
+                }
+            }
+        }
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
         info!(

@@ -683,7 +683,7 @@ fn check_config_validates_and_reports_errors_with_their_line() {
     let bad = dir.join("bad.toml");
     std::fs::write(
         &bad,
-        "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"nowhere:1\"]\n",
+        "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"nowhere\"]\n",
     )
     .unwrap();
     let output = Command::new(BIN)

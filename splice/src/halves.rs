@@ -106,6 +106,11 @@ impl OwnSocket {
         }
     }
 
+    /// The socket's descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
     /// Connects a new non-blocking TCP socket to `addr`, with `TCP_NODELAY`
     /// (a proxy forwards small writes as they come) and `SO_OOBINLINE` (an
     /// urgent byte is read with the stream and passed on, not dropped).

@@ -23,7 +23,11 @@ pub struct Backend {
 }
 
 fn spawn(handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Backend {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a backend");
+    spawn_at(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), handle)
+}
+
+fn spawn_at(at: SocketAddr, handle: impl Fn(TcpStream) + Send + Sync + Clone + 'static) -> Backend {
+    let listener = TcpListener::bind(at).expect("bind a backend");
     let addr = listener.local_addr().unwrap();
     let accepted = Arc::new(AtomicUsize::new(0));
     let counter = Arc::clone(&accepted);
@@ -87,6 +91,23 @@ impl Backend {
             }
             let greeting = [format!("{name}:").as_bytes(), &first[..n]].concat();
             greet_then_echo(stream, &greeting);
+        })
+    }
+
+    /// [`Backend::named`] at `addr` (another loopback address, such as
+    /// 127.0.0.2, can share a port with a backend on 127.0.0.1).
+    pub fn named_at(name: &'static str, addr: SocketAddr) -> Self {
+        spawn_at(addr, move |stream| {
+            let mut first = [0u8; 4096];
+            let Ok(n) = (&stream).read(&mut first) else {
+                return;
+            };
+            if n > 0 {
+                greet_then_echo(
+                    stream,
+                    &[format!("{name}:").as_bytes(), &first[..n]].concat(),
+                );
+            }
         })
     }
 

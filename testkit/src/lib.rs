@@ -6,11 +6,14 @@ pub mod backends;
 pub mod budget;
 pub mod clients;
 pub mod data;
+pub mod dns;
+pub mod netns;
 pub mod no_sockmap;
 pub mod privileges;
 pub mod proxy_protocol;
 pub mod server;
 pub mod soak;
 pub mod tls;
+pub mod tools;
 
 pub use server::{Server, Stats};

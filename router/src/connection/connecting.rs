@@ -40,6 +40,7 @@ pub(crate) async fn connect<'a>(
     let (connected, failures) = Box::pin(generation.pools.connect(
         decision.route,
         generation.config.connect_timeout,
+        generation.config.connect_attempts_of(route),
         &shard.readiness,
     ))
     .await;
@@ -83,6 +84,11 @@ pub(crate) async fn connect<'a>(
     let backend_active = backend_counters.map(|backend| Held::new(&backend.active));
     let backend_addr = backend.addr;
     let guard = backend.guard;
+    if let Some(keepalive) = generation.config.tcp_keepalive
+        && let Err(e) = crate::idle::set_keepalive(backend.socket.fd(), Some(keepalive))
+    {
+        tracing::debug!(backend = %backend_addr, "TCP keepalive not set: {e}");
+    }
     // Before any byte of the client, the backend learns who it is.
     let header = route
         .proxy_protocol
@@ -112,5 +118,6 @@ pub(crate) async fn connect<'a>(
             shard,
             format: generation.config.access_log,
         },
+        generation.config.idle_timeout_of(route),
     ))
 }

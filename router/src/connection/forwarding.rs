@@ -106,14 +106,21 @@ pub(crate) fn forward<'a>(
     shard: &'a Shard,
     to_backend: ToBackend,
     finish: Finish<'a>,
+    idle_timeout: std::time::Duration,
 ) -> impl Future<Output = ()> + 'a {
     let first = to_backend.assemble();
+    // Until the pipe ends (the closure below runs in the same poll as the
+    // sockets' close).
+    let watch = shard
+        .idle
+        .watch(crate::idle::raw(client.0.fd(), backend.fd()), idle_timeout);
     pipe::run_then(
         client,
         backend,
         shard.probe.as_ref(),
         first,
         move |outcome| {
+            drop(watch);
             let stats = &shard.stats.splice;
             if outcome.path == Some(Path::Copied) {
                 add(&stats.copied, 1);
