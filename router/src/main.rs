@@ -9,8 +9,7 @@ use anyhow::Context as _;
 use clap::Parser;
 use router::{
     config::{
-        AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout,
-        parse_idle_timeout,
+        AccessLog, Config, Mode, ProxyProtocol, parse_addr, parse_drain_timeout, parse_idle_timeout,
     },
     demo::{self, DemoBackends},
     logging, startup,
