@@ -190,6 +190,14 @@ port_free() {
     ! ss -Htln "sport = :$1" | grep -q .
 }
 
+# Waits (up to 10 s) until nothing listens on port $1 any more (a stopped
+# router's sockets go with its process; the next router refuses to share a
+# listened address), or fails naming what does.
+wait_port_free() {
+    wait_for "port_free $1" 10 \
+        || die "port $1 is still listened on: $(ss -Htlnp "sport = :$1" | tr -s ' ' | paste -sd';' -)"
+}
+
 # Waits (up to $2 s) until `$1` (a command) succeeds.
 wait_for() {
     local deadline=$((SECONDS + $2))
@@ -348,6 +356,7 @@ backends = [\"127.0.0.1:$((BASE + 2))\"]")"
     CONTAINERS+=("$name")
     podman rm -f -t 0 "$name" >/dev/null 2>&1 || true
     mapfile -t flags < <(least_privileged "")
+    wait_port_free "$ROUTER_PORT"
     podman run -d --name "$name" "${flags[@]}" -v "$PWD/$dir/etc:/etc/ebpf-router:ro" \
         "$IMAGE" --config "$IMAGE_CONFIG" --mode auto >/dev/null
     wait_for "curl -fsS http://127.0.0.1:$ROUTER_METRICS/readyz" 20 \
