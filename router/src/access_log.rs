@@ -237,21 +237,27 @@ pub struct AccessLogger {
 }
 
 impl AccessLogger {
-    /// Opens `path` (stderr if `None`) and starts the writer thread.
-    pub fn start(cores: usize, path: Option<&PathBuf>) -> io::Result<Arc<Self>> {
+    /// Opens `path` (stderr if `None`); [`AccessLogger::start_writer`]
+    /// starts writing.
+    pub fn open(cores: usize, path: Option<&PathBuf>) -> io::Result<Arc<Self>> {
         let sink = Sink::open(path).map_err(|e| with_path(e, path))?;
-        let logger = Arc::new(Self {
+        Ok(Arc::new(Self {
             cores: (0..cores).map(|_| Mutex::default()).collect(),
             sink: Mutex::new(sink),
             reopen: Mutex::new(None),
             wake: Condvar::new(),
             dropped: AtomicU64::new(0),
-        });
-        let writer = Arc::clone(&logger);
+        }))
+    }
+
+    /// Starts the writer thread. Called once the main thread dropped its
+    /// capabilities: a thread keeps the set it was started with.
+    pub fn start_writer(self: &Arc<Self>) -> io::Result<()> {
+        let writer = Arc::clone(self);
         thread::Builder::new()
             .name("router-access-log".into())
             .spawn(move || writer.write_forever())?;
-        Ok(logger)
+        Ok(())
     }
 
     /// Logs `entry` from `core`, in `format` (nothing if `off`).

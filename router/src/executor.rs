@@ -26,6 +26,7 @@ use crate::{
     config::Mode,
     connection::{self, Client, refusing::refuse_over_limit},
     limits::Limits,
+    listeners::{Inbox, ListenerState},
     reload::{ADOPT_EVERY, Published},
     shard::{Generation, Shard},
     telemetry::{
@@ -37,20 +38,18 @@ use crate::{
 /// One listen address as its connections see it.
 #[derive(Debug)]
 pub(crate) struct Listener {
-    /// Its place in the configuration (its per-listener limit's).
-    pub(crate) index: usize,
     /// The address it is bound to.
     pub(crate) addr: Option<SocketAddr>,
-    /// Its connections start with a PROXY protocol header.
-    pub(crate) accept_proxy: bool,
+    /// What every core's copy shares: `accept_proxy`, closed, its limit.
+    pub(crate) state: Arc<ListenerState>,
 }
 
 /// What the main thread hands to one executor.
 pub(crate) struct ShardInput {
     pub(crate) core: usize,
-    /// This core's copy of each listener, and whether it accepts a PROXY
-    /// protocol header.
-    pub(crate) listeners: Vec<(StdListener, bool)>,
+    /// Where this core's copy of each listener arrives (at start, and
+    /// after a reload that adds one).
+    pub(crate) inbox: Arc<Inbox>,
     pub(crate) access_log: Arc<AccessLogger>,
     pub(crate) published: Arc<Published>,
     pub(crate) probe: Option<ProbeSpec>,
@@ -131,19 +130,18 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         idle: Default::default(),
     });
     glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
-    // Listeners come in configuration order: the index is the listener's.
-    for (index, (listener, accept_proxy)) in input.listeners.into_iter().enumerate() {
-        let info = Rc::new(Listener {
-            index,
-            addr: listener.local_addr().ok(),
-            accept_proxy,
-        });
-        glommio::spawn_local(accept_forever(listener, info, Rc::clone(&shard))).detach();
-    }
-    // A published configuration is adopted at the next accept, or here if
-    // none comes: the health checks (core 0) follow it without traffic.
-    // The executor lives as long as this task: forever.
+    // Listeners arrive through the inbox: at start, and after a reload
+    // that adds one. A published configuration is adopted at the next
+    // accept, or here if none comes: the health checks (core 0) follow it
+    // without traffic. The executor lives as long as this task: forever.
     loop {
+        for (listener, state) in input.inbox.take(input.core) {
+            let info = Rc::new(Listener {
+                addr: listener.local_addr().ok(),
+                state,
+            });
+            glommio::spawn_local(accept_forever(listener, info, Rc::clone(&shard))).detach();
+        }
         glommio::timer::sleep(ADOPT_EVERY).await;
         shard.generation();
     }
@@ -156,7 +154,7 @@ async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Sha
     let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
     loop {
         match listener.accept().await {
-            Ok((socket, peer)) => match shard.limits.admit(info.index) {
+            Ok((socket, peer)) => match shard.limits.admit(&info.state.limit) {
                 Ok(permit) => {
                     let client = OwnSocket::new(socket, &shard.readiness);
                     glommio::spawn_local(connection::serve(
@@ -174,9 +172,11 @@ async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Sha
                 }
                 Err(exceeded) => refuse_over_limit(socket, &shard, exceeded, peer, &info),
             },
-            // Stopping: the main thread shut the listener down;
-            // dropping it closes this core's copy.
-            Err(_) if shard.lifecycle.draining.load(Relaxed) => break,
+            // Stopping, or a reload removed it: the main thread shut the
+            // listener down; dropping it closes this core's copy.
+            Err(_) if shard.lifecycle.draining.load(Relaxed) || info.state.closed.load(Relaxed) => {
+                break;
+            }
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
                 warn!("accept failed: {e}");

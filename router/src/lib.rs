@@ -11,6 +11,7 @@
 //! - [`exclusive`]: one router per listen address;
 //! - [`idle`]: idle timeout and TCP keepalive;
 //! - [`limits`]: connection limits, in total and per listener;
+//! - [`listeners`]: the listen addresses, bound at start and by reloads;
 //! - [`backends`]: picking and connecting to a route's backends;
 //! - [`health`]: backend health checks and passive ejection;
 //! - [`proxy_protocol`]: the PROXY protocol header sent to backends;
@@ -56,6 +57,7 @@ pub mod host;
 pub mod idle;
 #[cfg(feature = "server")]
 pub mod limits;
+pub mod listeners;
 #[cfg(feature = "server")]
 pub mod logging;
 pub mod proxy_header;

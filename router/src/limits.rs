@@ -6,7 +6,7 @@
 //! limits: a lower one refuses new connections until fewer are open, and
 //! closes none.
 use std::sync::{
-    Arc,
+    Arc, Mutex, Weak,
     atomic::{AtomicUsize, Ordering},
 };
 
@@ -18,8 +18,16 @@ const RESERVED_FILES: usize = 256;
 #[derive(Debug)]
 pub struct Limits {
     total: Counter,
-    listeners: Vec<Counter>,
+    /// The limit of each listen address (`usize::MAX`: none).
+    per_listener: AtomicUsize,
+    /// Every listen address's counter, to set new limits on a reload
+    /// (addresses a reload removed drop out once their connections ended).
+    listeners: Mutex<Vec<Weak<ListenerLimit>>>,
 }
+
+/// The connections of one listen address and its limit.
+#[derive(Debug)]
+pub struct ListenerLimit(Counter);
 
 #[derive(Debug)]
 struct Counter {
@@ -38,7 +46,7 @@ pub enum Exceeded {
 #[derive(Debug)]
 pub struct Permit {
     limits: Arc<Limits>,
-    listener: usize,
+    listener: Arc<ListenerLimit>,
 }
 
 impl Counter {
@@ -69,15 +77,25 @@ impl Counter {
 }
 
 impl Limits {
-    /// `total` over everything, `per_listener` for each of `listeners`
-    /// addresses (`None`: no limit of its own).
-    pub fn new(total: usize, per_listener: Option<usize>, listeners: usize) -> Arc<Self> {
+    /// `total` over everything, `per_listener` for each listen address
+    /// (`None`: no limit of its own).
+    pub fn new(total: usize, per_listener: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
             total: Counter::new(total),
-            listeners: (0..listeners)
-                .map(|_| Counter::new(per_listener.unwrap_or(usize::MAX)))
-                .collect(),
+            per_listener: AtomicUsize::new(per_listener.unwrap_or(usize::MAX)),
+            listeners: Mutex::new(Vec::new()),
         })
+    }
+
+    /// The counter of a new listen address, under the limit in force.
+    pub fn listener(&self) -> Arc<ListenerLimit> {
+        let limit = Arc::new(ListenerLimit(Counter::new(
+            self.per_listener.load(Ordering::Relaxed),
+        )));
+        let mut listeners = self.listeners.lock().expect("no panic under this lock");
+        listeners.retain(|l| l.strong_count() > 0);
+        listeners.push(Arc::downgrade(&limit));
+        limit
     }
 
     /// The default total: what the open-files limit leaves room for, two
@@ -87,10 +105,10 @@ impl Limits {
         (files.saturating_sub(RESERVED_FILES) / 2).max(1)
     }
 
-    /// Admits a connection accepted on listener `listener` (its index in
-    /// the configuration), or says which limit it would pass.
-    pub fn admit(self: &Arc<Self>, listener: usize) -> Result<Permit, Exceeded> {
-        let counter = &self.listeners[listener];
+    /// Admits a connection accepted on `listener`, or says which limit it
+    /// would pass.
+    pub fn admit(self: &Arc<Self>, listener: &Arc<ListenerLimit>) -> Result<Permit, Exceeded> {
+        let counter = &listener.0;
         if !counter.take() {
             return Err(Exceeded::Listener(counter.max()));
         }
@@ -100,7 +118,7 @@ impl Limits {
         }
         Ok(Permit {
             limits: Arc::clone(self),
-            listener,
+            listener: Arc::clone(listener),
         })
     }
 
@@ -111,28 +129,29 @@ impl Limits {
 
     /// The limits in force: in total, and per listener (`None`: none).
     pub fn max(&self) -> (usize, Option<usize>) {
-        let per_listener = self.listeners.first().map(Counter::max);
+        let per_listener = self.per_listener.load(Ordering::Relaxed);
         (
             self.total.max(),
-            per_listener.filter(|&max| max != usize::MAX),
+            Some(per_listener).filter(|&max| max != usize::MAX),
         )
     }
 
     /// Puts new limits in force (a reload): connections open past a lower
     /// one stay, and new ones are refused until fewer are open.
     pub fn set(&self, total: usize, per_listener: Option<usize>) {
+        let per_listener = per_listener.unwrap_or(usize::MAX);
         self.total.max.store(total, Ordering::Relaxed);
-        for counter in &self.listeners {
-            counter
-                .max
-                .store(per_listener.unwrap_or(usize::MAX), Ordering::Relaxed);
+        self.per_listener.store(per_listener, Ordering::Relaxed);
+        let listeners = self.listeners.lock().expect("no panic under this lock");
+        for listener in listeners.iter().filter_map(Weak::upgrade) {
+            listener.0.max.store(per_listener, Ordering::Relaxed);
         }
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.limits.listeners[self.listener].give_back();
+        self.listener.0.give_back();
         self.limits.total.give_back();
     }
 }
@@ -143,38 +162,44 @@ mod tests {
 
     #[test]
     fn limits_count_per_listener_and_in_total_and_free_on_drop() {
-        let limits = Limits::new(3, Some(2), 2);
-        let a1 = limits.admit(0).unwrap();
-        let _a2 = limits.admit(0).unwrap();
-        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Listener(2));
-        let _b1 = limits.admit(1).unwrap();
-        assert_eq!(limits.admit(1).unwrap_err(), Exceeded::Total(3));
+        let limits = Limits::new(3, Some(2));
+        let (a, b) = (limits.listener(), limits.listener());
+        let a1 = limits.admit(&a).unwrap();
+        let _a2 = limits.admit(&a).unwrap();
+        assert_eq!(limits.admit(&a).unwrap_err(), Exceeded::Listener(2));
+        let _b1 = limits.admit(&b).unwrap();
+        assert_eq!(limits.admit(&b).unwrap_err(), Exceeded::Total(3));
         assert_eq!(limits.open(), 3);
         drop(a1);
         // The refused attempts gave back what they took.
         assert_eq!(limits.open(), 2);
-        let _b2 = limits.admit(1).unwrap();
+        let _b2 = limits.admit(&b).unwrap();
         assert_eq!(limits.open(), 3);
     }
 
     #[test]
     fn new_limits_apply_to_the_next_connection_and_close_none() {
-        let limits = Limits::new(2, None, 1);
-        let a = limits.admit(0).unwrap();
-        let b = limits.admit(0).unwrap();
-        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Total(2));
+        let limits = Limits::new(2, None);
+        let l = limits.listener();
+        let a = limits.admit(&l).unwrap();
+        let b = limits.admit(&l).unwrap();
+        assert_eq!(limits.admit(&l).unwrap_err(), Exceeded::Total(2));
         limits.set(3, None);
-        let c = limits.admit(0).unwrap();
+        let c = limits.admit(&l).unwrap();
         limits.set(1, Some(1));
         assert_eq!(limits.max(), (1, Some(1)));
         assert_eq!(limits.open(), 3);
-        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Listener(1));
+        assert_eq!(limits.admit(&l).unwrap_err(), Exceeded::Listener(1));
         drop((a, b));
-        assert_eq!(limits.admit(0).unwrap_err(), Exceeded::Listener(1));
+        assert_eq!(limits.admit(&l).unwrap_err(), Exceeded::Listener(1));
         drop(c);
-        let _d = limits.admit(0).unwrap();
+        let _d = limits.admit(&l).unwrap();
+        // A listen address added later gets the limit in force.
+        let added = limits.listener();
         limits.set(5, None);
         assert_eq!(limits.max(), (5, None));
+        let _e = limits.admit(&added).unwrap();
+        let _f = limits.admit(&added).unwrap();
     }
 
     #[test]

@@ -88,8 +88,9 @@ impl Published {
 }
 
 /// The configuration a reload puts in force: `new`, except for the settings
-/// that need a restart (listeners, cores, mode, the probes' sizes, the
-/// metrics address), which keep their running values. Returns a warning
+/// that need a restart (cores, mode, the probes' sizes, the metrics
+/// address), which keep their running values. Listen addresses change
+/// (see [`crate::listeners`]). Returns a warning
 /// for each of those that `new` changes.
 pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
     let mut warnings = Vec::new();
@@ -101,16 +102,6 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
             ));
         }
     };
-    keep(
-        "listen",
-        merged.listen != running.listen,
-        format!("{:?}", running.listen),
-    );
-    keep(
-        "accept_proxy",
-        merged.accept_proxy != running.accept_proxy,
-        format!("{:?}", running.accept_proxy),
-    );
     keep(
         "cores",
         merged.cores != running.cores,
@@ -136,8 +127,6 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         merged.metrics != running.metrics,
         format!("{:?}", running.metrics),
     );
-    merged.listen.clone_from(&running.listen);
-    merged.accept_proxy.clone_from(&running.accept_proxy);
     merged.cores = running.cores;
     merged.mode = running.mode;
     merged.in_flight_limit = running.in_flight_limit;
@@ -256,18 +245,22 @@ mod tests {
     }
 
     #[test]
-    fn routes_change_and_restart_only_settings_are_kept_with_a_warning() {
+    fn routes_and_listen_change_and_restart_only_settings_are_kept_with_a_warning() {
         let running = config("127.0.0.1:8080", "default=127.0.0.1:1");
         let mut new = config("127.0.0.1:9090", "default=127.0.0.1:2");
         new.first_packet_max = 1024;
         new.sockmap_capacity = 16;
         let (merged, warnings) = merge(&running, new);
-        assert_eq!(merged.listen, running.listen);
+        // Listen addresses change on a reload (see `crate::listeners`).
+        assert_eq!(merged.listen, ["127.0.0.1:9090".parse().unwrap()]);
         assert_eq!(merged.sockmap_capacity, running.sockmap_capacity);
         assert_eq!(merged.routes[0].backends[0].port(), 2);
         assert_eq!(merged.first_packet_max, 1024);
-        assert_eq!(warnings.len(), 2, "{warnings:?}");
-        assert!(warnings[0].starts_with("`listen` changed"), "{warnings:?}");
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert!(
+            warnings[0].starts_with("`sockmap_capacity` changed"),
+            "{warnings:?}"
+        );
         let (_, warnings) = merge(&running, running.clone());
         assert!(warnings.is_empty());
     }

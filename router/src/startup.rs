@@ -4,7 +4,7 @@
 //! thread to the [`Supervisor`] (signals: report, reload, drain) until the
 //! router stops.
 use std::{
-    net::{SocketAddr, TcpListener as StdListener},
+    net::SocketAddr,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::Duration,
 };
@@ -23,6 +23,7 @@ use crate::{
     config::{Config, Mode},
     executor::{ShardInput, serve_shard},
     limits::Limits,
+    listeners::{Inbox, Listeners},
     reload::{Published, Reloader},
     supervise::Supervisor,
     telemetry::{
@@ -64,27 +65,17 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     if cores > online {
         bail!("cores = {cores}: this machine has {online} online cores (use 1 to {online})");
     }
-    let mut per_core: Vec<Vec<(StdListener, bool)>> = (0..cores).map(|_| Vec::new()).collect();
-    let mut bound = Vec::new();
-    // The main thread's copies of the listeners, to close them on stop.
-    let mut listeners = Vec::new();
-    for addr in &config.listen {
-        // Before the SO_REUSEPORT copies, which another router could share.
-        crate::exclusive::check_free(*addr)?;
-    }
-    for addr in &config.listen {
-        let copies = runtime::bind_reuseport(*addr, cores).map_err(bind_error)?;
-        bound.push(copies[0].local_addr()?);
-        let accept_proxy = config.accept_proxy.contains(addr);
-        for (core, listener) in copies.into_iter().enumerate() {
-            // Accepted sockets inherit it.
-            crate::idle::set_keepalive(&listener, config.tcp_keepalive)
-                .with_context(|| format!("setting TCP keepalive on {addr}"))?;
-            listeners.push(listener.try_clone()?);
-            per_core[core].push((listener, accept_proxy));
-        }
-    }
-    let access_log = AccessLogger::start(cores, config.access_log_file.as_ref())
+    // A reload without `max_connections` goes back to this default too.
+    let default_max_connections = Limits::default_total(open_files);
+    let max_connections = config.max_connections.unwrap_or(default_max_connections);
+    let limits = Limits::new(max_connections, config.max_connections_per_listener);
+    // Bound before the capabilities are dropped; the executors take their
+    // copies from the inbox, now and after a reload that adds an address.
+    let inbox = Inbox::new(cores);
+    let mut listeners = Listeners::new(cores, Arc::clone(&inbox), Arc::clone(&limits));
+    listeners.apply(&config)?;
+    let bound = listeners.local_addrs();
+    let access_log = AccessLogger::open(cores, config.access_log_file.as_ref())
         .context("starting the access log")?;
     let metrics_listener = match config.metrics {
         Some(addr) => {
@@ -93,14 +84,6 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         None => None,
     };
     let probe = probe_spec(&config)?;
-    // A reload without `max_connections` goes back to this default too.
-    let default_max_connections = Limits::default_total(open_files);
-    let max_connections = config.max_connections.unwrap_or(default_max_connections);
-    let limits = Limits::new(
-        max_connections,
-        config.max_connections_per_listener,
-        config.listen.len(),
-    );
     info!(
         max_connections,
         max_connections_per_listener = config.max_connections_per_listener,
@@ -114,13 +97,13 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let labelled = Arc::new(Labelled::new(cores));
     labelled.register(&config);
     let lifecycle = Arc::new(Lifecycle::default());
-    let inputs = per_core
-        .into_iter()
-        .zip(stats.iter().zip(&core_metrics))
+    let inputs = stats
+        .iter()
+        .zip(&core_metrics)
         .enumerate()
-        .map(|(core, (listeners, (stats, metrics)))| ShardInput {
+        .map(|(core, (stats, metrics))| ShardInput {
             core,
-            listeners,
+            inbox: Arc::clone(&inbox),
             published: Arc::clone(&published),
             probe: probe.clone(),
             stats: Arc::clone(stats),
@@ -195,6 +178,11 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         None => None,
     };
+    // Threads started from here on inherit the main thread's reduced
+    // capabilities.
+    access_log
+        .start_writer()
+        .context("starting the access log")?;
     crate::resolve::spawn_refresh(Arc::clone(&published), Arc::clone(&labelled_for_reload))?;
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
@@ -222,24 +210,6 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     }
     .run();
     Ok(())
-}
-
-/// Why a listen address could not be bound, with the fix when it is a
-/// privileged port.
-fn bind_error(error: runtime::BindError) -> anyhow::Error {
-    match &error {
-        runtime::BindError::Other { addr, error: e }
-            if e.kind() == std::io::ErrorKind::PermissionDenied && addr.port() < 1024 =>
-        {
-            anyhow::anyhow!(
-                "cannot listen on {addr}: {e}: a port below 1024 needs the \
-                 CAP_NET_BIND_SERVICE capability (`setcap cap_net_bind_service=+ep` on the \
-                 binary, or AmbientCapabilities=CAP_NET_BIND_SERVICE in a systemd unit, as \
-                 packaging/router.service does), or listen on a port from 1024 up"
-            )
-        }
-        _ => error.into(),
-    }
 }
 
 fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {

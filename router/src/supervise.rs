@@ -14,7 +14,6 @@
 //!   process exits. A second SIGTERM/SIGINT exits at once.
 use std::{
     io::Write as _,
-    net::{Shutdown, TcpListener},
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
@@ -29,6 +28,7 @@ use crate::{
     access_log::AccessLogger,
     config::Config,
     limits::Limits,
+    listeners::Listeners,
     reload::{self, Published, Reloader},
     service,
     telemetry::{
@@ -49,8 +49,8 @@ pub struct Supervisor<'a> {
     pub published: &'a Published,
     pub lifecycle: &'a Lifecycle,
     pub labelled: &'a Labelled,
-    /// The main thread's copies of every listener (all cores).
-    pub listeners: Vec<TcpListener>,
+    /// The listen addresses, with the main thread's copy of each socket.
+    pub listeners: Listeners,
     pub stats_interval: Option<Duration>,
     pub reload: Reloader,
     /// The configuration file, read again every [`watch::POLL`] while the
@@ -155,6 +155,20 @@ impl Supervisor<'_> {
         for warning in warnings {
             warn!("{cause}: {warning}");
         }
+        // Listen addresses first: a reload whose new address cannot be bound
+        // changes nothing.
+        let listening = match self.listeners.apply(&merged) {
+            Ok(changes) => changes,
+            Err(e) => {
+                self.reopen_access_log();
+                self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
+                error!("{cause}: {e:#}; keeping the running configuration");
+                return;
+            }
+        };
+        for change in listening {
+            info!("{cause}: {change}");
+        }
         let merged = Arc::new(merged);
         self.limits.set(
             merged
@@ -164,11 +178,7 @@ impl Supervisor<'_> {
         );
         self.labelled.register(&merged);
         if merged.tcp_keepalive != self.config.tcp_keepalive {
-            for listener in &self.listeners {
-                if let Err(e) = crate::idle::set_keepalive(listener, merged.tcp_keepalive) {
-                    warn!("SIGHUP: setting TCP keepalive on a listener: {e}");
-                }
-            }
+            self.listeners.set_keepalive(merged.tcp_keepalive);
         }
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
@@ -198,15 +208,7 @@ impl Supervisor<'_> {
                 return;
             }
         }
-        for listener in self.listeners.drain(..) {
-            // Shutting a listening socket down takes it out of the kernel's
-            // lookup (new SYNs get a reset once every core's copy is shut)
-            // and wakes the executor's pending accept, which then drops
-            // its copy.
-            if let Err(e) = socket2::SockRef::from(&listener).shutdown(Shutdown::Both) {
-                warn!("closing a listener: {e}");
-            }
-        }
+        self.listeners.shut_all();
         let timeout = self.config.drain_timeout;
         let deadline = Instant::now() + timeout;
         let open = self.active();

@@ -439,8 +439,8 @@ fn ask(addr: SocketAddr) -> io::Result<Vec<u8>> {
 /// Twenty reloads while a client loop keeps opening short connections: no
 /// connection fails, each reload's new backend takes effect, a connection
 /// opened before the reloads keeps its backend, an invalid configuration is
-/// refused with the old routes kept, and a changed `listen` is reported as
-/// needing a restart.
+/// refused with the old routes kept, and a changed restart-only setting is
+/// reported as such.
 #[test]
 fn sighup_reloads_routes_under_load_without_failed_connections() {
     both_modes("reload", |mode| {
@@ -547,10 +547,10 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
         router.signal(libc::SIGHUP);
         wait_stderr(&router, "invalid, keeping the running one");
         assert_eq!(ask(addr).unwrap(), b"a:ping", "{mode}");
-        // A new `listen`: a warning, and the rest applies.
-        write_config(&config, &svc_config(b.addr, "listen = [\"127.0.0.1:1\"]"));
+        // A restart-only setting: a warning, and the rest applies.
+        write_config(&config, &svc_config(b.addr, "sockmap_capacity = 64"));
         router.signal(libc::SIGHUP);
-        wait_stderr(&router, "`listen` changed: that needs a restart");
+        wait_stderr(&router, "`sockmap_capacity` changed: that needs a restart");
         let deadline = Instant::now() + Duration::from_secs(5);
         while ask(addr).unwrap() != b"b:ping" {
             assert!(Instant::now() < deadline, "{mode}: last reload not applied");
@@ -586,6 +586,89 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
             b.accepted() as u64,
             "{mode}"
         );
+    });
+}
+
+/// A reload binds the listen addresses it adds (with the file's
+/// `accept_proxy`) and shuts the ones it removes: a connection open on a
+/// removed address goes on to its end while new ones are refused there, and
+/// the log names each change. A reload whose new address is taken changes
+/// nothing.
+#[test]
+fn a_reload_binds_added_listen_addresses_and_shuts_removed_ones_while_their_connections_go_on() {
+    both_modes("listen-reload", |mode| {
+        let echo = Backend::echo();
+        let dir = TempDir::new("listen-reload");
+        let path = dir.0.join("router.toml");
+        let (a, b) = (backends::closed_port(), backends::closed_port());
+        let text = |listen: &[String]| {
+            format!(
+                "listen = [{}]\nmode = \"{mode}\"\n\
+                 [[route]]\nname = \"all\"\ndefault = true\nbackends = [\"{}\"]\n",
+                listen.join(", "),
+                echo.addr
+            )
+        };
+        let plain = |addr: SocketAddr| format!("\"{addr}\"");
+        let proxied = |addr: SocketAddr| format!("{{ address = \"{addr}\", accept_proxy = true }}");
+        write_config(&path, &text(&[plain(a)]));
+        let mut router = Server::start(BIN, &["--config", path.to_str().unwrap()]);
+        let mut held = TcpStream::connect(a).unwrap();
+        held.write_all(b"\x00first").unwrap();
+        let mut reply = [0u8; 6];
+        held.read_exact(&mut reply).unwrap();
+
+        write_config(&path, &text(&[plain(a), proxied(b)]));
+        router.signal(libc::SIGHUP);
+        wait_stderr(&router, &format!("SIGHUP: listening on {b}"));
+        // B asks for a PROXY header: without one a client is refused,
+        // with one it is served.
+        let header = b"PROXY TCP4 192.0.2.7 127.0.0.1 4000 80\r\n";
+        let mut request = header.to_vec();
+        request.extend(b"\x00via-b");
+        let reply = clients::send_and_receive(b, request).unwrap();
+        assert_eq!(reply, b"\x00via-b", "{mode}");
+        let refused = clients::send_and_receive(b, b"\x00no-header".to_vec());
+        assert!(
+            !matches!(refused, Ok(ref r) if r == b"\x00no-header"),
+            "{mode}: {refused:?}"
+        );
+
+        write_config(&path, &text(&[plain(b)]));
+        router.signal(libc::SIGHUP);
+        wait_stderr(
+            &router,
+            &format!("SIGHUP: stopped listening on {a} (its connections go on)"),
+        );
+        wait_stderr(&router, &format!("SIGHUP: accept_proxy false on {b}"));
+        assert_eq!(
+            TcpStream::connect(a).map_err(|e| e.kind()).err(),
+            Some(io::ErrorKind::ConnectionRefused),
+            "{mode}: the removed address still accepts"
+        );
+        assert_eq!(
+            clients::send_and_receive(b, b"\x00x".to_vec()).unwrap(),
+            b"\x00x"
+        );
+        held.write_all(b"-second").unwrap();
+        let mut reply = [0u8; 7];
+        held.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply, b"-second", "{mode}");
+
+        // Another process holds the next address: the reload fails whole.
+        let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let taken = blocker.local_addr().unwrap();
+        write_config(&path, &text(&[plain(b), plain(taken)]));
+        router.signal(libc::SIGHUP);
+        wait_stderr(&router, &format!("cannot listen on {taken}"));
+        wait_stderr(&router, "keeping the running configuration");
+        assert_eq!(
+            clients::send_and_receive(b, b"\x00y".to_vec()).unwrap(),
+            b"\x00y"
+        );
+        drop(held);
+        let stats = router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+        assert_eq!(stats.get("resets"), 0, "{mode}: {stats:?}");
     });
 }
 

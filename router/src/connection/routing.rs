@@ -1,7 +1,7 @@
 //! Routing a connection: reads the first packet (within the route
 //! deadline and size limit) until [`crate::sniff`] can tell what it says,
 //! then lets [`crate::routes`] pick the route, or say why it is refused.
-use std::time::Instant;
+use std::{sync::atomic::Ordering::Relaxed, time::Instant};
 
 use futures_lite::{AsyncReadExt as _, future};
 use splice::halves::Half;
@@ -125,7 +125,7 @@ pub(crate) async fn route(
     let deadline = Instant::now() + config.first_packet_timeout;
     let max = config.first_packet_max;
     let mut bytes = Vec::with_capacity(FIRST_READ);
-    if peer.listener.accept_proxy {
+    if peer.listener.state.accept_proxy.load(Relaxed) {
         Box::pin(proxy_header(client, &mut bytes, peer, deadline)).await?;
     }
     let first = loop {
