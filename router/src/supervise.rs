@@ -140,15 +140,22 @@ impl Supervisor<'_> {
         service::ready("serving");
     }
 
+    /// A reload that changed nothing: logged and counted; the access log
+    /// is reopened all the same (logrotate sends SIGHUP too).
+    fn reload_failed(&self, message: &str) {
+        self.reopen_access_log();
+        self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
+        error!("{message}");
+    }
+
     fn reload_config(&mut self, cause: &str) {
         let started = Instant::now();
         let new = match (self.reload)() {
             Ok(new) => new,
             Err(e) => {
-                self.reopen_access_log();
-                self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
-                error!("{cause}: the new configuration is invalid, keeping the running one: {e:#}");
-                return;
+                return self.reload_failed(&format!(
+                    "{cause}: the new configuration is invalid, keeping the running one: {e:#}"
+                ));
             }
         };
         let (merged, warnings) = reload::merge(&self.config, new);
@@ -160,10 +167,9 @@ impl Supervisor<'_> {
         let listening = match self.listeners.apply(&merged) {
             Ok(changes) => changes,
             Err(e) => {
-                self.reopen_access_log();
-                self.lifecycle.reloads_failed.fetch_add(1, Relaxed);
-                error!("{cause}: {e:#}; keeping the running configuration");
-                return;
+                return self.reload_failed(&format!(
+                    "{cause}: {e:#}; keeping the running configuration"
+                ));
             }
         };
         for change in listening {
