@@ -57,6 +57,7 @@ pub mod host;
 pub mod idle;
 #[cfg(feature = "server")]
 pub mod limits;
+#[cfg(feature = "server")]
 pub mod listeners;
 #[cfg(feature = "server")]
 pub mod logging;
