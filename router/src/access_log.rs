@@ -282,6 +282,9 @@ impl AccessLogger {
 
     /// Writes every core's buffered lines now (before the process exits).
     pub fn flush(&self) {
+        // First the sink: a batch the writer thread took is written before
+        // this returns (the process exits after it).
+        let mut sink = self.sink.lock().expect("no panic under this lock");
         let mut pending = String::new();
         for core in &self.cores {
             let mut buffer = core.lock().expect("no panic under this lock");
@@ -295,7 +298,6 @@ impl AccessLogger {
         if pending.is_empty() {
             return;
         }
-        let mut sink = self.sink.lock().expect("no panic under this lock");
         if let Err(e) = sink.write(pending.as_bytes()) {
             tracing::warn!(
                 "access log: write failed, {} bytes lost: {e}",

@@ -30,7 +30,7 @@ use crate::{
     reload::{ADOPT_EVERY, Published},
     shard::{Generation, Shard},
     telemetry::{
-        counters::{CoreMetrics, Labelled, Lifecycle},
+        counters::{CoreMetrics, Labelled},
         stats::RouterStats,
     },
 };
@@ -56,7 +56,6 @@ pub(crate) struct ShardInput {
     pub(crate) stats: Arc<RouterStats>,
     pub(crate) metrics: Arc<CoreMetrics>,
     pub(crate) labelled: Arc<Labelled>,
-    pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) limits: Arc<Limits>,
 }
 
@@ -123,7 +122,6 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         stats: input.stats,
         metrics: input.metrics,
         labelled: input.labelled,
-        lifecycle: input.lifecycle,
         limits: input.limits,
         limit_log: Cell::new((None, 0)),
         access_log: input.access_log,
@@ -172,11 +170,10 @@ async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Sha
                 }
                 Err(exceeded) => refuse_over_limit(socket, &shard, exceeded, peer, &info),
             },
-            // Stopping, or a reload removed it: the main thread shut the
-            // listener down; dropping it closes this core's copy.
-            Err(_) if shard.lifecycle.draining.load(Relaxed) || info.state.closed.load(Relaxed) => {
-                break;
-            }
+            // A reload removed it, or the drain shut it (not before: during
+            // `drain_delay` it still accepts): dropping it closes this
+            // core's copy.
+            Err(_) if info.state.closed.load(Relaxed) => break,
             Err(e) => {
                 // Typically EMFILE: back off instead of spinning.
                 warn!("accept failed: {e}");

@@ -96,7 +96,10 @@ impl Listeners {
         let accept_proxy = |addr: &SocketAddr| config.accept_proxy.contains(addr);
         let mut added = Vec::new();
         for &addr in &config.listen {
-            if self.bound.iter().any(|b| b.configured == addr) {
+            // Kept, or named twice (the file and --listen).
+            if self.bound.iter().any(|b| b.configured == addr)
+                || added.iter().any(|(b, _): &(Bound, _)| b.configured == addr)
+            {
                 continue;
             }
             // Before the SO_REUSEPORT copies, which another router could share.
@@ -169,6 +172,7 @@ impl Listeners {
     /// Shuts every listener (a drain).
     pub(crate) fn shut_all(&mut self) {
         for b in self.bound.drain(..) {
+            b.state.closed.store(true, Relaxed);
             shut(&b.copies);
         }
     }

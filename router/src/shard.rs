@@ -20,7 +20,7 @@ use crate::{
     limits::Limits,
     reload::Published,
     telemetry::{
-        counters::{BackendCounters, CoreMetrics, Labelled, Lifecycle, RouteCounters},
+        counters::{BackendCounters, CoreMetrics, Labelled, RouteCounters},
         stats::RouterStats,
     },
 };
@@ -87,7 +87,6 @@ pub(crate) struct Shard {
     pub(crate) stats: Arc<RouterStats>,
     pub(crate) metrics: Arc<CoreMetrics>,
     pub(crate) labelled: Arc<Labelled>,
-    pub(crate) lifecycle: Arc<Lifecycle>,
     pub(crate) limits: Arc<Limits>,
     /// When a refusal at a connection limit was last logged (at most one
     /// line a second per core), and how many since.

@@ -109,7 +109,6 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             stats: Arc::clone(stats),
             metrics: Arc::clone(metrics),
             labelled: Arc::clone(&labelled),
-            lifecycle: Arc::clone(&lifecycle),
             limits: Arc::clone(&limits),
             access_log: Arc::clone(&access_log),
         })

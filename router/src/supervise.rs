@@ -136,6 +136,11 @@ impl Supervisor<'_> {
     /// opens the log line (`SIGHUP`, or the watched file's change).
     fn reload(&mut self, cause: &str) {
         service::reloading();
+        // What this reload reads is what the watch has seen: a SIGHUP after
+        // an edit is not followed by a second reload of the same bytes.
+        if let Some(watch) = self.watch.as_mut() {
+            watch.changed();
+        }
         self.reload_config(cause);
         service::ready("serving");
     }
