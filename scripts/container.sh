@@ -190,12 +190,13 @@ port_free() {
     ! ss -Htln "sport = :$1" | grep -q .
 }
 
-# Waits (up to 10 s) until nothing listens on port $1 any more (a stopped
-# router's sockets go with its process; the next router refuses to share a
-# listened address), or fails naming what does.
+# Waits (up to 10 s) until port $1 can be bound as the router binds it: a
+# stopped router's listener and the connections it held are torn down by
+# the kernel shortly after its process exits. Fails naming what holds it.
 wait_port_free() {
-    wait_for "port_free $1" 10 \
-        || die "port $1 is still listened on: $(ss -Htlnp "sport = :$1" | tr -s ' ' | paste -sd';' -)"
+    local bind="import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $1))"
+    wait_for "port_free $1 && python3 -c \"$bind\"" 10 \
+        || die "port $1 is still held: $(ss -Htanp "sport = :$1" | tr -s ' ' | paste -sd';' -)"
 }
 
 # Waits (up to $2 s) until `$1` (a command) succeeds.

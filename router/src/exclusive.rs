@@ -30,9 +30,11 @@ pub fn check_free(addr: SocketAddr) -> anyhow::Result<()> {
         Err(e) if e.kind() == ErrorKind::AddrInUse => {
             // This router's own listeners (a reload moving a port between an
             // address and the wildcard binds the new one first) do not count.
+            // No listener at all: a connection still bound to the port
+            // (being torn down) failed the trial; the real bind decides.
             let listening = listening_inodes(addr);
             let own = socket_inodes(std::path::Path::new("/proc/self/fd"));
-            if !listening.is_empty() && listening.iter().all(|inode| own.contains(inode)) {
+            if listening.iter().all(|inode| own.contains(inode)) {
                 return Ok(());
             }
             let holder = holder(addr).map_or_else(

@@ -28,36 +28,41 @@ impl Dns {
         std::fs::create_dir_all(&dir).unwrap();
         let hosts = dir.join("hosts");
         write_hosts(&hosts, records);
-        // A free UDP port (dnsmasq serves TCP on the same one).
-        let port = UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--no-resolv",
-                "--no-hosts",
-                "--bind-interfaces",
-                "--listen-address=127.0.0.1",
-                "--pid-file=",
-                "--user=root",
-                "--log-facility=-",
-                &format!("--port={port}"),
-                &format!("--addn-hosts={}", hosts.display()),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run dnsmasq");
-        let dns = Self {
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            hosts,
-            child,
-        };
-        dns.wait_listening();
-        Some(dns)
+        // A port free for UDP and TCP at once (dnsmasq serves both on it);
+        // another test's connection can still take it before dnsmasq binds,
+        // so a dnsmasq that exits at once is started again on another one.
+        for _ in 0..5 {
+            let port = free_udp_and_tcp_port();
+            let mut child = Command::new("dnsmasq")
+                .args([
+                    "--keep-in-foreground",
+                    "--no-resolv",
+                    "--no-hosts",
+                    "--bind-interfaces",
+                    "--listen-address=127.0.0.1",
+                    "--pid-file=",
+                    "--user=root",
+                    "--log-facility=-",
+                    &format!("--port={port}"),
+                    &format!("--addn-hosts={}", hosts.display()),
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("run dnsmasq");
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            match wait_listening(&mut child, addr) {
+                Ok(()) => {
+                    // Its log goes on to its stderr: keep the pipe drained.
+                    if let Some(mut stderr) = child.stderr.take() {
+                        thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+                    }
+                    return Some(Self { addr, hosts, child });
+                }
+                Err(why) => eprintln!("dnsmasq on {addr}: {why}; trying another port"),
+            }
+        }
+        panic!("dnsmasq did not start on 127.0.0.1 in 5 tries");
     }
 
     /// Replaces the records and has dnsmasq read them again.
@@ -66,20 +71,42 @@ impl Dns {
         // SAFETY: a plain kill(2) on our child's pid.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGHUP) };
     }
+}
 
-    fn wait_listening(&self) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            let listening = std::fs::read_to_string("/proc/net/udp")
-                .unwrap_or_default()
-                .contains(&format!("0100007F:{:04X}", self.addr.port()));
-            if listening {
-                return;
-            }
-            thread::sleep(Duration::from_millis(20));
+/// A loopback port no UDP or TCP socket holds now.
+fn free_udp_and_tcp_port() -> u16 {
+    loop {
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = tcp.local_addr().unwrap().port();
+        if UdpSocket::bind(("127.0.0.1", port)).is_ok() {
+            return port;
         }
-        panic!("dnsmasq did not listen on {} within 10 s", self.addr);
     }
+}
+
+/// Waits until `child` serves UDP on `addr`, or says why not (it exited,
+/// with its error, or 10 s passed).
+fn wait_listening(child: &mut Child, addr: SocketAddr) -> Result<(), String> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let listening = std::fs::read_to_string("/proc/net/udp")
+            .unwrap_or_default()
+            .contains(&format!("0100007F:{:04X}", addr.port()));
+        if listening {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            let mut error = String::new();
+            if let Some(mut stderr) = child.stderr.take() {
+                let _ = std::io::Read::read_to_string(&mut stderr, &mut error);
+            }
+            return Err(format!("exited ({status}): {}", error.trim()));
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    Err("did not listen within 10 s".into())
 }
 
 impl Drop for Dns {
