@@ -190,11 +190,12 @@ port_free() {
     ! ss -Htln "sport = :$1" | grep -q .
 }
 
-# Waits (up to 10 s) until port $1 can be bound as the router binds it: a
-# stopped router's listener and the connections it held are torn down by
-# the kernel shortly after its process exits. Fails naming what holds it.
+# Waits (up to 10 s) until port $1 can be bound as the router binds it
+# (SO_REUSEADDR and SO_REUSEPORT: the stopped router's connections in
+# TIME-WAIT do not count then, as they do for a bind without
+# SO_REUSEPORT). Fails naming what holds it.
 wait_port_free() {
-    local bind="import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', $1))"
+    local bind="import socket; s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1); s.bind(('127.0.0.1', $1))"
     wait_for "port_free $1 && python3 -c \"$bind\"" 10 \
         || die "port $1 is still held: $(ss -Htanp "sport = :$1" | tr -s ' ' | paste -sd';' -)"
 }
@@ -348,7 +349,11 @@ backends = [\"127.0.0.1:$((BASE + 2))\"]")"
     STOP_SECONDS=$(awk -v ms=$(($(date +%s%3N) - stop_ms)) 'BEGIN { printf "%.2f", ms / 1000 }')
     [ $((SECONDS - stop_started)) -lt 25 ] || die "podman stop took its whole timeout"
     expect "exit status after podman stop" "$(podman inspect --format '{{.State.ExitCode}}' "$name")" 0
-    podman logs "$name" 2>&1 | grep -q 'drained: every connection ended' || die "no 'drained' line in the log"
+    # The whole log first: `grep -q` stops reading at the first match, and
+    # under pipefail the writer's SIGPIPE would fail the check.
+    local log
+    log=$(podman logs "$name" 2>&1)
+    grep -q 'drained: every connection ended' <<<"$log" || die "no 'drained' line in the log"
     say "ok: podman stop took ${STOP_SECONDS} s (the live connection's last 2.5 s), drained, exit 0"
     podman rm "$name" >/dev/null
 
@@ -526,7 +531,11 @@ test_kube_play() {
             || die "a.test does not reach $name 5 s after the ConfigMap swap: $(podman logs "$container" 2>&1 | tail -n3)"
         say "ok: after the ..data swap, a.test reaches $name"
     done
-    podman logs "$container" 2>&1 | grep -q 'config file changed: configuration reloaded' \
+    # The line is logged just after the new routes are in force, and podman
+    # collects the log on its own: allow it a moment. (A plain grep: `-q`
+    # stops reading at the first match, and under pipefail the writer's
+    # SIGPIPE would fail the check.)
+    wait_for "podman logs $container 2>&1 | grep 'config file changed: configuration reloaded'" 5 \
         || die "no 'config file changed' reload line in the log"
     podman kube down "$dir/deployment.yaml" >/dev/null 2>&1
     KUBE_PLAYED=
