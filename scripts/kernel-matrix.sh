@@ -254,7 +254,9 @@ build_rootfs() {
     mv "$cpio.tmp" "$cpio"
 }
 
-# The VM's /init: mounts the kernel file systems, brings up loopback, runs
+# The VM's /init: mounts the kernel file systems (not a tmpfs on /tmp: the
+# root file system is in memory already, and a checkout under /tmp would be
+# hidden by it), brings up loopback, runs
 # each test binary from its crate directory, marks the output for the host,
 # and powers off.
 write_init() {
@@ -268,7 +270,6 @@ export PATH=/usr/bin:/bin:/usr/sbin:/sbin HOME=/root CI=true RUST_BACKTRACE=1
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
-mount -t tmpfs tmpfs /tmp
 mount -t bpf bpf /sys/fs/bpf 2>/dev/null
 ip link set lo up
 echo "KMATRIX kernel \$(uname -r)"
