@@ -552,10 +552,23 @@ class Bench:
             order = started[rep % len(started):] + started[: rep % len(started)]
             for c, port in order:
                 cpu0, (busy0, soft0) = cpu_seconds(c.pid) if c.pid else 0.0, machine_cpu()
-                try:
-                    metrics = measure(port)
-                except Exception as error:  # a failed run is a result, not a crash
-                    metrics = {"failed": str(error)[:200]}
+                # A failed run is tried once more (an iperf3 server still
+                # busy with the previous test, a control connection reset);
+                # a second failure is a result, not a crash. The first
+                # error is kept with the result.
+                retried = None
+                for attempt in range(2):
+                    try:
+                        metrics = measure(port)
+                        break
+                    except Exception as error:
+                        metrics = {"failed": str(error)[:200]}
+                        if attempt == 0:
+                            retried = metrics["failed"]
+                            print(f"  {workload:10} rep {rep + 1}/{self.reps} {c.name:15} failed, once more: {retried}", flush=True)
+                            time.sleep(1)
+                if retried is not None:
+                    metrics["retried_after"] = retried
                 busy1, soft1 = machine_cpu()
                 metrics["proxy_cpu_s"] = (cpu_seconds(c.pid) - cpu0) if c.pid else 0.0
                 metrics["machine_busy_s"] = busy1 - busy0
