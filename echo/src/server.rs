@@ -122,6 +122,7 @@ fn probe_spec(cli: &Cli) -> anyhow::Result<Option<ProbeSpec>> {
         config: ProbeConfig {
             capacity: cli.sockmap_capacity,
             in_flight_limit: cli.in_flight_limit,
+            splice_after: 0,
         },
         what: "echo probe",
     }))

@@ -315,6 +315,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     pub in_flight_limit: u64,
     pub sockmap_capacity: u32,
+    /// Bytes a direction of a connection carries in userspace before the
+    /// kernel takes it over (0: spliced from the first packet on).
+    pub splice_after: u64,
     /// Health checks of the routes that do not set theirs (`None`: off).
     pub health_check: Option<HealthCheck>,
     /// Where to serve Prometheus metrics (`GET /metrics`) and `GET /healthz`.
@@ -355,6 +358,10 @@ pub struct Config {
 }
 
 /// HAProxy's usual `timeout client`/`timeout server`.
+/// Default of [`Config::splice_after`]: see docs/performance.md, "Lazy
+/// splice", for the measurement that chose it.
+pub const DEFAULT_SPLICE_AFTER: u64 = 64 * 1024;
+
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {
@@ -368,6 +375,7 @@ impl Default for Config {
             connect_timeout: Duration::from_secs(2),
             in_flight_limit: 64 << 20,
             sockmap_capacity: 32 * 1024,
+            splice_after: DEFAULT_SPLICE_AFTER,
             health_check: None,
             metrics: None,
             drain_timeout: Duration::from_secs(30),
@@ -438,6 +446,7 @@ struct RawConfig {
     connect_timeout: Option<Spanned<String>>,
     in_flight_limit: Option<Spanned<u64>>,
     sockmap_capacity: Option<Spanned<u32>>,
+    splice_after: Option<u64>,
     health_check: Option<RawHealthCheck>,
     metrics: Option<Spanned<String>>,
     drain_timeout: Option<Spanned<String>>,
@@ -654,6 +663,9 @@ impl Config {
                 ));
             }
             config.sockmap_capacity = *capacity.get_ref();
+        }
+        if let Some(bytes) = raw.splice_after {
+            config.splice_after = bytes;
         }
         // The top-level table is the base of every route's, even when it
         // leaves checks off by default.

@@ -99,6 +99,12 @@ struct Cli {
     /// way (e.g. 1h, 30s; 0s: never) [default: 1h, or the file's].
     #[arg(long, value_name = "DURATION", value_parser = parse_idle_timeout)]
     idle_timeout: Option<Duration>,
+    /// In ebpf mode, bytes a direction of a connection carries in userspace
+    /// before the kernel takes it over: short exchanges never pay the
+    /// splice's set-up (0: splice from the first packet on) [default:
+    /// 65536, or the file's `splice_after`].
+    #[arg(long, value_name = "BYTES")]
+    splice_after: Option<u64>,
     /// Log level: error, warn, info (default), debug (adds a line per
     /// closed connection), trace, or a tracing filter such as
     /// `router=debug`. Takes precedence over RUST_LOG.
@@ -252,6 +258,9 @@ fn build_config(cli: &Cli, demo: Option<&DemoBackends>) -> anyhow::Result<Config
     }
     if let Some(timeout) = cli.idle_timeout {
         config.idle_timeout = timeout;
+    }
+    if let Some(bytes) = cli.splice_after {
+        config.splice_after = bytes;
     }
     if let Some(max) = cli.max_connections {
         config.max_connections = Some(usize::try_from(max)?);

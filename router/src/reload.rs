@@ -118,6 +118,11 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
         running.in_flight_limit.to_string(),
     );
     keep(
+        "splice_after",
+        merged.splice_after != running.splice_after,
+        running.splice_after.to_string(),
+    );
+    keep(
         "sockmap_capacity",
         merged.sockmap_capacity != running.sockmap_capacity,
         running.sockmap_capacity.to_string(),
@@ -131,6 +136,7 @@ pub fn merge(running: &Config, new: Config) -> (Config, Vec<String>) {
     merged.mode = running.mode;
     merged.in_flight_limit = running.in_flight_limit;
     merged.sockmap_capacity = running.sockmap_capacity;
+    merged.splice_after = running.splice_after;
     merged.metrics = running.metrics;
     (merged, warnings)
 }

@@ -228,6 +228,7 @@ fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {
         config: ProbeConfig {
             capacity: config.sockmap_capacity,
             in_flight_limit: config.in_flight_limit,
+            splice_after: config.splice_after,
         },
         what: "router probe",
     }))

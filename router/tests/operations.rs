@@ -40,6 +40,11 @@ fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
         "--mode".into(),
         mode.into(),
     ];
+    if mode == "ebpf" {
+        // These tests watch the kernel path: every connection spliced from
+        // its first packet on (the lazy splice has tests of its own).
+        args.extend(["--splice-after".into(), "0".into()]);
+    }
     for route in routes {
         args.push("--route".into());
         args.push(route.clone());

@@ -133,7 +133,9 @@ fn the_unit_s_capabilities_are_enough_to_splice_as_an_unprivileged_user() {
         .arg(format!("--bounding-set={set}"))
         .args(["--no-new-privs", "--"])
         .arg(&binary)
-        .args(["--listen", &listen.to_string(), "--mode", "ebpf", "--route"])
+        // Spliced from the first packet on: the few bytes below are enough.
+        .args(["--listen", &listen.to_string(), "--mode", "ebpf"])
+        .args(["--splice-after", "0", "--route"])
         .arg(format!("default={}", backend.addr));
     let mut router = Server::start_command(&mut command);
     assert_eq!(router.addr, listen);

@@ -28,6 +28,10 @@ fn both_modes(name: &str, test: impl Fn(&str)) {
 
 fn start(mode: &str, listen: &str, routes: &[String]) -> Server {
     let mut args = vec!["--listen", listen, "--mode", mode];
+    if mode == "ebpf" {
+        // Spliced from the first packet on, as the counters below expect.
+        args.extend(["--splice-after", "0"]);
+    }
     for route in routes {
         args.extend(["--route", route.as_str()]);
     }

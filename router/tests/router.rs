@@ -347,6 +347,64 @@ fn a_hundred_concurrent_connections_get_their_bytes_back() {
     });
 }
 
+/// By default a connection starts in userspace and each direction moves
+/// into the kernel once it carried `--splice-after` bytes (64 KiB): short
+/// exchanges never pay the splice's set-up, a bulky one is spliced
+/// mid-stream with every byte back in order. A threshold of the
+/// operator's own applies.
+#[test]
+fn short_connections_stay_in_userspace_and_bulky_ones_move_into_the_kernel() {
+    if !require_bpf("lazy_splice") {
+        return;
+    }
+    let echo = Backend::echo();
+    let route = format!("default={}", echo.addr);
+    let through = |addr, size: usize, seed: u64| {
+        // A first byte that is no known protocol: default route.
+        let mut payload = vec![0u8];
+        payload.extend(Rng::new(seed).bytes(size));
+        let echoed = exchange_then_close(addr, payload.clone()).unwrap();
+        assert!(echoed == payload, "{size} B: the echo differs");
+    };
+    let args = [
+        "--listen",
+        "127.0.0.1:0",
+        "--mode",
+        "ebpf",
+        "--route",
+        &route,
+    ];
+    let mut router = Server::start(BIN, &args);
+    for seed in 0..20 {
+        through(router.addr, 2_000, seed);
+    }
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(
+        (stats.get("spliced"), stats.get("copied")),
+        (0, 20),
+        "{stats:?}"
+    );
+    assert_eq!(stats.get("kernel_redirected_bytes"), 0, "{stats:?}");
+    const BULK: usize = 16 << 20;
+    through(router.addr, BULK, 99);
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(
+        (stats.get("spliced"), stats.get("copied")),
+        (1, 20),
+        "{stats:?}"
+    );
+    assert!(stats.get("kernel_redirected_bytes") > 0, "{stats:?}");
+    drop(router);
+    let mut router = Server::start(BIN, &[&args[..], &["--splice-after", "1048576"]].concat());
+    through(router.addr, 512 << 10, 7);
+    let stats = router.wait_stats(idle, Duration::from_secs(10));
+    assert_eq!(
+        (stats.get("spliced"), stats.get("copied")),
+        (0, 1),
+        "{stats:?}"
+    );
+}
+
 /// Bytes the client sends right after the first packet (while the router
 /// connects and splices) arrive, in order, at once.
 #[test]

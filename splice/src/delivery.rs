@@ -15,10 +15,13 @@ pub struct Delivery {
     destination_fd: RawFd,
     /// `bytes_handed_to_tcp(destination)` and `tcpi_bytes_acked` of the
     /// destination when the leg began; `None` for a leg that only copies
-    /// (everything it delivers is its own writes, nothing to measure).
-    baselines: Option<(u64, u64)>,
+    /// (everything it delivers is its own writes, nothing to measure) until
+    /// [`Self::measure_from_now`].
+    baselines: Cell<Option<(u64, u64)>>,
     /// Bytes userspace wrote to the destination since.
     written: Cell<u64>,
+    /// Bytes userspace read from the leg's source.
+    read: Cell<u64>,
     /// Set when the connection is given up (reset): by the flow control, or
     /// by the server when the other direction failed.
     abandoned: Cell<bool>,
@@ -36,8 +39,9 @@ impl Delivery {
         };
         Ok(Self {
             destination_fd: destination.as_raw_fd(),
-            baselines,
+            baselines: Cell::new(baselines),
             written: Cell::new(0),
+            read: Cell::new(0),
             abandoned: Cell::new(false),
         })
     }
@@ -54,6 +58,15 @@ impl Delivery {
 
     pub fn add_written(&self, n: u64) {
         self.written.set(self.written.get() + n);
+    }
+
+    /// Bytes userspace read from the leg's source.
+    pub fn read(&self) -> u64 {
+        self.read.get()
+    }
+
+    pub fn add_read(&self, n: u64) {
+        self.read.set(self.read.get() + n);
     }
 
     /// Gives the connection up: the leg stops at its next step with an
@@ -80,11 +93,25 @@ impl Delivery {
 
     /// Whether it took the baselines that measure redirected bytes.
     pub fn measures_redirects(&self) -> bool {
-        self.baselines.is_some()
+        self.baselines.get().is_some()
+    }
+
+    /// Takes the baselines of a delivery made to copy, before the kernel
+    /// first redirects to its destination. Exact as if taken when the leg
+    /// began: until now the destination's TCP took only userspace's writes,
+    /// so both counters stood at what they are now less those (a fresh
+    /// socket had nothing queued or acknowledged to start with).
+    pub fn measure_from_now(&self) -> io::Result<()> {
+        if self.baselines.get().is_none() {
+            let handed = socket::bytes_handed_to_tcp(self.destination())?;
+            let start = handed.saturating_sub(self.written());
+            self.baselines.set(Some((start, start)));
+        }
+        Ok(())
     }
 
     fn baselines(&self) -> io::Result<(u64, u64)> {
-        self.baselines.ok_or_else(|| {
+        self.baselines.get().ok_or_else(|| {
             io::Error::other("a leg made to copy only cannot measure redirected bytes")
         })
     }

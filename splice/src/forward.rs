@@ -74,12 +74,24 @@ impl Spliced<'_> {
     }
 }
 
+/// How [`Leg::copy_until`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Copied {
+    /// The source's stream ended and went through: the leg is done.
+    Ended,
+    /// The source carried the threshold: worth splicing. Every byte read
+    /// was written, so the kernel may take the stream over from here.
+    Bulky,
+}
+
 /// One direction of a connection.
 pub struct Leg<R, W> {
     source: R,
     destination: W,
     delivery: Rc<Delivery>,
-    read: u64,
+    /// Bytes read before the source was spliced (copied ones): the probe
+    /// counts the bytes it passes up from there.
+    read_before_splice: u64,
     /// Empty until the first read that needs it (see [`Self::run`]).
     buffer: Vec<u8>,
     /// The destination's peer sent FIN (seen once, it stays so).
@@ -112,7 +124,7 @@ where
             source,
             destination,
             delivery: Rc::new(Delivery::new(destination_fd, spliceable)?),
-            read: 0,
+            read_before_splice: 0,
             buffer: Vec::new(),
             destination_half_closed: false,
             redirected_taken: 0,
@@ -132,7 +144,12 @@ where
 
     /// Bytes userspace read from the source.
     pub fn bytes_read(&self) -> u64 {
-        self.read
+        self.delivery.read()
+    }
+
+    /// Bytes read from a spliced source that the probe passed up.
+    fn read_passed_up(&self) -> u64 {
+        self.delivery.read() - self.read_before_splice
     }
 
     /// Bytes userspace wrote to the destination.
@@ -156,6 +173,35 @@ where
     /// destination took every byte, and shuts the destination down for
     /// writing. `spliced` is the source's place in the probe, if it has one.
     pub async fn run(&mut self, spliced: Option<Spliced<'_>>) -> Result<(), LegError> {
+        self.run_until(spliced, None).await.map(drop)
+    }
+
+    /// Copies (the source is not spliced) until the source's end of stream,
+    /// as [`Self::run`], or until it carried `threshold` bytes: then it
+    /// returns [`Copied::Bulky`] between two reads, for the caller to
+    /// [`Self::prepare_splice`] and splice the source.
+    pub async fn copy_until(&mut self, threshold: u64) -> Result<Copied, LegError> {
+        self.run_until(None, Some(threshold)).await
+    }
+
+    /// Readies a leg that copied for its source to be spliced from its next
+    /// unread byte: it measures what the kernel redirects to the
+    /// destination from now on, and gives back its copy buffer (the probe
+    /// passes bytes up rarely; a buffer is made again then).
+    pub fn prepare_splice(&mut self) -> Result<(), LegError> {
+        self.delivery
+            .measure_from_now()
+            .map_err(LegError::Destination)?;
+        self.read_before_splice = self.delivery.read();
+        self.buffer = Vec::new();
+        Ok(())
+    }
+
+    async fn run_until(
+        &mut self,
+        spliced: Option<Spliced<'_>>,
+        threshold: Option<u64>,
+    ) -> Result<Copied, LegError> {
         let spliced = spliced.filter(|s| s.splice.is_spliced(s.index));
         if spliced.is_some() && !self.delivery.measures_redirects() {
             return Err(LegError::Probe(io::Error::other(
@@ -199,7 +245,7 @@ where
                     // still on their way to the receive queue (queued
                     // behind bytes waiting to leave through the same
                     // socket).
-                    Some(spliced) if spliced.stream()?.passed > self.read => {
+                    Some(spliced) if spliced.stream()?.passed > self.read_passed_up() => {
                         glommio::timer::sleep(pause).await;
                         pause = (pause * 2).min(MAX_PASSED_PAUSE);
                         continue;
@@ -210,7 +256,7 @@ where
                 Err(e) if retry(&e) => continue,
                 Err(e) => return Err(LegError::Source(e)),
             };
-            self.read += n as u64;
+            self.delivery.add_read(n as u64);
             if let Some(spliced) = spliced {
                 // Bytes the kernel redirected before these must reach the
                 // destination first.
@@ -261,9 +307,11 @@ where
                     spliced.index,
                     Control {
                         credit,
-                        forwarded: self.read,
+                        forwarded: self.read_passed_up(),
                     },
                 );
+            } else if threshold.is_some_and(|threshold| self.delivery.read() >= threshold) {
+                return Ok(Copied::Bulky);
             }
         }
         // End of stream: the source's bytes all went through (no verdict
@@ -279,7 +327,8 @@ where
         self.destination
             .close()
             .await
-            .map_err(LegError::Destination)
+            .map_err(LegError::Destination)?;
+        Ok(Copied::Ended)
     }
 
     fn allocate_buffer(&mut self) {

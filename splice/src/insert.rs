@@ -3,7 +3,7 @@
 //! starts the kernel's forwarding; the [`Splice`] it returns is the guard
 //! that removes them again.
 use std::{
-    cell::RefCell,
+    cell::{Cell, RefCell},
     io,
     os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     rc::Rc,
@@ -52,17 +52,17 @@ struct Entry {
     cookie: SocketCookie,
     held: bool,
     /// In `SPLICED`: the kernel forwards its incoming bytes.
-    spliced: bool,
+    spliced: Cell<bool>,
 }
 
 impl Entry {
     /// Puts the socket into `SPLICED`, unless the kernel refuses: then it is
     /// not established any more and userspace forwards its bytes.
-    fn start(&mut self, p: &mut Probe) {
+    fn start(&self, p: &mut Probe) {
         // SAFETY: the splice's sockets outlive it.
         let socket = unsafe { BorrowedFd::borrow_raw(self.fd) };
         if p.maps.splice(self.slot, socket).is_ok() {
-            self.spliced = true;
+            self.spliced.set(true);
             // Bytes that reached the receive queue before the insert wait
             // there until the next segment unless the kernel is nudged.
             let _ = socket::kick_receive_queue(socket);
@@ -103,7 +103,7 @@ impl Splice {
                 slot: 0,
                 cookie: socket::cookie(member.socket).map_err(InsertError::Kernel)?,
                 held: false,
-                spliced: false,
+                spliced: Cell::new(false),
             });
         }
         let next_seqs = members
@@ -165,7 +165,7 @@ impl Splice {
                 .route(splice.entries[i].cookie, route)
                 .map_err(InsertError::Kernel)?;
         }
-        for (entry, member) in splice.entries.iter_mut().zip(members) {
+        for (entry, member) in splice.entries.iter().zip(members) {
             if member.start {
                 entry.start(&mut p);
             }
@@ -177,11 +177,36 @@ impl Splice {
     /// Puts `members[index]`, inserted without [`Member::start`], into
     /// `SPLICED`: the kernel forwards its bytes from its next unread one
     /// at the insert on (see [`Splice::is_spliced`]).
-    pub fn start(&mut self, index: usize) {
-        let entry = &mut self.entries[index];
-        if !entry.spliced {
+    pub fn start(&self, index: usize) {
+        let entry = &self.entries[index];
+        if !entry.spliced.get() {
             entry.start(&mut self.probe.borrow_mut());
         }
+    }
+
+    /// [`Self::start`] for a socket userspace went on reading after the
+    /// insert, `read_since` bytes: its stream first moves on by as many
+    /// (only userspace writes a stream before its socket enters `SPLICED`;
+    /// counting beats asking the kernel, whose FIONREAD on a SockMap socket
+    /// no longer counts the TCP receive queue). Returns whether the kernel
+    /// forwards its bytes from there on; if the socket is no longer
+    /// established, userspace goes on.
+    pub fn start_after_reading(&self, index: usize, read_since: u64) -> bool {
+        let entry = &self.entries[index];
+        if !entry.spliced.get() {
+            let mut p = self.probe.borrow_mut();
+            let stream = p.maps.stream(entry.slot);
+            p.maps.set_stream(
+                entry.slot,
+                Stream {
+                    // Sequence numbers wrap at 2^32.
+                    next_seq: stream.next_seq.wrapping_add(read_since as u32),
+                    ..Stream::default()
+                },
+            );
+            entry.start(&mut p);
+        }
+        entry.spliced.get()
     }
 
     /// Whether some socket had bytes waiting to be read when it was
@@ -192,7 +217,7 @@ impl Splice {
 
     /// Whether the kernel forwards `members[index]`'s bytes.
     pub fn is_spliced(&self, index: usize) -> bool {
-        self.entries[index].spliced
+        self.entries[index].spliced.get()
     }
 
     /// The stream of `members[index]` as the probe keeps it; an error once
@@ -259,7 +284,7 @@ impl Drop for Splice {
             p.maps.unroute(entry.cookie);
             // A closed socket left the SockMaps by itself.
             if !self.closed {
-                p.maps.release(entry.slot, entry.spliced, entry.held);
+                p.maps.release(entry.slot, entry.spliced.get(), entry.held);
             }
             p.slots.put(entry.slot);
         }

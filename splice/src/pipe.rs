@@ -7,6 +7,7 @@
 //! probe, or when the kernel refuses the insert, the same legs copy in
 //! userspace. A failed direction resets both sides.
 use std::{
+    cell::OnceCell,
     os::fd::{AsRawFd as _, BorrowedFd, RawFd},
     rc::Rc,
 };
@@ -17,6 +18,7 @@ use tracing::debug;
 use super::{
     Leg, LegError, Member, Splice, Spliced,
     delivery::Delivery,
+    forward::Copied,
     halves::{self, Half, OwnSocket},
     shard::ShardProbe,
     socket,
@@ -78,16 +80,18 @@ pub fn run_then<'a, R>(
     first: Vec<u8>,
     end: impl FnOnce(Outcome) -> R + 'a,
 ) -> impl Future<Output = R> + 'a {
-    let spliceable = probe.is_some();
+    // Spliced from the start, or copied first (without a probe, or until
+    // a direction proves worth splicing).
+    let eager = probe.is_some_and(|probe| probe.splice_after() == 0);
     let (backend_reader, backend_writer) = halves::split(backend);
     let fds = [
         client_reader.fd().as_raw_fd(),
         backend_reader.fd().as_raw_fd(),
     ];
     // Legs take their baselines before anything is written to either side.
-    let mut legs = Leg::new(client_reader, backend_writer, borrow(fds[1]), spliceable)
+    let mut legs = Leg::new(client_reader, backend_writer, borrow(fds[1]), eager)
         .and_then(|up| {
-            let down = Leg::new(backend_reader, client_writer, borrow(fds[0]), spliceable)?;
+            let down = Leg::new(backend_reader, client_writer, borrow(fds[0]), eager)?;
             Ok((up, down, fds))
         })
         .inspect_err(|_| reset_on_close(fds));
@@ -95,7 +99,7 @@ pub fn run_then<'a, R>(
         let outcome = 'pipe: {
             let mut outcome = Outcome::default();
             // Borrowed in place: moving them out would keep two copies.
-            let (up, down, [client_fd, backend_fd]) = match &mut legs {
+            let (up, down, fds) = match &mut legs {
                 Ok((up, down, fds)) => (up, down, *fds),
                 Err(e) => {
                     // Both sockets were reset.
@@ -104,55 +108,59 @@ pub fn run_then<'a, R>(
                     break 'pipe outcome;
                 }
             };
-            // Spliced before the first bytes go out: the backend cannot have
-            // answered (and closed, which the kernel would refuse) yet. The
-            // client's later bytes wait in the kernel until the first are
-            // written.
-            // The members are a temporary: nothing of them stays in the
-            // future across its awaits.
-            let (mut splice, path) = insert(
-                probe,
-                &[
-                    Member {
-                        socket: borrow(client_fd),
-                        peer: 1,
-                        start: false,
-                    },
-                    Member {
-                        socket: borrow(backend_fd),
-                        peer: 0,
-                        start: true,
-                    },
-                ],
-            );
-            outcome.path = Some(path);
-            if let Err(e) = up.write(&first).await {
-                debug!("sending the first bytes failed: {e}");
-                reset_on_close([client_fd, backend_fd]);
-                outcome.reset = true;
-                outcome.to_backend = up.bytes_written();
-                break 'pipe outcome;
-            }
-            drop(first);
-            if let Some(splice) = &mut splice {
-                splice.start(0);
-                for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
-                    if splice.is_spliced(index) {
-                        source.set_spliced();
-                    }
-                }
-            }
-            let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
             let reset = Reset {
-                sockets: [client_fd, backend_fd],
+                sockets: fds,
                 legs: [up.delivery(), down.delivery()],
             };
-            let (up_result, down_result) = future::zip(
-                run_leg(up, spliced(0), &reset),
-                run_leg(down, spliced(1), &reset),
-            )
-            .await;
-            outcome.reset = up_result.is_err() || down_result.is_err();
+            let splice = if eager {
+                // Spliced before the first bytes go out: the backend cannot
+                // have answered (and closed, which the kernel would refuse)
+                // yet. The client's later bytes wait in the kernel until the
+                // first are written.
+                // The members are a temporary: nothing of them stays in the
+                // future across its awaits.
+                let (splice, path) = insert(probe, &members(fds, [false, true]));
+                outcome.path = Some(path);
+                if let Err(e) = up.write(&first).await {
+                    break 'pipe first_failed(e, fds, up.bytes_written());
+                }
+                drop(first);
+                if let Some(splice) = &splice {
+                    splice.start(0);
+                    for (index, source) in [up.source(), down.source()].into_iter().enumerate() {
+                        if splice.is_spliced(index) {
+                            source.set_spliced();
+                        }
+                    }
+                }
+                let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
+                let (up_result, down_result) = future::zip(
+                    run_leg(up, spliced(0), &reset),
+                    run_leg(down, spliced(1), &reset),
+                )
+                .await;
+                outcome.reset = up_result.is_err() || down_result.is_err();
+                splice
+            } else {
+                if let Err(e) = up.write(&first).await {
+                    break 'pipe first_failed(e, fds, up.bytes_written());
+                }
+                drop(first);
+                let lazy = Lazy {
+                    probe,
+                    fds,
+                    splice: OnceCell::new(),
+                };
+                let (up_result, down_result) = future::zip(
+                    run_lazy_leg(up, 0, &lazy, &reset),
+                    run_lazy_leg(down, 1, &lazy, &reset),
+                )
+                .await;
+                outcome.reset = up_result.is_err() || down_result.is_err();
+                let (splice, path) = lazy.end();
+                outcome.path = Some(path);
+                splice
+            };
             outcome.to_backend = up.bytes_written() + redirected(&splice, 0);
             outcome.to_client = down.bytes_written() + redirected(&splice, 1);
             outcome.read_in_userspace = up.bytes_read() + down.bytes_read();
@@ -164,6 +172,129 @@ pub fn run_then<'a, R>(
         };
         end(outcome)
     }
+}
+
+/// The outcome of a pipe whose first bytes could not be sent: both sides
+/// are reset.
+fn first_failed(error: LegError, fds: [RawFd; 2], to_backend: u64) -> Outcome {
+    debug!("sending the first bytes failed: {error}");
+    reset_on_close(fds);
+    Outcome {
+        reset: true,
+        to_backend,
+        ..Outcome::default()
+    }
+}
+
+/// A pipe's two sockets as members of a splice: the client's bytes go to
+/// the backend and the backend's to the client; `start` says which the
+/// kernel forwards at the insert.
+fn members([client, backend]: [RawFd; 2], start: [bool; 2]) -> [Member<'static>; 2] {
+    [
+        Member {
+            socket: borrow(client),
+            peer: 1,
+            start: start[0],
+        },
+        Member {
+            socket: borrow(backend),
+            peer: 0,
+            start: start[1],
+        },
+    ]
+}
+
+/// A pipe that copies first: each direction is spliced once it carried
+/// the probe's [`ShardProbe::splice_after`] bytes (the first to get there
+/// inserts both sockets).
+struct Lazy<'a> {
+    probe: Option<&'a ShardProbe>,
+    fds: [RawFd; 2],
+    splice: OnceCell<Insert>,
+}
+
+/// What became of a [`Lazy`] pipe's insert.
+enum Insert {
+    /// Made, when each leg had read this much.
+    Made(Splice, [u64; 2]),
+    /// The kernel refused it.
+    Refused,
+    /// Not tried: a side had ended its stream already (the kernel refuses
+    /// such sockets, and what is left of the stream is all in userspace's
+    /// reach), so the pipe copies to the end.
+    Late,
+}
+
+impl Lazy<'_> {
+    /// The splice, made at the first call, and what each leg had read then.
+    fn splice(&self, reset: &Reset) -> Option<(&Splice, [u64; 2])> {
+        let insert = self.splice.get_or_init(|| {
+            let ended = self.fds.iter().any(|&fd| {
+                socket::tcp_info(borrow(fd)).map_or(true, |info| {
+                    info.tcpi_state != socket::tcp_state::ESTABLISHED
+                })
+            });
+            if ended {
+                return Insert::Late;
+            }
+            // Nothing runs between these counts and the insert's reading of
+            // where each stream stands.
+            let read = [reset.legs[0].read(), reset.legs[1].read()];
+            match insert(self.probe, &members(self.fds, [false, false])) {
+                (Some(splice), _) => Insert::Made(splice, read),
+                (None, _) => Insert::Refused,
+            }
+        });
+        match insert {
+            Insert::Made(splice, read) => Some((splice, *read)),
+            Insert::Refused | Insert::Late => None,
+        }
+    }
+
+    /// The splice, if one was made, and how the pipe forwarded.
+    fn end(self) -> (Option<Splice>, Path) {
+        match self.splice.into_inner() {
+            None | Some(Insert::Late) => (None, Path::Copied),
+            Some(Insert::Refused) => (None, Path::Fallback),
+            Some(Insert::Made(splice, _)) => {
+                let path = if splice.is_spliced(0) || splice.is_spliced(1) {
+                    Path::Spliced
+                } else {
+                    Path::Fallback
+                };
+                (Some(splice), path)
+            }
+        }
+    }
+}
+
+/// Runs one direction of a [`Lazy`] pipe: copies until it carried the
+/// threshold, then splices its source from its next unread byte (every
+/// byte it read was written: the kernel's follow them) and runs on.
+async fn run_lazy_leg(
+    leg: &mut Leg<Half, Half>,
+    index: usize,
+    lazy: &Lazy<'_>,
+    reset: &Reset,
+) -> Result<(), LegError> {
+    let Some(probe) = lazy.probe else {
+        return run_leg(leg, None, reset).await;
+    };
+    match leg.copy_until(probe.splice_after()).await {
+        Ok(Copied::Ended) => return Ok(()),
+        Ok(Copied::Bulky) => {}
+        Err(e) => return Err(reset.failed(e)),
+    }
+    let mut spliced = None;
+    if let Some((splice, read_at_insert)) = lazy.splice(reset) {
+        // Before the kernel redirects anything to the destination.
+        leg.prepare_splice().map_err(|e| reset.failed(e))?;
+        if splice.start_after_reading(index, leg.bytes_read() - read_at_insert[index]) {
+            leg.source().set_spliced();
+            spliced = Some(Spliced { splice, index });
+        }
+    }
+    run_leg(leg, spliced, reset).await
 }
 
 /// The echo form: one socket whose bytes go back to itself, spliced (the
@@ -265,6 +396,13 @@ struct Reset {
 }
 
 impl Reset {
+    /// A direction failed with `error`: passes the reset on.
+    fn failed(&self, error: LegError) -> LegError {
+        debug!("connection reset: {error}");
+        self.now();
+        error
+    }
+
     /// Passes a reset on: both legs stop, both sockets send RST when closed,
     /// and blocked reads wake up now (without sending the peers anything).
     fn now(&self) {
@@ -289,12 +427,7 @@ where
     R: futures_lite::AsyncRead + Unpin,
     W: futures_lite::AsyncWrite + Unpin,
 {
-    let result = leg.run(spliced).await;
-    if let Err(e) = &result {
-        debug!("connection reset: {e}");
-        reset.now();
-    }
-    result
+    leg.run(spliced).await.map_err(|e| reset.failed(e))
 }
 
 fn reset_on_close(sockets: [RawFd; 2]) {

@@ -103,6 +103,11 @@ pub struct ProbeConfig {
     /// [`super::flow`]; each direction starts at
     /// [`super::credit::INITIAL_WINDOW`] or this, whichever is smaller).
     pub in_flight_limit: u64,
+    /// Bytes a direction of a routed connection carries in userspace before
+    /// its source is spliced (0: both at once, from the first packet on).
+    /// Short connections never pay the splice's set-up (see
+    /// [`super::pipe::run`]).
+    pub splice_after: u64,
 }
 
 /// A probe loaded and attached: its parts.

@@ -27,6 +27,7 @@ pub struct ShardProbe {
     probe: Rc<RefCell<Probe>>,
     stats: Arc<SpliceStats>,
     warned_full: Cell<bool>,
+    splice_after: u64,
 }
 
 impl ShardProbe {
@@ -49,9 +50,16 @@ impl ShardProbe {
                 probe,
                 stats,
                 warned_full: Cell::new(false),
+                splice_after: spec.config.splice_after,
             },
             view,
         ))
+    }
+
+    /// Bytes a direction carries in userspace before it is spliced (see
+    /// [`ProbeConfig::splice_after`]).
+    pub fn splice_after(&self) -> u64 {
+        self.splice_after
     }
 
     /// Splices `members`, or says (in the counters and, once, in the log)

@@ -133,6 +133,58 @@ impl Backend {
 }
 
 impl Backend {
+    /// Exchanges streams of sizes its client chooses: the client's first
+    /// [`EXCHANGE_HEADER`] bytes are its total size, the size to send back
+    /// and a seed (little-endian u64s). It sends that many bytes of the
+    /// stream seeded with `seed + 1` while it reads the client's; it
+    /// half-closes only after the client's end of stream (so both sockets
+    /// stay established while either direction carries bytes), and
+    /// reports the seed, how many bytes came and their SHA-256.
+    pub fn exchange(reports: mpsc::Sender<(u64, u64, [u8; 32])>) -> Self {
+        spawn(move |mut stream| {
+            let mut header = [0u8; EXCHANGE_HEADER];
+            if stream.read_exact(&mut header).is_err() {
+                return;
+            }
+            let field = |i: usize| {
+                u64::from_le_bytes(header[i * 8..i * 8 + 8].try_into().expect("8 bytes"))
+            };
+            let (up, down, seed) = (field(0), field(1), field(2));
+            let Ok(mut writer) = stream.try_clone() else {
+                return;
+            };
+            let sender = thread::spawn(move || write_stream(&mut writer, down as usize, seed + 1));
+            let mut hasher = Sha256::new();
+            hasher.update(header);
+            let mut total = EXCHANGE_HEADER as u64;
+            let mut buffer = vec![0u8; 1 << 16];
+            while total < up {
+                let want = buffer.len().min((up - total) as usize);
+                match stream.read(&mut buffer[..want]) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        hasher.update(&buffer[..n]);
+                        total += n as u64;
+                    }
+                }
+            }
+            // Anything past the announced size counts too (it must not come).
+            let Ok((extra, _)) = hash_until_eof(&stream) else {
+                return;
+            };
+            if !matches!(sender.join(), Ok(Ok(()))) {
+                return;
+            }
+            let _ = stream.shutdown(Shutdown::Write);
+            let _ = reports.send((seed, total + extra, hasher.finalize().into()));
+        })
+    }
+}
+
+/// Length of the header a client of [`Backend::exchange`] starts with.
+pub const EXCHANGE_HEADER: usize = 24;
+
+impl Backend {
     /// Sends the stream seeded with `seed`, `size` bytes long, as fast as
     /// its client lets it, counting in `written` what its socket took; then
     /// half-closes and reads until the client's end of stream.
