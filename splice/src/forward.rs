@@ -14,7 +14,9 @@
 //! waits until the destination's TCP send queue has taken every byte (the
 //! ones userspace wrote plus the ones the probe redirected), then shuts the
 //! destination down for writing.
-use std::{io, os::fd::BorrowedFd, rc::Rc, time::Duration};
+use std::{
+    cell::RefCell, future::poll_fn, io, os::fd::BorrowedFd, pin::Pin, rc::Rc, time::Duration,
+};
 
 use futures_lite::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _, future};
 
@@ -32,7 +34,8 @@ use super::{
 /// Initial userspace buffer of a leg that may splice: it only sees the
 /// bytes the probe passes up, so it starts small (and grows if needed).
 const SPLICEABLE_BUFFER: usize = 256;
-/// Initial userspace buffer of a leg that copies everything.
+/// Initial userspace buffer of a leg that copies and met a full
+/// destination (until then it reads into the executor's [`SCRATCH`]).
 const COPY_BUFFER: usize = 16 * 1024;
 /// Largest userspace buffer a leg grows to.
 const MAX_BUFFER: usize = 256 * 1024;
@@ -49,6 +52,15 @@ const SEND_WAIT_SLICE: Duration = Duration::from_millis(10);
 /// source's end of stream.
 const MIN_PASSED_PAUSE: Duration = Duration::from_micros(100);
 const MAX_PASSED_PAUSE: Duration = Duration::from_millis(50);
+
+thread_local! {
+    /// The executor's read buffer for copying legs without one of their
+    /// own: bytes read into it are written on in the same poll, so no two
+    /// legs ever hold it; only what a full destination does not take yet
+    /// moves to a buffer of the leg's own. An idle or interactive copied
+    /// connection then holds no buffer at all.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0; MAX_BUFFER]);
+}
 
 /// Why a leg ended early; the connection should then be reset.
 #[derive(Debug, Error)]
@@ -218,9 +230,6 @@ where
             );
             waiting
         });
-        if spliced.is_none() {
-            self.allocate_buffer();
-        }
         // A spliced leg without a buffer waits with a read of one byte.
         let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
@@ -233,6 +242,32 @@ where
                         &mut self.buffer[..]
                     };
                     spliced_read::read(&mut self.source, into, waiting).await
+                }
+                None if self.buffer.is_empty() => {
+                    let source = &mut self.source;
+                    let read = poll_fn(|cx| {
+                        SCRATCH.with_borrow_mut(|scratch| {
+                            Pin::new(&mut *source).poll_read(cx, scratch)
+                        })
+                    })
+                    .await;
+                    match read {
+                        // In the same poll as the read, before any other
+                        // leg can use the scratch buffer.
+                        Ok(n) if n > 0 => {
+                            if self.delivery.is_abandoned() {
+                                return Err(abandoned());
+                            }
+                            self.delivery.add_read(n as u64);
+                            Box::pin(self.forward_scratch(n)).await?;
+                            if threshold.is_some_and(|threshold| self.delivery.read() >= threshold)
+                            {
+                                return Ok(Copied::Bulky);
+                            }
+                            continue;
+                        }
+                        other => other,
+                    }
                 }
                 None => self.source.read(&mut self.buffer).await,
             };
@@ -329,6 +364,39 @@ where
             .await
             .map_err(LegError::Destination)?;
         Ok(Copied::Ended)
+    }
+
+    /// Writes the `n` bytes just read into [`SCRATCH`] to the destination:
+    /// what it takes at once, then (a full destination) the rest from a
+    /// buffer of the leg's own, which it keeps reading into from then on.
+    async fn forward_scratch(&mut self, n: usize) -> Result<(), LegError> {
+        let fd = self.delivery.destination();
+        let sent = SCRATCH.with_borrow(|scratch| {
+            let mut sent = 0;
+            while sent < n {
+                match socket::send_nonblocking(fd, &scratch[sent..n]) {
+                    Ok(k) => sent += k,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) => return Err(LegError::Destination(e)),
+                }
+            }
+            Ok(sent)
+        })?;
+        self.delivery.add_written(sent as u64);
+        if sent == n {
+            return Ok(());
+        }
+        let rest = n - sent;
+        self.buffer = vec![0; rest.max(COPY_BUFFER)];
+        SCRATCH.with_borrow(|scratch| self.buffer[..rest].copy_from_slice(&scratch[sent..n]));
+        Self::send_all(
+            &mut self.destination,
+            &self.delivery,
+            &mut self.destination_half_closed,
+            &self.buffer[..rest],
+        )
+        .await
     }
 
     fn allocate_buffer(&mut self) {
