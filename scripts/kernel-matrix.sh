@@ -79,9 +79,10 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-# The smoke check: the echo demo's basic test and a router test that
-# asserts every connection was spliced, on the minimum kernel.
-SMOKE_TESTS=ebpf_mode_all_cores_echoes_64_concurrent_clients_in_the_kernel,a_hundred_concurrent_connections_get_their_bytes_back
+# The smoke check: the echo demo's basic test, a router test that asserts
+# every connection was spliced, and one that a bulky connection moved into
+# the kernel mid-stream (the lazy splice), on the minimum kernel.
+SMOKE_TESTS=ebpf_mode_all_cores_echoes_64_concurrent_clients_in_the_kernel,a_hundred_concurrent_connections_get_their_bytes_back,short_connections_stay_in_userspace_and_bulky_ones_move_into_the_kernel
 if [ "$smoke" -eq 1 ]; then
     [ -z "$only" ] || { echo "kernel-matrix: --smoke and --only do not go together" >&2; exit 2; }
     only=$SMOKE_TESTS

@@ -357,11 +357,11 @@ pub struct Config {
     pub access_log_file: Option<PathBuf>,
 }
 
-/// HAProxy's usual `timeout client`/`timeout server`.
 /// Default of [`Config::splice_after`]: see docs/performance.md, "Lazy
-/// splice", for the measurement that chose it.
-pub const DEFAULT_SPLICE_AFTER: u64 = 64 * 1024;
+/// splice", for the measurements that chose it.
+pub const DEFAULT_SPLICE_AFTER: u64 = 16 * 1024;
 
+/// HAProxy's usual `timeout client`/`timeout server`.
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl Default for Config {

@@ -102,7 +102,7 @@ struct Cli {
     /// In ebpf mode, bytes a direction of a connection carries in userspace
     /// before the kernel takes it over: short exchanges never pay the
     /// splice's set-up (0: splice from the first packet on) [default:
-    /// 65536, or the file's `splice_after`].
+    /// 16384, or the file's `splice_after`].
     #[arg(long, value_name = "BYTES")]
     splice_after: Option<u64>,
     /// Log level: error, warn, info (default), debug (adds a line per

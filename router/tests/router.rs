@@ -348,7 +348,7 @@ fn a_hundred_concurrent_connections_get_their_bytes_back() {
 }
 
 /// By default a connection starts in userspace and each direction moves
-/// into the kernel once it carried `--splice-after` bytes (64 KiB): short
+/// into the kernel once it carried `--splice-after` bytes (16 KiB): short
 /// exchanges never pay the splice's set-up, a bulky one is spliced
 /// mid-stream with every byte back in order. A threshold of the
 /// operator's own applies.
