@@ -6,11 +6,13 @@ use std::{
     cell::{Cell, RefCell},
     net::{SocketAddr, TcpListener as StdListener},
     os::fd::OwnedFd,
+    pin::pin,
     rc::Rc,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
+use futures_lite::future;
 use splice::{
     KernelView,
     capabilities::{self, Capability},
@@ -145,13 +147,38 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
     }
 }
 
+/// How often an accept loop looks whether its listener was released to a
+/// new process ([`crate::listeners::Listeners::release_all`]): a released
+/// listener is not shut down, so no failed accept wakes the loop.
+pub(crate) const CLOSED_CHECK: Duration = Duration::from_millis(50);
+
 /// Accepts on this core's copy of one listener until the router stops;
 /// each connection is a task of its own.
 async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Shard>) {
     // Non-blocking already (see `runtime::bind_reuseport`).
     let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
+    // One timer for the loop's life, not one per accept.
+    let released = async {
+        loop {
+            glommio::timer::sleep(CLOSED_CHECK).await;
+            if info.state.closed.load(Relaxed) {
+                return None;
+            }
+        }
+    };
+    let mut released = pin!(released);
     loop {
-        match listener.accept().await {
+        // A pending accept holds nothing (a non-blocking accept4 on
+        // readiness): dropping it loses no connection.
+        let accepted = future::or(async { Some(listener.accept().await) }, released.as_mut()).await;
+        let Some(accepted) = accepted else {
+            // Released to a new process: this core's copy leaves the epoll
+            // set (the socket lives on in the new process, so closing the
+            // descriptor would not take it out) and is closed.
+            listener.leave_readiness();
+            break;
+        };
+        match accepted {
             Ok((socket, peer)) => match shard.limits.admit(&info.state.limit) {
                 Ok(permit) => {
                     let client = OwnSocket::new(socket, &shard.readiness);

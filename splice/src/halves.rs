@@ -161,6 +161,14 @@ impl OwnSocket {
         }
     }
 
+    /// Takes the socket out of the epoll set now. For a socket another
+    /// process holds too (a listener handed over in an upgrade): closing
+    /// the descriptor removes it from the set only once every process
+    /// closed it.
+    pub fn leave_readiness(&self) {
+        self.readiness.remove(self.key, self.fd.as_fd());
+    }
+
     fn read_interest(&self) -> Interest {
         if self.spliced.get() {
             Interest::End

@@ -1,0 +1,393 @@
+//! Upgrading the binary without closing a listener (issue 24).
+//!
+//! A running router offers its state on a unix socket (`--upgrade-socket
+//! PATH`); a new binary started with `--upgrade-from PATH` takes it over:
+//!
+//! 1. new → old `Hello`: protocol version, cores, the probe's map layout
+//!    ([`layout`]). The old one refuses (and keeps serving, saying why) if
+//!    any differs, or if it is draining.
+//! 2. old → new: every listen address, one `SO_REUSEPORT` copy per core
+//!    (`SCM_RIGHTS`), and the metrics listener. Both processes now hold the
+//!    same sockets: a connection in an accept queue is taken by exactly one
+//!    `accept`, whichever process makes it (the kernel's rule), so nothing is
+//!    accepted twice and nothing waiting is lost.
+//! 3. The new one starts its executors (and loads its probes) with the
+//!    listeners held back; only once every core serves does it accept, then
+//!    it sends `Ready`.
+//! 4. old: stops accepting (its copies are closed, never shut down: a
+//!    `shutdown` would shut the new process's listener, the same socket),
+//!    answers `Released`, and finishes its own connections within
+//!    `drain_timeout`, as a drain does, then exits. It sends no FIN/RST on
+//!    any listener.
+//!
+//! A new binary that fails before `Ready` (refused, crashed, a probe that
+//! does not load) has accepted nothing; the old one keeps accepting
+//! throughout and logs why the upgrade failed. Live connections are not
+//! handed over (yet): the old process finishes them.
+pub mod socket;
+pub mod wire;
+
+use std::{
+    io,
+    net::{SocketAddr, TcpListener},
+    os::{
+        fd::AsRawFd as _,
+        unix::net::{UnixListener, UnixStream},
+    },
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, bail};
+use serde::{Deserialize, Serialize};
+use tracing::{info, warn};
+
+use crate::{listeners::Listeners, telemetry::counters::Lifecycle};
+
+/// Version of the messages below; a new binary speaking another is refused.
+pub const PROTOCOL: u32 = 1;
+
+/// How long the old process waits for the new one to be ready: starting
+/// the executors and loading a probe per core takes about a second.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the new process waits for each answer of the old one.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fault injection for the tests, in the new process: `ROUTER_UPGRADE_FAULT=
+/// before-ready` aborts it once its executors serve, before it accepts
+/// (the old one must keep serving).
+pub const FAULT_VARIABLE: &str = "ROUTER_UPGRADE_FAULT";
+
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Message {
+    /// New → old: who asks.
+    Hello {
+        protocol: u32,
+        pid: u32,
+        cores: usize,
+        layout: u64,
+    },
+    /// Old → new: no upgrade, and why.
+    Refused { reason: String },
+    /// Old → new: `listeners` [`Message::Listener`] messages follow, then a
+    /// [`Message::Metrics`] if `metrics`.
+    Offer { listeners: usize, metrics: bool },
+    /// One listen address; its per-core copies travel with it, in core
+    /// order.
+    Listener {
+        configured: SocketAddr,
+        local: SocketAddr,
+    },
+    /// The metrics listener, with its descriptor.
+    Metrics { configured: SocketAddr },
+    /// New → old: every core serves; stop accepting.
+    Ready,
+    /// Old → new: stopped accepting; it finishes `connections` of its own.
+    Released { connections: u64 },
+}
+
+/// The probe's map layout as this binary has it: the types and names both
+/// sides of the probe share, and this protocol's version. Two binaries
+/// with the same layout can hand over kernel state; the value is stable
+/// across builds (FNV-1a, not the randomised std hasher).
+pub fn layout() -> u64 {
+    use splice_common::*;
+    let mut hash = Fnv::default();
+    hash.add(&PROTOCOL.to_le_bytes());
+    for name in [
+        HELD_MAP,
+        SPLICED_MAP,
+        ROUTES_MAP,
+        STREAMS_MAP,
+        CONTROL_MAP,
+        COUNTERS_MAP,
+    ] {
+        hash.add(name.as_bytes());
+        hash.add(&[0]);
+    }
+    for size in [
+        size_of::<Route>(),
+        size_of::<Stream>(),
+        size_of::<Control>(),
+        size_of::<SocketCookie>(),
+        Counter::COUNT as usize,
+        stream_flags::TO_USERSPACE as usize,
+        stream_flags::BROKEN as usize,
+    ] {
+        hash.add(&(size as u64).to_le_bytes());
+    }
+    hash.0
+}
+
+struct Fnv(u64);
+
+impl Default for Fnv {
+    fn default() -> Self {
+        Self(0xcbf2_9ce4_8422_2325)
+    }
+}
+
+impl Fnv {
+    fn add(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u64::from(b);
+            self.0 = self.0.wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+}
+
+/// What the running router needs to offer itself.
+pub struct Offering {
+    pub cores: usize,
+    pub listeners: Arc<Mutex<Listeners>>,
+    /// The metrics listener (a copy of the endpoint's), and its address as
+    /// configured.
+    pub metrics: Option<(SocketAddr, TcpListener)>,
+    /// `handed_over` is set once the listeners went to a new process: the
+    /// main thread then finishes the connections and exits.
+    pub lifecycle: Arc<Lifecycle>,
+    /// Connections open now, over every core.
+    pub active: Box<dyn Fn() -> u64 + Send>,
+}
+
+/// Serves upgrade requests on `listener` from a thread of its own
+/// (`router-upgrade`), one at a time, until one succeeds; then wakes the
+/// main thread (SIGTERM to itself, with `handed_over` set).
+pub fn offer(listener: UnixListener, offering: Offering) -> io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("router-upgrade".into())
+        .spawn(move || {
+            for stream in listener.incoming() {
+                let stream = match stream {
+                    Ok(stream) => stream,
+                    Err(e) => {
+                        warn!("upgrade socket: accept failed: {e}");
+                        thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                match hand_over(&stream, &offering) {
+                    Ok(Some(pid)) => {
+                        // The main thread waits for signals: this one
+                        // tells it to finish (it sees `handed_over`).
+                        // SAFETY: kill has no memory effects.
+                        unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+                        info!("upgrade: process {pid} took over the listeners");
+                        return;
+                    }
+                    Ok(None) => {}
+                    Err(e) => warn!(
+                        "upgrade failed: {e:#}; this router keeps serving as before \
+                         (fix the new binary or its flags, then start it again)"
+                    ),
+                }
+            }
+        })
+}
+
+/// One upgrade request: `Some(pid)` once the new process took over, `None`
+/// when it was refused (logged).
+fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<u32>> {
+    socket::check_peer(stream)?;
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    let (hello, _) = wire::receive::<Message>(stream).context("reading the new process's hello")?;
+    let Message::Hello {
+        protocol,
+        pid,
+        cores,
+        layout: theirs,
+    } = hello
+    else {
+        bail!("the new process did not start with a hello: {hello:?}");
+    };
+    let refusal = if protocol != PROTOCOL {
+        Some(format!(
+            "it speaks upgrade protocol {protocol}, this router {PROTOCOL}: stop this router \
+             and start the new one instead"
+        ))
+    } else if theirs != layout() {
+        Some(format!(
+            "its probe's map layout differs ({theirs:#x}, here {:#x}): its kernel state \
+             cannot be handed over; stop this router and start the new one instead",
+            layout()
+        ))
+    } else if cores != offering.cores {
+        Some(format!(
+            "it runs {cores} cores and this router {}: each core's listener goes to the same \
+             core; start it with --cores {}",
+            offering.cores, offering.cores
+        ))
+    } else if offering.lifecycle.draining.load(Relaxed) {
+        Some("this router is draining (it was told to stop)".to_owned())
+    } else {
+        None
+    };
+    if let Some(reason) = refusal {
+        warn!("upgrade refused to process {pid}: {reason}; this router keeps serving");
+        wire::send(stream, &Message::Refused { reason }, &[])?;
+        return Ok(None);
+    }
+    info!("upgrade: handing the listeners over to process {pid}");
+    // Under the lock until released: a reload in between would change the
+    // listeners offered.
+    let mut listeners = offering.listeners.lock().expect("no panic under this lock");
+    let offered = listeners.offer()?;
+    wire::send(
+        stream,
+        &Message::Offer {
+            listeners: offered.len(),
+            metrics: offering.metrics.is_some(),
+        },
+        &[],
+    )?;
+    for (configured, local, copies) in &offered {
+        let fds: Vec<_> = copies.iter().map(|c| c.as_raw_fd()).collect();
+        wire::send(
+            stream,
+            &Message::Listener {
+                configured: *configured,
+                local: *local,
+            },
+            &fds,
+        )?;
+    }
+    if let Some((configured, listener)) = &offering.metrics {
+        wire::send(
+            stream,
+            &Message::Metrics {
+                configured: *configured,
+            },
+            &[listener.as_raw_fd()],
+        )?;
+    }
+    drop(offered);
+    stream.set_read_timeout(Some(READY_TIMEOUT))?;
+    match wire::receive::<Message>(stream) {
+        Ok((Message::Ready, _)) => {}
+        Ok((other, _)) => bail!("process {pid} sent {other:?} instead of ready"),
+        Err(e) => {
+            return Err(anyhow::Error::new(e).context(format!(
+                "process {pid} did not report ready within {} (it failed or crashed)",
+                humantime::format_duration(READY_TIMEOUT)
+            )));
+        }
+    }
+    // From here on the new process accepts: this one stops.
+    listeners.release_all();
+    offering.lifecycle.handed_over.store(true, Relaxed);
+    drop(listeners);
+    let connections = (offering.active)();
+    wire::send(stream, &Message::Released { connections }, &[])?;
+    Ok(Some(pid))
+}
+
+/// What a new process received from the old one.
+pub struct Received {
+    /// The upgrade connection, to report ready on.
+    stream: UnixStream,
+    pub listeners: Vec<ReceivedListener>,
+    pub metrics: Option<(SocketAddr, TcpListener)>,
+    pub old_pid: Option<u32>,
+}
+
+/// One listen address taken over: its per-core copies.
+pub struct ReceivedListener {
+    pub configured: SocketAddr,
+    pub local: SocketAddr,
+    pub copies: Vec<TcpListener>,
+}
+
+/// Connects to the running router at `path` and takes its listeners: the
+/// new process's first step. Fails (the old one keeps serving) if it is
+/// refused.
+pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Received> {
+    let stream = UnixStream::connect(path).with_context(|| {
+        format!(
+            "cannot reach the running router on its upgrade socket {}: is it running with \
+             --upgrade-socket {} (the default is {})?",
+            path.display(),
+            path.display(),
+            socket::DEFAULT_PATH
+        )
+    })?;
+    let old_pid = socket::peer_pid(&stream);
+    stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+    wire::send(
+        &stream,
+        &Message::Hello {
+            protocol: PROTOCOL,
+            pid: std::process::id(),
+            cores,
+            layout: layout(),
+        },
+        &[],
+    )?;
+    let (listeners, metrics) = match wire::receive::<Message>(&stream)?.0 {
+        Message::Offer { listeners, metrics } => (listeners, metrics),
+        Message::Refused { reason } => {
+            bail!("the running router refused the upgrade: {reason}")
+        }
+        other => bail!("the running router answered {other:?} to the hello"),
+    };
+    let mut received = Received {
+        stream,
+        listeners: Vec::with_capacity(listeners),
+        metrics: None,
+        old_pid,
+    };
+    for _ in 0..listeners {
+        let (message, fds) = wire::receive::<Message>(&received.stream)?;
+        let Message::Listener { configured, local } = message else {
+            bail!("the running router sent {message:?} instead of a listener");
+        };
+        if fds.len() != cores {
+            bail!(
+                "the running router sent {} copies of {local}, not {cores}",
+                fds.len()
+            );
+        }
+        received.listeners.push(ReceivedListener {
+            configured,
+            local,
+            copies: fds.into_iter().map(TcpListener::from).collect(),
+        });
+    }
+    if metrics {
+        let (message, mut fds) = wire::receive::<Message>(&received.stream)?;
+        let (Message::Metrics { configured }, Some(fd)) = (message, fds.pop()) else {
+            bail!("the running router's metrics listener did not come");
+        };
+        received.metrics = Some((configured, TcpListener::from(fd)));
+    }
+    Ok(received)
+}
+
+impl Received {
+    /// Tells the old process every core serves, and waits until it stopped
+    /// accepting: returns how many connections it still finishes.
+    pub fn ready(self) -> anyhow::Result<u64> {
+        wire::send(&self.stream, &Message::Ready, &[])?;
+        match wire::receive::<Message>(&self.stream)
+            .context("waiting for the old router to stop accepting")?
+            .0
+        {
+            Message::Released { connections } => Ok(connections),
+            other => bail!("the old router answered {other:?} to ready"),
+        }
+    }
+}
+
+/// Whether the tests asked this process to fail at `point`.
+pub fn fault(point: &str) -> bool {
+    std::env::var(FAULT_VARIABLE).is_ok_and(|value| value == point)
+}
+
+/// The upgrade socket this process offers itself on.
+#[derive(Debug, Clone)]
+pub struct SocketOption {
+    pub path: PathBuf,
+    /// Given on the command line: failing to bind it fails the start.
+    pub explicit: bool,
+}

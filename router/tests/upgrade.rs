@@ -1,0 +1,345 @@
+//! Upgrading the binary (issue 24): a new router started with
+//! `--upgrade-from PATH` takes the listeners over from the one offering
+//! itself on `--upgrade-socket PATH`, which finishes its own connections
+//! and exits. Real kernel, both modes; every load loop is bounded in count
+//! and time, and only loopback addresses are used.
+mod common;
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr},
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc, Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{BIN, both_modes, start};
+use testkit::{Server, backends::Backend, clients, data::Rng, server::run_to_failure};
+
+/// One upgrade test at a time: each runs two routers at once during its
+/// upgrades, and io_uring's locked memory, shared by every router on the
+/// machine, does not hold many more (an executor then fails to start).
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A fresh upgrade socket path for one test and mode.
+fn socket_path(test: &str, mode: &str) -> PathBuf {
+    let path = std::env::temp_dir().join(format!(
+        "router-upgrade-{test}-{mode}-{}.sock",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&path);
+    path
+}
+
+fn args(mode: &str, routes: &[String], socket: &std::path::Path, from: bool) -> Vec<String> {
+    let mut args: Vec<String> = vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--mode".into(),
+        mode.into(),
+        "--upgrade-socket".into(),
+        socket.display().to_string(),
+    ];
+    if from {
+        args.push("--upgrade-from".into());
+        args.push(socket.display().to_string());
+    }
+    for route in routes {
+        args.push("--route".into());
+        args.push(route.clone());
+    }
+    args
+}
+
+/// The running router, offering itself on `socket`.
+fn start_old(mode: &str, routes: &[String], socket: &std::path::Path, extra: &[&str]) -> Server {
+    let mut all = vec!["--upgrade-socket", socket.to_str().unwrap()];
+    all.extend(extra);
+    start(mode, routes, &all)
+}
+
+/// A new router taking over from the one on `socket`; returns once it
+/// reported ready (its `listening on` line comes after the old one
+/// released the listeners).
+fn upgrade(mode: &str, routes: &[String], socket: &std::path::Path, extra: &[&str]) -> Server {
+    let mut command = Command::new(BIN);
+    command.args(args(mode, routes, socket, true)).args(extra);
+    Server::start_command(&mut command)
+}
+
+/// Short connections at a steady rate from a few threads, until stopped or
+/// `limit` passed: each sends 64 bytes (a first byte that is no known
+/// protocol: the default route), reads the echo, half-closes and expects
+/// the end of stream.
+struct Load {
+    stop: Arc<AtomicBool>,
+    workers: Vec<thread::JoinHandle<(u64, Vec<String>)>>,
+}
+
+impl Load {
+    fn start(addr: SocketAddr, per_second: u64, limit: Duration) -> Self {
+        const WORKERS: u64 = 10;
+        let stop = Arc::new(AtomicBool::new(false));
+        let every = Duration::from_secs_f64(WORKERS as f64 / per_second as f64);
+        let workers = (0..WORKERS)
+            .map(|w| {
+                let stop = Arc::clone(&stop);
+                thread::spawn(move || {
+                    let started = Instant::now();
+                    let mut rng = Rng::new(w + 1);
+                    let (mut ok, mut failures) = (0u64, Vec::new());
+                    let mut next = started + every.mul_f64(w as f64 / WORKERS as f64);
+                    let most = (limit.as_secs_f64() / every.as_secs_f64()) as u64 + 1;
+                    for i in 0..most {
+                        if stop.load(Ordering::Relaxed) || started.elapsed() > limit {
+                            break;
+                        }
+                        let now = Instant::now();
+                        if next > now {
+                            thread::sleep(next - now);
+                        }
+                        next += every;
+                        let mut payload = vec![0u8];
+                        payload.extend(rng.bytes(63));
+                        match one_exchange(addr, &payload) {
+                            Ok(()) => ok += 1,
+                            Err(e) => failures.push(format!("worker {w} connection {i}: {e}")),
+                        }
+                    }
+                    (ok, failures)
+                })
+            })
+            .collect();
+        Self { stop, workers }
+    }
+
+    /// Stops the load; returns the connections that succeeded and the
+    /// failures.
+    fn finish(self) -> (u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = (0, Vec::new());
+        for worker in self.workers {
+            let (ok, failures) = worker.join().expect("load worker");
+            total.0 += ok;
+            total.1.extend(failures);
+        }
+        total
+    }
+}
+
+fn one_exchange(addr: SocketAddr, payload: &[u8]) -> std::io::Result<()> {
+    let mut stream = clients::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    stream.write_all(payload)?;
+    let mut echoed = vec![0u8; payload.len()];
+    stream.read_exact(&mut echoed)?;
+    if echoed != payload {
+        return Err(std::io::Error::other("echo differs"));
+    }
+    stream.shutdown(Shutdown::Write)?;
+    let mut rest = Vec::new();
+    stream.read_to_end(&mut rest)?;
+    if !rest.is_empty() {
+        return Err(std::io::Error::other("bytes after the echo"));
+    }
+    Ok(())
+}
+
+fn connections_served(router: &mut Server) -> u64 {
+    router.stats().get("routed")
+}
+
+#[test]
+fn a_thousand_short_connections_a_second_through_two_upgrades_fail_none() {
+    let _serial = serial();
+    both_modes("upgrade_under_load", |mode| {
+        let echo = Backend::echo();
+        let routes = [format!("default={}", echo.addr)];
+        let socket = socket_path("load", mode);
+        let mut old = start_old(mode, &routes, &socket, &[]);
+        let addr = old.addr;
+        let load = Load::start(addr, 1000, Duration::from_secs(20));
+        thread::sleep(Duration::from_millis(1000));
+        let before = connections_served(&mut old);
+        assert!(before > 0, "{mode}: the load reached the router");
+        let mut new = upgrade(mode, &routes, &socket, &[]);
+        assert_eq!(new.addr, addr, "{mode}: the same address");
+        let exited = old.wait_exit(Duration::from_secs(10));
+        assert!(
+            exited.is_some_and(|status| status.success()),
+            "{mode}: the old router finished its connections and exited: {exited:?}\n{}",
+            old.stderr()
+        );
+        thread::sleep(Duration::from_millis(1000));
+        let mut newer = upgrade(mode, &routes, &socket, &[]);
+        let exited = new.wait_exit(Duration::from_secs(10));
+        assert!(
+            exited.is_some_and(|status| status.success()),
+            "{mode}: the second router exited: {exited:?}\n{}",
+            new.stderr()
+        );
+        thread::sleep(Duration::from_millis(1000));
+        let (ok, failures) = load.finish();
+        let served = connections_served(&mut newer);
+        assert!(
+            failures.is_empty(),
+            "{mode}: {} of {} connections failed: {:?}\nold:\n{}\nnew:\n{}\nnewer:\n{}",
+            failures.len(),
+            ok + failures.len() as u64,
+            &failures[..failures.len().min(5)],
+            old.stderr(),
+            new.stderr(),
+            newer.stderr()
+        );
+        assert!(ok >= 2500, "{mode}: {ok} connections in ~3 s at 1,000/s");
+        assert!(served > 0, "{mode}: the last router served some");
+        assert!(
+            newer.stderr().contains("took over the listeners"),
+            "{mode}: {}",
+            newer.stderr()
+        );
+        newer.stop();
+    });
+}
+
+#[test]
+fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
+    let _serial = serial();
+    both_modes("upgrade_failure", |mode| {
+        let echo = Backend::echo();
+        let routes = [format!("default={}", echo.addr)];
+        let socket = socket_path("failure", mode);
+        let mut old = start_old(mode, &routes, &socket, &[]);
+        let load = Load::start(old.addr, 500, Duration::from_secs(30));
+        thread::sleep(Duration::from_millis(500));
+
+        // Crashes half-way: it received the listeners and started its
+        // executors, then aborts before it accepts.
+        let (status, stderr) = run_to_failure(
+            Command::new(BIN)
+                .args(args(mode, &routes, &socket, true))
+                .env("ROUTER_UPGRADE_FAULT", "before-ready"),
+        );
+        assert!(!status.success(), "{mode}: the faulty binary failed");
+        assert!(stderr.contains("before-ready"), "{mode}: {stderr}");
+        wait_for(&old, "upgrade failed");
+        assert!(
+            old.wait_exit(Duration::ZERO).is_none(),
+            "{mode}: old one alive"
+        );
+
+        // Refused: another core count.
+        let (status, stderr) = run_to_failure(
+            Command::new(BIN)
+                .args(args(mode, &routes, &socket, true))
+                .args(["--cores", "1"]),
+        );
+        assert!(!status.success(), "{mode}: the refused binary failed");
+        assert!(
+            stderr.contains("refused the upgrade") && stderr.contains("--cores"),
+            "{mode}: says why and how to fix it: {stderr}"
+        );
+        wait_for(&old, "upgrade refused");
+
+        // A config it refuses: it never reaches the old one.
+        let (status, stderr) = run_to_failure(
+            Command::new(BIN)
+                .args(args(mode, &routes, &socket, true))
+                .args(["--route", "nonsense"]),
+        );
+        assert!(!status.success(), "{mode}: {stderr}");
+        thread::sleep(Duration::from_millis(500));
+        assert!(
+            old.wait_exit(Duration::ZERO).is_none(),
+            "{mode}: old one alive"
+        );
+
+        // And a good one still takes over afterwards.
+        let new = upgrade(mode, &routes, &socket, &[]);
+        let exited = old.wait_exit(Duration::from_secs(10));
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "{mode}: {}",
+            old.stderr()
+        );
+        thread::sleep(Duration::from_millis(500));
+        let (ok, failures) = load.finish();
+        assert!(
+            failures.is_empty(),
+            "{mode}: {} failed of {}: {:?}\nold:\n{}\nnew:\n{}",
+            failures.len(),
+            ok + failures.len() as u64,
+            &failures[..failures.len().min(5)],
+            old.stderr(),
+            new.stderr()
+        );
+        assert!(ok > 500, "{mode}: {ok} connections");
+        new.stop();
+    });
+}
+
+/// Waits (bounded) until the router's stderr says `text`.
+fn wait_for(router: &Server, text: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !router.stderr().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "no `{text}` in 10 s:\n{}",
+            router.stderr()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn an_idle_old_router_exits_within_a_second_and_the_new_one_holds_what_it_held() {
+    let _serial = serial();
+    both_modes("upgrade_exit", |mode| {
+        let echo = Backend::echo();
+        let routes = [format!("default={}", echo.addr)];
+        let socket = socket_path("exit", mode);
+        let mut old = start_old(mode, &routes, &socket, &["--stats"]);
+        let mut payload = vec![0u8];
+        payload.extend(b"warm up");
+        one_exchange(old.addr, &payload).unwrap();
+        old.wait_stats(common::idle, Duration::from_secs(5));
+        let fds_before = old.fd_count();
+        let mut new = upgrade(mode, &routes, &socket, &["--stats"]);
+        let ready = Instant::now();
+        let exited = old.wait_exit(Duration::from_secs(5));
+        let took = ready.elapsed();
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "{mode}: {}",
+            old.stderr()
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{mode}: the old router exited {took:?} after the new one was ready"
+        );
+        one_exchange(new.addr, &payload).unwrap();
+        new.wait_stats(common::idle, Duration::from_secs(5));
+        let fds_after = new.fd_count();
+        assert_eq!(
+            fds_after, fds_before,
+            "{mode}: the new router holds as many descriptors as the old one did"
+        );
+        assert!(
+            !socket.exists() || std::os::unix::net::UnixStream::connect(&socket).is_ok(),
+            "{mode}: the upgrade socket is the new router's"
+        );
+        new.stop();
+        assert!(!socket.exists(), "{mode}: removed at exit");
+    });
+}
