@@ -59,6 +59,9 @@ pub(crate) struct ShardInput {
     pub(crate) metrics: Arc<CoreMetrics>,
     pub(crate) labelled: Arc<Labelled>,
     pub(crate) limits: Arc<Limits>,
+    /// Where the upgrade thread asks for this core's connections, or
+    /// hands it the old process's.
+    pub(crate) boxes: Arc<crate::upgrade::connections::CoreBoxes>,
 }
 
 pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
@@ -128,7 +131,13 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         limit_log: Cell::new((None, 0)),
         access_log: input.access_log,
         idle: Default::default(),
+        handover: Default::default(),
     });
+    glommio::spawn_local(crate::upgrade::connections::watch(
+        Rc::clone(&shard),
+        input.boxes,
+    ))
+    .detach();
     glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
     // Listeners arrive through the inbox: at start, and after a reload
     // that adds one. A published configuration is adopted at the next
@@ -150,7 +159,7 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
 /// How often an accept loop looks whether its listener was released to a
 /// new process ([`crate::listeners::Listeners::release_all`]): a released
 /// listener is not shut down, so no failed accept wakes the loop.
-pub(crate) const CLOSED_CHECK: Duration = Duration::from_millis(50);
+pub(crate) const CLOSED_CHECK: Duration = Duration::from_millis(100);
 
 /// Accepts on this core's copy of one listener until the router stops;
 /// each connection is a task of its own.

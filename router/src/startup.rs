@@ -138,6 +138,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let labelled = Arc::new(Labelled::new(cores));
     labelled.register(&config);
     let lifecycle = Arc::new(Lifecycle::default());
+    let boxes = upgrade::connections::CoreBoxes::new(cores);
     let inputs = stats
         .iter()
         .zip(&core_metrics)
@@ -152,6 +153,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             labelled: Arc::clone(&labelled),
             limits: Arc::clone(&limits),
             access_log: Arc::clone(&access_log),
+            boxes: Arc::clone(&boxes),
         })
         .collect();
     // Listeners are bound: from here on, every thread needs at most what
@@ -240,11 +242,17 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             );
         }
         let old = received.old_pid;
-        let connections = received.ready()?;
+        let started = std::time::Instant::now();
+        let open = received.ready()?;
+        let (taken, left) = received.take_connections(&boxes)?;
         info!(
             old_pid = old,
-            "upgrade: took over the listeners; the old router finishes its {connections} \
-             connection(s) and exits"
+            open,
+            taken,
+            left,
+            took_ms = started.elapsed().as_secs_f64() * 1e3,
+            "upgrade: took over the listeners and {taken} connection(s); the old router \
+             finishes {left} and exits"
         );
         upgrade_socket = match bind_upgrade_socket(&options.upgrade_socket, true) {
             Ok(bound) => bound,
@@ -268,6 +276,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                     active: Box::new(move || {
                         shards.iter().map(|s| s.splice.active.load(Relaxed)).sum()
                     }),
+                    boxes: Arc::clone(&boxes),
                 },
             )
             .context("starting the upgrade thread")?;

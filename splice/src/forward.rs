@@ -179,6 +179,8 @@ where
         let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
         loop {
+            // Quiet while it waits: every byte read so far was written.
+            self.delivery.quiet.set(true);
             let read = match &waiting {
                 Some(waiting) => {
                     let into = if self.buffer.is_empty() {
@@ -190,6 +192,7 @@ where
                 }
                 None => self.source.read(&mut self.buffer).await,
             };
+            self.delivery.quiet.set(false);
             if self.delivery.is_abandoned() {
                 return Err(abandoned());
             }
@@ -279,7 +282,42 @@ where
         self.destination
             .close()
             .await
-            .map_err(LegError::Destination)
+            .map_err(LegError::Destination)?;
+        self.delivery.done.set(true);
+        Ok(())
+    }
+
+    /// What another process needs to go on with this leg (see
+    /// [`super::handover`]); meaningful at a quiet point only.
+    pub(crate) fn handover_state(&self) -> super::handover::LegState {
+        super::handover::LegState {
+            read: self.read,
+            written: self.delivery.written(),
+            baselines: self.delivery.baseline_values(),
+            destination_half_closed: self.destination_half_closed,
+            redirected_taken: self.redirected_taken,
+            done: self.delivery.done.get(),
+        }
+    }
+
+    /// A leg taken over from another process at `state`.
+    pub(crate) fn restored(
+        source: R,
+        destination: W,
+        destination_fd: BorrowedFd<'_>,
+        state: &super::handover::LegState,
+    ) -> Self {
+        let delivery = Delivery::restored(destination_fd, state.baselines, state.written);
+        delivery.done.set(state.done);
+        Self {
+            source,
+            destination,
+            delivery: Rc::new(delivery),
+            read: state.read,
+            buffer: Vec::new(),
+            destination_half_closed: state.destination_half_closed,
+            redirected_taken: state.redirected_taken,
+        }
     }
 
     fn allocate_buffer(&mut self) {

@@ -50,6 +50,11 @@ impl Half {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.0.fd.as_fd()
     }
+
+    /// See [`OwnSocket::leave_readiness`].
+    pub fn leave_readiness(&self) {
+        self.0.leave_readiness();
+    }
 }
 
 impl AsyncRead for Half {

@@ -48,6 +48,10 @@ pub struct Outcome {
     pub read_in_userspace: u64,
     /// Ended by an error: a reset was passed on to both sides.
     pub reset: bool,
+    /// Handed over to another process (an upgrade) instead of ended: its
+    /// sockets and state ([`super::handover`]); the byte counts are those
+    /// so far.
+    pub handed_over: Option<Box<super::handover::HandedOver>>,
 }
 
 /// Joins `client` (its two halves) and `backend`, sends the backend `first`,
@@ -147,11 +151,23 @@ pub fn run_then<'a, R>(
                 sockets: [client_fd, backend_fd],
                 legs: [up.delivery(), down.delivery()],
             };
-            let (up_result, down_result) = future::zip(
-                run_leg(up, spliced(0), &reset),
-                run_leg(down, spliced(1), &reset),
-            )
-            .await;
+            // Unless an upgrade takes the pipe at a quiet point (see
+            // `handover`): then the legs' future is dropped there.
+            let results = {
+                let legs_run = std::pin::pin!(future::zip(
+                    run_leg(up, spliced(0), &reset),
+                    run_leg(down, spliced(1), &reset),
+                ));
+                super::handover::unless_handed_over(legs_run, &reset.legs).await
+            };
+            let Some((up_result, down_result)) = results else {
+                outcome.to_backend = up.bytes_written() + redirected(&splice, 0);
+                outcome.to_client = down.bytes_written() + redirected(&splice, 1);
+                outcome.handed_over =
+                    super::handover::export(up, down, splice, probe, path, [client_fd, backend_fd]);
+                drop(legs);
+                break 'pipe outcome;
+            };
             outcome.reset = up_result.is_err() || down_result.is_err();
             outcome.to_backend = up.bytes_written() + redirected(&splice, 0);
             outcome.to_client = down.bytes_written() + redirected(&splice, 1);
@@ -232,7 +248,7 @@ fn insert(probe: Option<&ShardProbe>, members: &[Member<'_>]) -> (Option<Splice>
 
 /// The probe's count of what member `index` redirected to its peer (a
 /// stream it gave up on counts only what userspace wrote).
-fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
+pub(crate) fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
     splice
         .as_ref()
         .and_then(|splice| splice.stream(index).ok())
@@ -240,7 +256,7 @@ fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
 }
 
 /// Removes what is left of a splice whose sockets are closed: its routes.
-fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
+pub(crate) fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
     if let Some(splice) = splice {
         splice.drop_closed();
     }
@@ -250,7 +266,7 @@ fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
 }
 
 /// One of the pipe's sockets, by descriptor.
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+pub(crate) fn borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: only called on the pipe's two sockets, which the legs own
     // for as long as the pipe runs; every use ends before the legs drop
     // (and on failure to make them, the sockets are still owned by the
@@ -259,9 +275,9 @@ fn borrow(fd: RawFd) -> BorrowedFd<'static> {
 }
 
 /// A pipe's two sockets and legs, to reset when a direction fails.
-struct Reset {
-    sockets: [RawFd; 2],
-    legs: [Rc<Delivery>; 2],
+pub(crate) struct Reset {
+    pub(crate) sockets: [RawFd; 2],
+    pub(crate) legs: [Rc<Delivery>; 2],
 }
 
 impl Reset {
@@ -280,7 +296,7 @@ impl Reset {
 
 /// Runs one direction; if it fails, resets the pipe, which also ends the
 /// other direction.
-async fn run_leg<R, W>(
+pub(crate) async fn run_leg<R, W>(
     leg: &mut Leg<R, W>,
     spliced: Option<Spliced<'_>>,
     reset: &Reset,

@@ -24,6 +24,7 @@
 //! does not load) has accepted nothing; the old one keeps accepting
 //! throughout and logs why the upgrade failed. Live connections are not
 //! handed over (yet): the old process finishes them.
+pub mod connections;
 pub mod socket;
 pub mod wire;
 
@@ -37,7 +38,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     thread,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, bail};
@@ -45,6 +46,8 @@ use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
 use crate::{listeners::Listeners, telemetry::counters::Lifecycle};
+
+use self::connections::{ConnectionState, CoreBoxes, CoreExport, Handed, ProbeExport};
 
 /// Version of the messages below; a new binary speaking another is refused.
 pub const PROTOCOL: u32 = 1;
@@ -84,9 +87,37 @@ pub enum Message {
     Metrics { configured: SocketAddr },
     /// New → old: every core serves; stop accepting.
     Ready,
-    /// Old → new: stopped accepting; it finishes `connections` of its own.
+    /// Old → new: stopped accepting; `connections` are open.
     Released { connections: u64 },
+    /// Old → new: the connections of `cores` cores follow, each core's as a
+    /// [`Message::Core`] (with its probes' map descriptors, six each) and
+    /// [`Message::Batch`]es.
+    Connections { cores: usize },
+    Core {
+        core: usize,
+        probes: Vec<ProbeInfo>,
+        connections: usize,
+        /// Connections the old process finishes itself.
+        left: u64,
+    },
+    /// Up to [`BATCH`] connections, two descriptors each (client, backend).
+    Batch { states: Vec<ConnectionState> },
+    /// New → old: every connection goes on here.
+    Taken,
 }
+
+/// One probe's maps, handed over (their descriptors travel with the
+/// [`Message::Core`]).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ProbeInfo {
+    pub key: u64,
+    pub capacity: u32,
+    pub in_flight_limit: u64,
+}
+
+/// Connections per [`Message::Batch`]: two descriptors each, within
+/// [`wire::MAX_FDS`].
+pub const BATCH: usize = wire::MAX_FDS / 2;
 
 /// The probe's map layout as this binary has it: the types and names both
 /// sides of the probe share, and this protocol's version. Two binaries
@@ -150,6 +181,8 @@ pub struct Offering {
     pub lifecycle: Arc<Lifecycle>,
     /// Connections open now, over every core.
     pub active: Box<dyn Fn() -> u64 + Send>,
+    /// Where each core hands its connections over.
+    pub boxes: Arc<CoreBoxes>,
 }
 
 /// Serves upgrade requests on `listener` from a thread of its own
@@ -280,7 +313,85 @@ fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<
     drop(listeners);
     let connections = (offering.active)();
     wire::send(stream, &Message::Released { connections }, &[])?;
+    send_connections(stream, offering, pid)?;
     Ok(Some(pid))
+}
+
+/// Old: has every core hand its connections over, and sends them.
+fn send_connections(stream: &UnixStream, offering: &Offering, pid: u32) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let boxes = &offering.boxes;
+    for core in 0..offering.cores {
+        boxes.lock(core).asked = true;
+    }
+    if !boxes.wait(connections::QUIET_BOUND * 3, |b| b.exported.is_some()) {
+        warn!("upgrade: a core did not hand its connections over in time: it finishes them");
+    }
+    let exports: Vec<CoreExport> = (0..offering.cores)
+        .map(|core| boxes.lock(core).exported.take().unwrap_or_default())
+        .collect();
+    let collected = started.elapsed();
+    wire::send(
+        stream,
+        &Message::Connections {
+            cores: offering.cores,
+        },
+        &[],
+    )?;
+    let (mut handed, mut left) = (0, 0);
+    for (core, export) in exports.into_iter().enumerate() {
+        let fds: Vec<_> = export
+            .probes
+            .iter()
+            .flat_map(|p| p.fds.iter().map(|fd| fd.as_raw_fd()))
+            .collect();
+        wire::send(
+            stream,
+            &Message::Core {
+                core,
+                probes: export
+                    .probes
+                    .iter()
+                    .map(|p| ProbeInfo {
+                        key: p.key,
+                        capacity: p.config.capacity,
+                        in_flight_limit: p.config.in_flight_limit,
+                    })
+                    .collect(),
+                connections: export.connections.len(),
+                left: export.left,
+            },
+            &fds,
+        )?;
+        for batch in export.connections.chunks(BATCH) {
+            let fds: Vec<_> = batch
+                .iter()
+                .flat_map(|c| c.sockets.iter().map(|fd| fd.as_raw_fd()))
+                .collect();
+            wire::send(
+                stream,
+                &Message::Batch {
+                    states: batch.iter().map(|c| c.state.clone()).collect(),
+                },
+                &fds,
+            )?;
+        }
+        handed += export.connections.len();
+        left += export.left;
+    }
+    match wire::receive::<Message>(stream) {
+        Ok((Message::Taken, _)) => {}
+        Ok((other, _)) => warn!("upgrade: process {pid} answered {other:?} to the connections"),
+        Err(e) => warn!("upgrade: process {pid} did not confirm the connections: {e}"),
+    }
+    info!(
+        handed,
+        left,
+        collect_ms = collected.as_secs_f64() * 1e3,
+        total_ms = started.elapsed().as_secs_f64() * 1e3,
+        "upgrade: {handed} connection(s) handed over to process {pid}; {left} finish here"
+    );
+    Ok(())
 }
 
 /// What a new process received from the old one.
@@ -367,7 +478,7 @@ pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Received> {
 impl Received {
     /// Tells the old process every core serves, and waits until it stopped
     /// accepting: returns how many connections it still finishes.
-    pub fn ready(self) -> anyhow::Result<u64> {
+    pub fn ready(&self) -> anyhow::Result<u64> {
         wire::send(&self.stream, &Message::Ready, &[])?;
         match wire::receive::<Message>(&self.stream)
             .context("waiting for the old router to stop accepting")?
@@ -376,6 +487,87 @@ impl Received {
             Message::Released { connections } => Ok(connections),
             other => bail!("the old router answered {other:?} to ready"),
         }
+    }
+
+    /// Takes the old router's connections over: each core's go to this
+    /// process's executor of the same core (`boxes`); returns how many were
+    /// taken and how many the old one finishes.
+    pub fn take_connections(&self, boxes: &CoreBoxes) -> anyhow::Result<(usize, u64)> {
+        let cores = match wire::receive::<Message>(&self.stream)?.0 {
+            Message::Connections { cores } => cores,
+            other => bail!("the old router sent {other:?} instead of its connections"),
+        };
+        let (mut taken, mut left_total) = (0, 0);
+        for _ in 0..cores {
+            let (message, mut fds) = wire::receive::<Message>(&self.stream)?;
+            let Message::Core {
+                core,
+                probes,
+                connections,
+                left,
+            } = message
+            else {
+                bail!("the old router sent {message:?} instead of a core");
+            };
+            if core >= boxes.0.len() || fds.len() != probes.len() * 6 {
+                bail!(
+                    "the old router sent core {core} with {} map descriptors",
+                    fds.len()
+                );
+            }
+            let mut export = CoreExport {
+                left,
+                ..CoreExport::default()
+            };
+            for info in probes.into_iter().rev() {
+                let at = fds.len() - 6;
+                export.probes.push(ProbeExport {
+                    key: info.key,
+                    fds: fds.split_off(at),
+                    config: splice::ProbeConfig {
+                        capacity: info.capacity,
+                        in_flight_limit: info.in_flight_limit,
+                    },
+                });
+            }
+            while export.connections.len() < connections {
+                let (message, fds) = wire::receive::<Message>(&self.stream)?;
+                let Message::Batch { states } = message else {
+                    bail!("the old router sent {message:?} instead of connections");
+                };
+                if fds.len() != states.len() * 2 {
+                    bail!(
+                        "a batch of {} connections came with {} descriptors",
+                        states.len(),
+                        fds.len()
+                    );
+                }
+                let mut fds = fds.into_iter();
+                for state in states {
+                    let (Some(client), Some(backend)) = (fds.next(), fds.next()) else {
+                        unreachable!("counted above");
+                    };
+                    export.connections.push(Handed {
+                        state,
+                        sockets: [client, backend],
+                    });
+                }
+            }
+            taken += export.connections.len();
+            left_total += left;
+            let mut core_box = boxes.lock(core);
+            core_box.adopted = false;
+            core_box.incoming = Some(export);
+        }
+        // Each executor goes on with its connections before the old router
+        // exits (it would not lose them, but they wait meanwhile).
+        if !boxes.wait(Duration::from_secs(10), |b| {
+            b.incoming.is_none() && b.adopted
+        }) {
+            warn!("upgrade: an executor did not take its connections over within 10 s");
+        }
+        wire::send(&self.stream, &Message::Taken, &[])?;
+        Ok((taken, left_total))
     }
 }
 
