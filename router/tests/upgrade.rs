@@ -13,13 +13,20 @@ use std::{
     sync::{
         Arc, Mutex, MutexGuard,
         atomic::{AtomicBool, Ordering},
+        mpsc,
     },
     thread,
     time::{Duration, Instant},
 };
 
 use common::{BIN, both_modes, start};
-use testkit::{Server, backends::Backend, clients, data::Rng, server::run_to_failure};
+use testkit::{
+    Server,
+    backends::{self, Backend},
+    clients,
+    data::Rng,
+    server::run_to_failure,
+};
 
 /// One upgrade test at a time: each runs two routers at once during its
 /// upgrades, and io_uring's locked memory, shared by every router on the
@@ -341,5 +348,249 @@ fn an_idle_old_router_exits_within_a_second_and_the_new_one_holds_what_it_held()
         );
         new.stop();
         assert!(!socket.exists(), "{mode}: removed at exit");
+    });
+}
+
+/// The `/metrics` address a router printed.
+fn metrics_addr(router: &mut Server) -> SocketAddr {
+    let line = router.next_line(|l| l.contains("metrics on"), Duration::from_secs(5));
+    line.split("http://")
+        .nth(1)
+        .and_then(|rest| rest.strip_suffix("/metrics"))
+        .and_then(|addr| addr.parse().ok())
+        .unwrap_or_else(|| panic!("no metrics address in {line:?}"))
+}
+
+/// One series of a `/metrics` scrape (0 if absent).
+fn metric(addr: SocketAddr, series: &str) -> u64 {
+    let mut stream = clients::connect(addr).expect("connect to /metrics");
+    write!(stream, "GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0, |value| value.parse().unwrap())
+}
+
+#[test]
+fn an_idle_connection_opened_before_the_upgrade_goes_on_through_the_new_router() {
+    let _serial = serial();
+    both_modes("upgrade_idle", |mode| {
+        let echo = Backend::echo();
+        let routes = [format!("default={}", echo.addr)];
+        let socket = socket_path("idle", mode);
+        let mut old = start_old(mode, &routes, &socket, &["--metrics", "127.0.0.1:0"]);
+        let metrics = metrics_addr(&mut old);
+        let mut client = clients::connect(old.addr).unwrap();
+        let exchange = |client: &mut std::net::TcpStream, bytes: &[u8]| {
+            client.write_all(bytes).unwrap();
+            let mut echoed = vec![0u8; bytes.len()];
+            client.read_exact(&mut echoed).unwrap();
+            assert_eq!(echoed, bytes, "{mode}: echoed");
+        };
+        let first = [&[0u8][..], &[7u8; 999]].concat();
+        exchange(&mut client, &first);
+        thread::sleep(Duration::from_millis(200));
+        let mut new = upgrade(mode, &routes, &socket, &["--metrics", "127.0.0.1:0"]);
+        let ready = Instant::now();
+        let exited = old.wait_exit(Duration::from_secs(5));
+        let took = ready.elapsed();
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "{mode}: {}",
+            old.stderr()
+        );
+        assert!(
+            took < Duration::from_secs(1),
+            "{mode}: the old router exited {took:?} after the new one was ready"
+        );
+        assert!(
+            old.stderr().contains("1 connection(s) handed over"),
+            "{mode}: {}",
+            old.stderr()
+        );
+        assert_eq!(metrics_addr(&mut new), metrics, "{mode}: same /metrics");
+        // The old process is gone: only the new one can answer.
+        let second = vec![9u8; 5000];
+        exchange(&mut client, &second);
+        client.shutdown(Shutdown::Write).unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{mode}");
+        // Its counters go on in the new process: every byte, before and
+        // after the upgrade, once it ended.
+        let total = (first.len() + second.len()) as u64;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let series = |direction| {
+            format!("router_route_bytes_total{{route=\"default\",direction=\"{direction}\"}}")
+        };
+        while metric(metrics, &series("to_backend")) < total {
+            assert!(
+                Instant::now() < deadline,
+                "{mode}: counted in the new /metrics"
+            );
+            thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(metric(metrics, &series("to_backend")), total, "{mode}");
+        assert_eq!(metric(metrics, &series("to_client")), total, "{mode}");
+        let stats = new.wait_stats(common::idle, Duration::from_secs(5));
+        assert_eq!(stats.get("slots_in_use"), 0, "{mode}: no slot leaks");
+        new.stop();
+    });
+}
+
+/// A backend for the stream test: reads `[0][seed][size]` (the first byte
+/// routes to the default route), then sends `size` bytes of the stream
+/// seeded `seed + 1` while hashing what comes until the client's end of
+/// stream, and reports `(seed, bytes, SHA-256)`.
+fn stream_backend(reports: mpsc::Sender<(u64, u64, [u8; 32])>) -> SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let reports = reports.clone();
+            thread::spawn(move || {
+                let mut stream = stream;
+                let mut head = [0u8; 17];
+                if stream.read_exact(&mut head).is_err() {
+                    return;
+                }
+                let seed = u64::from_le_bytes(head[1..9].try_into().unwrap());
+                let size = u64::from_le_bytes(head[9..17].try_into().unwrap());
+                let mut writer = stream.try_clone().unwrap();
+                let sender = thread::spawn(move || {
+                    let _ = backends::write_stream(&mut writer, size as usize, seed + 1);
+                    let _ = writer.shutdown(Shutdown::Write);
+                });
+                if let Ok((bytes, hash)) = backends::hash_until_eof(&stream) {
+                    let _ = reports.send((seed, bytes, hash));
+                }
+                let _ = sender.join();
+            });
+        }
+    });
+    addr
+}
+
+/// 64 streams (random sizes each way up to `UPGRADE_STREAM_MAX_MIB`, 64
+/// by default, 256 for the full size) through `upgrades` upgrades
+/// in a row, started while they run: every byte arrives once, in order,
+/// both ways (SHA-256).
+fn streams_through_upgrades(mode: &str, upgrades: usize) {
+    const STREAMS: u64 = 64;
+    let max = common::scale("UPGRADE_STREAM_MAX_MIB", 64) << 20;
+    let (reports, received) = mpsc::channel();
+    let backend = stream_backend(reports);
+    let routes = [format!("default={backend}")];
+    let socket = socket_path(&format!("streams{upgrades}"), mode);
+    let mut router = start_old(mode, &routes, &socket, &["--stats"]);
+    let addr = router.addr;
+    let mut rng = Rng::new(upgrades as u64);
+    let sizes: Vec<(u64, u64)> = (0..STREAMS)
+        .map(|_| (rng.range(1, max), rng.range(1, max)))
+        .collect();
+    let clients: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &(up, down))| {
+            let seed = 1000 * (i as u64 + 1);
+            thread::spawn(move || -> Result<(u64, [u8; 32]), String> {
+                let stream = clients::connect(addr).map_err(|e| format!("connect: {e}"))?;
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
+                let mut writer = stream.try_clone().unwrap();
+                let sender = thread::spawn(move || -> std::io::Result<()> {
+                    let mut head = vec![0u8];
+                    head.extend(seed.to_le_bytes());
+                    head.extend(down.to_le_bytes());
+                    writer.write_all(&head)?;
+                    backends::write_stream(&mut writer, up as usize, seed)?;
+                    writer.shutdown(Shutdown::Write)
+                });
+                let received = backends::hash_until_eof(&stream);
+                sender
+                    .join()
+                    .unwrap()
+                    .map_err(|e| format!("stream {i} sending: {e}"))?;
+                received.map_err(|e| format!("stream {i} receiving: {e}"))
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let mut handed = 0;
+    for n in 0..upgrades {
+        let next = upgrade(mode, &routes, &socket, &["--stats"]);
+        let exited = router.wait_exit(Duration::from_secs(40));
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "{mode}: upgrade {n}: the old router finished: {}",
+            router.stderr()
+        );
+        handed += router
+            .stderr()
+            .lines()
+            .find(|l| l.contains("handed over to process"))
+            .and_then(|l| {
+                l.split("handed=")
+                    .nth(1)?
+                    .split_whitespace()
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .unwrap_or(0);
+        router = next;
+    }
+    for (i, client) in clients.into_iter().enumerate() {
+        let (up, down) = sizes[i];
+        let seed = 1000 * (i as u64 + 1);
+        let (bytes, hash) = client
+            .join()
+            .unwrap()
+            .unwrap_or_else(|e| panic!("{mode}: {e}\n{}", router.stderr()));
+        assert_eq!(bytes, down, "{mode}: stream {i} to the client: bytes");
+        assert!(
+            hash == backends::stream_hash(down as usize, seed + 1),
+            "{mode}: stream {i} to the client: SHA-256 differs"
+        );
+        let _ = up;
+    }
+    let mut by_seed = std::collections::HashMap::new();
+    for _ in 0..STREAMS {
+        let (seed, bytes, hash) = received
+            .recv_timeout(Duration::from_secs(30))
+            .expect("every backend connection reports");
+        by_seed.insert(seed, (bytes, hash));
+    }
+    for (i, &(up, _)) in sizes.iter().enumerate() {
+        let seed = 1000 * (i as u64 + 1);
+        let (bytes, hash) = by_seed[&seed];
+        assert_eq!(bytes, up, "{mode}: stream {i} to the backend: bytes");
+        assert!(
+            hash == backends::stream_hash(up as usize, seed),
+            "{mode}: stream {i} to the backend: SHA-256 differs"
+        );
+    }
+    let stats = router.wait_stats(common::idle, Duration::from_secs(10));
+    assert_eq!(stats.get("slots_in_use"), 0, "{mode}: no slot leaks");
+    eprintln!("{mode}: {upgrades} upgrade(s), {handed} connection hand-overs in all");
+    router.stop();
+}
+
+#[test]
+fn sixty_four_streams_go_through_an_upgrade_intact() {
+    let _serial = serial();
+    both_modes("upgrade_streams_1", |mode| {
+        streams_through_upgrades(mode, 1)
+    });
+}
+
+#[test]
+fn sixty_four_streams_go_through_three_upgrades_in_a_row_intact() {
+    let _serial = serial();
+    both_modes("upgrade_streams_3", |mode| {
+        streams_through_upgrades(mode, 3)
     });
 }

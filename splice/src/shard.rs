@@ -27,6 +27,9 @@ pub struct ShardProbe {
     probe: Rc<RefCell<Probe>>,
     stats: Arc<SpliceStats>,
     warned_full: Cell<bool>,
+    /// Maps adopted from another process: its slots are not the
+    /// executor's to count (`slots_in_use` is its own probe's).
+    adopted: bool,
 }
 
 impl ShardProbe {
@@ -49,6 +52,7 @@ impl ShardProbe {
                 probe,
                 stats,
                 warned_full: Cell::new(false),
+                adopted: false,
             },
             view,
         ))
@@ -102,6 +106,7 @@ impl ShardProbe {
             probe,
             stats,
             warned_full: Cell::new(false),
+            adopted: true,
         })
     }
 
@@ -130,6 +135,9 @@ impl ShardProbe {
 
     /// Records the slots in use (call after a splice drops too).
     pub fn update_slots_gauge(&self) {
+        if self.adopted {
+            return;
+        }
         let probe = self.probe.borrow();
         let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
         self.stats.slots_in_use.store(in_use, Relaxed);
