@@ -594,3 +594,74 @@ fn sixty_four_streams_go_through_three_upgrades_in_a_row_intact() {
         streams_through_upgrades(mode, 3)
     });
 }
+
+/// The hand-over figures of docs/operations.md: N idle forwarded
+/// connections (`UPGRADE_FIGURE_CONNECTIONS`, default `1,1000,9800`; 9,800
+/// needs 20,000 descriptors, as the test holds both ends), one upgrade,
+/// and how long the hand-over took as both routers log it. Ignored: run
+/// with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+fn hand_over_time_for_n_connections() {
+    let _serial = serial();
+    let counts: Vec<usize> = std::env::var("UPGRADE_FIGURE_CONNECTIONS")
+        .unwrap_or_else(|_| "1,1000,9800".into())
+        .split(',')
+        .map(|n| n.trim().parse().expect("a number"))
+        .collect();
+    both_modes("upgrade_figures", |mode| {
+        for &n in &counts {
+            // A backend that keeps every connection and never reads.
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let backend = listener.local_addr().unwrap();
+            let held = Arc::new(Mutex::new(Vec::new()));
+            let keep = Arc::clone(&held);
+            thread::spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    keep.lock().unwrap().push(stream);
+                }
+            });
+            let routes = [format!("default={backend}")];
+            let socket = socket_path(&format!("figures{n}"), mode);
+            let mut old = start_old(mode, &routes, &socket, &["--stats", "--log-level", "info"]);
+            let started = Instant::now();
+            let clients: Vec<_> = (0..n)
+                .map(|_| {
+                    let mut c = clients::connect(old.addr).unwrap();
+                    c.write_all(&[0, 1, 2, 3]).unwrap();
+                    c
+                })
+                .collect();
+            old.wait_stats(
+                |s| s.get("routed") == n as u64 && held.lock().unwrap().len() == n,
+                Duration::from_secs(120),
+            );
+            let opened = started.elapsed();
+            let new = upgrade(mode, &routes, &socket, &["--stats"]);
+            let exited = old.wait_exit(Duration::from_secs(60));
+            assert!(exited.is_some_and(|s| s.success()), "{}", old.stderr());
+            let field = |text: &str, line: &str, key: &str| -> String {
+                text.lines()
+                    .find(|l| l.contains(line))
+                    .and_then(|l| l.split(&format!("{key}=")).nth(1))
+                    .and_then(|v| v.split_whitespace().next())
+                    .unwrap_or("?")
+                    .to_owned()
+            };
+            let old_log = old.stderr();
+            let new_log = new.stderr();
+            eprintln!(
+                "figure: mode={mode} connections={n} handed={} left={} old_collect_ms={} \
+                 old_total_ms={} new_ready_to_taken_ms={} (opening them took {opened:?})",
+                field(&old_log, "handed over to process", "handed"),
+                field(&old_log, "handed over to process", "left"),
+                field(&old_log, "handed over to process", "collect_ms"),
+                field(&old_log, "handed over to process", "total_ms"),
+                field(&new_log, "took over the listeners and", "took_ms"),
+            );
+            drop(clients);
+            drop(new);
+            held.lock().unwrap().clear();
+        }
+    });
+}

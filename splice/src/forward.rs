@@ -87,6 +87,14 @@ pub struct Leg<R, W> {
     /// Every byte the kernel redirected before this count is known to be in
     /// the destination's TCP send queue, so userspace may write after it.
     redirected_taken: u64,
+    /// Bytes read and not all written yet: the first `.0` of the buffer (or
+    /// `first_byte`), of which what userspace wrote past `.1` went out. Set
+    /// from the read until the write ends, so that a handover in between
+    /// carries the rest ([`super::handover`]); a leg taken over with such
+    /// bytes starts by writing them.
+    pending: Option<(u32, u64)>,
+    /// The read of a spliced leg without a buffer.
+    first_byte: [u8; 1],
 }
 
 impl<R, W> Leg<R, W>
@@ -116,6 +124,8 @@ where
             buffer: Vec::new(),
             destination_half_closed: false,
             redirected_taken: 0,
+            pending: None,
+            first_byte: [0],
         })
     }
 
@@ -176,44 +186,54 @@ where
             self.allocate_buffer();
         }
         // A spliced leg without a buffer waits with a read of one byte.
-        let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
         loop {
-            // Quiet while it waits: every byte read so far was written.
-            self.delivery.quiet.set(true);
-            let read = match &waiting {
-                Some(waiting) => {
-                    let into = if self.buffer.is_empty() {
-                        &mut first_byte[..]
-                    } else {
-                        &mut self.buffer[..]
-                    };
-                    spliced_read::read(&mut self.source, into, waiting).await
-                }
-                None => self.source.read(&mut self.buffer).await,
-            };
-            self.delivery.quiet.set(false);
-            if self.delivery.is_abandoned() {
-                return Err(abandoned());
-            }
-            let n = match read {
-                Ok(0) => match spliced {
-                    // End of stream, unless bytes the probe passed up are
-                    // still on their way to the receive queue (queued
-                    // behind bytes waiting to leave through the same
-                    // socket).
-                    Some(spliced) if spliced.stream()?.passed > self.read => {
-                        glommio::timer::sleep(pause).await;
-                        pause = (pause * 2).min(MAX_PASSED_PAUSE);
-                        continue;
+            // Bytes a leg taken over from another process had not written
+            // yet go first (they are counted in `read` already).
+            let n = if let Some((n, _)) = self.pending {
+                n as usize
+            } else {
+                // Quiet while it waits: every byte read so far was written.
+                self.delivery.quiet.set(true);
+                let read = match &waiting {
+                    Some(waiting) => {
+                        let into = if self.buffer.is_empty() {
+                            &mut self.first_byte[..]
+                        } else {
+                            &mut self.buffer[..]
+                        };
+                        spliced_read::read(&mut self.source, into, waiting).await
                     }
-                    _ => break,
-                },
-                Ok(n) => n,
-                Err(e) if retry(&e) => continue,
-                Err(e) => return Err(LegError::Source(e)),
+                    None => self.source.read(&mut self.buffer).await,
+                };
+                self.delivery.quiet.set(false);
+                if self.delivery.is_abandoned() {
+                    return Err(abandoned());
+                }
+                let n = match read {
+                    Ok(0) => match spliced {
+                        // End of stream, unless bytes the probe passed up are
+                        // still on their way to the receive queue (queued
+                        // behind bytes waiting to leave through the same
+                        // socket).
+                        Some(spliced) if spliced.stream()?.passed > self.read => {
+                            glommio::timer::sleep(pause).await;
+                            pause = (pause * 2).min(MAX_PASSED_PAUSE);
+                            continue;
+                        }
+                        _ => break,
+                    },
+                    Ok(n) => n,
+                    Err(e) if retry(&e) => continue,
+                    Err(e) => return Err(LegError::Source(e)),
+                };
+                self.read += n as u64;
+                self.pending = Some((n as u32, self.delivery.written()));
+                n
             };
-            self.read += n as u64;
+            // Quiet while these wait too: the bytes not written yet would
+            // travel with a handover.
+            self.delivery.quiet.set(true);
             if let Some(spliced) = spliced {
                 // Bytes the kernel redirected before these must reach the
                 // destination first.
@@ -224,7 +244,7 @@ where
                 Box::pin(self.wait_for_room(spliced.splice.window(spliced.index))).await?;
             }
             let bytes = if self.buffer.is_empty() {
-                &first_byte[..n]
+                &self.first_byte[..n]
             } else {
                 &self.buffer[..n]
             };
@@ -236,6 +256,8 @@ where
                 bytes,
             ))
             .await?;
+            self.delivery.quiet.set(false);
+            self.pending = None;
             if self.buffer.is_empty() {
                 self.allocate_buffer();
             } else if full && self.buffer.len() < MAX_BUFFER {
@@ -297,6 +319,15 @@ where
             destination_half_closed: self.destination_half_closed,
             redirected_taken: self.redirected_taken,
             done: self.delivery.done.get(),
+            pending: self.pending.map_or_else(Vec::new, |(n, before)| {
+                let bytes = if self.buffer.is_empty() {
+                    &self.first_byte[..n as usize]
+                } else {
+                    &self.buffer[..n as usize]
+                };
+                let sent = (self.delivery.written() - before) as usize;
+                bytes[sent.min(bytes.len())..].to_vec()
+            }),
         }
     }
 
@@ -314,9 +345,12 @@ where
             destination,
             delivery: Rc::new(delivery),
             read: state.read,
-            buffer: Vec::new(),
             destination_half_closed: state.destination_half_closed,
             redirected_taken: state.redirected_taken,
+            pending: (!state.pending.is_empty())
+                .then(|| (state.pending.len() as u32, state.written)),
+            buffer: state.pending.clone(),
+            first_byte: [0],
         }
     }
 

@@ -7,8 +7,11 @@
 //!
 //! Why a quiet point loses nothing: a leg's read is a non-blocking `recv`
 //! made when the socket is ready, so dropping a pending read leaves every
-//! unread byte in the socket; at that point its buffer holds nothing
-//! unwritten and the probe's control already counts everything forwarded.
+//! unread byte in the socket; its writes are non-blocking `send`s counted
+//! as they succeed, so a leg dropped while it waits for room knows exactly
+//! which of the bytes it read did not go out, and those travel with the
+//! state ([`LegState::pending`], at most one read: 256 KiB); the probe's
+//! control is updated only once they are written.
 //! What the leg knows besides (bytes read and written, its destination's
 //! TCP baselines, how far redirected bytes are known taken) travels in
 //! [`LegState`].
@@ -53,6 +56,8 @@ pub struct LegState {
     pub destination_half_closed: bool,
     pub redirected_taken: u64,
     pub done: bool,
+    /// Bytes it read and had not written yet (see the leg's `pending`).
+    pub pending: Vec<u8>,
 }
 
 /// One socket of a splice: its place in the maps.
