@@ -348,7 +348,7 @@ where
             destination_half_closed: state.destination_half_closed,
             redirected_taken: state.redirected_taken,
             pending: (!state.pending.is_empty())
-                .then(|| (state.pending.len() as u32, state.written)),
+                .then_some((state.pending.len() as u32, state.written)),
             buffer: state.pending.clone(),
             first_byte: [0],
         }
