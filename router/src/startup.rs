@@ -79,7 +79,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     // Taken over before anything is bound: the old router's listeners are
     // the ones this one serves on.
     let mut received = match &options.upgrade_from {
-        Some(path) => Some(upgrade::take_over(path, cores)?),
+        Some(path) => upgrade::take_over(path, cores)?,
         None => None,
     };
     // Not taken over: bound now, so that a path another router holds fails

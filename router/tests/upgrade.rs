@@ -19,7 +19,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{BIN, both_modes, start};
+use common::{BIN, both_modes};
 use testkit::{
     Server,
     backends::{self, Backend},
@@ -69,18 +69,24 @@ fn args(mode: &str, routes: &[String], socket: &std::path::Path, from: bool) -> 
     args
 }
 
+/// The binary under test: `ROUTER_BIN` if set (the figures are measured
+/// with `ROUTER_BIN=target/release/router`), else this build's.
+fn bin() -> String {
+    std::env::var("ROUTER_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 /// The running router, offering itself on `socket`.
 fn start_old(mode: &str, routes: &[String], socket: &std::path::Path, extra: &[&str]) -> Server {
-    let mut all = vec!["--upgrade-socket", socket.to_str().unwrap()];
-    all.extend(extra);
-    start(mode, routes, &all)
+    let mut command = Command::new(bin());
+    command.args(args(mode, routes, socket, false)).args(extra);
+    Server::start_command(&mut command)
 }
 
 /// A new router taking over from the one on `socket`; returns once it
 /// reported ready (its `listening on` line comes after the old one
 /// released the listeners).
 fn upgrade(mode: &str, routes: &[String], socket: &std::path::Path, extra: &[&str]) -> Server {
-    let mut command = Command::new(BIN);
+    let mut command = Command::new(bin());
     command.args(args(mode, routes, socket, true)).args(extra);
     Server::start_command(&mut command)
 }
@@ -234,7 +240,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
         // Crashes half-way: it received the listeners and started its
         // executors, then aborts before it accepts.
         let (status, stderr) = run_to_failure(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(args(mode, &routes, &socket, true))
                 .env("ROUTER_UPGRADE_FAULT", "before-ready"),
         );
@@ -248,7 +254,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
 
         // Refused: another core count.
         let (status, stderr) = run_to_failure(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(args(mode, &routes, &socket, true))
                 .args(["--cores", "1"]),
         );
@@ -261,7 +267,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
 
         // A config it refuses: it never reaches the old one.
         let (status, stderr) = run_to_failure(
-            Command::new(BIN)
+            Command::new(bin())
                 .args(args(mode, &routes, &socket, true))
                 .args(["--route", "nonsense"]),
         );
@@ -664,4 +670,30 @@ fn hand_over_time_for_n_connections() {
             held.lock().unwrap().clear();
         }
     });
+}
+
+#[test]
+fn upgrade_from_a_socket_nothing_offers_starts_afresh_and_offers_itself() {
+    let _serial = serial();
+    let echo = Backend::echo();
+    let routes = [format!("default={}", echo.addr)];
+    let socket = socket_path("afresh", "copy");
+    // A file nothing listens on: what a killed router leaves.
+    drop(std::os::unix::net::UnixListener::bind(&socket).unwrap());
+    let mut first = upgrade("copy", &routes, &socket, &[]);
+    assert!(
+        first.stderr().contains("starting afresh"),
+        "{}",
+        first.stderr()
+    );
+    let mut payload = vec![0u8];
+    payload.extend(b"first");
+    one_exchange(first.addr, &payload).unwrap();
+    // And the next one takes over from it, as a systemd template's other
+    // instance does.
+    let second = upgrade("copy", &routes, &socket, &[]);
+    let exited = first.wait_exit(Duration::from_secs(5));
+    assert!(exited.is_some_and(|s| s.success()), "{}", first.stderr());
+    one_exchange(second.addr, &payload).unwrap();
+    second.stop();
 }

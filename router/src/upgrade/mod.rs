@@ -412,9 +412,27 @@ pub struct ReceivedListener {
 
 /// Connects to the running router at `path` and takes its listeners: the
 /// new process's first step. Fails (the old one keeps serving) if it is
-/// refused.
-pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Received> {
-    let stream = UnixStream::connect(path).with_context(|| {
+/// refused. `None` when no router offers itself there (nothing at `path`,
+/// or a file nothing listens on, left by a router that was killed): a
+/// first start, as a systemd template's first instance makes, binds its
+/// listeners itself.
+pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Option<Received>> {
+    let stream = match UnixStream::connect(path) {
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::NotFound | io::ErrorKind::ConnectionRefused
+            ) =>
+        {
+            info!(
+                path = %path.display(),
+                "--upgrade-from: no router offers itself there ({e}): starting afresh"
+            );
+            return Ok(None);
+        }
+        connected => connected,
+    };
+    let stream = stream.with_context(|| {
         format!(
             "cannot reach the running router on its upgrade socket {}: is it running with \
              --upgrade-socket {} (the default is {})?",
@@ -472,7 +490,7 @@ pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Received> {
         };
         received.metrics = Some((configured, TcpListener::from(fd)));
     }
-    Ok(received)
+    Ok(Some(received))
 }
 
 impl Received {
