@@ -16,14 +16,19 @@
 //!    it sends `Ready`.
 //! 4. old: stops accepting (its copies are closed, never shut down: a
 //!    `shutdown` would shut the new process's listener, the same socket),
-//!    answers `Released`, and finishes its own connections within
-//!    `drain_timeout`, as a drain does, then exits. It sends no FIN/RST on
-//!    any listener.
+//!    answers `Released`, then each core hands its live connections over
+//!    at their next quiet point ([`connections`], `splice::handover`) with
+//!    the maps of the probes they are in; the new process's same core
+//!    adopts the maps and goes on with each connection. The old process
+//!    exits at once if nothing is left; what did not reach a quiet point
+//!    within [`connections::QUIET_BOUND`] (connections still being routed
+//!    or connected, or draining their end) it finishes within
+//!    `drain_timeout`, as a drain does. It sends no FIN/RST on any socket
+//!    it handed over.
 //!
 //! A new binary that fails before `Ready` (refused, crashed, a probe that
 //! does not load) has accepted nothing; the old one keeps accepting
-//! throughout and logs why the upgrade failed. Live connections are not
-//! handed over (yet): the old process finishes them.
+//! throughout and logs why the upgrade failed.
 pub mod connections;
 pub mod socket;
 pub mod wire;
