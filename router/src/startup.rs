@@ -243,17 +243,28 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         }
         let old = received.old_pid;
         let started = std::time::Instant::now();
-        let open = received.ready()?;
-        let (taken, left) = received.take_connections(&boxes)?;
-        info!(
-            old_pid = old,
-            open,
-            taken,
-            left,
-            took_ms = started.elapsed().as_secs_f64() * 1e3,
-            "upgrade: took over the listeners and {taken} connection(s); the old router \
-             finishes {left} and exits"
-        );
+        // From here this process accepts: whatever goes wrong with the old
+        // one, it serves on (two routers accepting on one socket is safe;
+        // none would not be).
+        match received
+            .ready()
+            .and_then(|open| Ok((open, received.take_connections(&boxes)?)))
+        {
+            Ok((open, (taken, left))) => info!(
+                old_pid = old,
+                open,
+                taken,
+                left,
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "upgrade: took over the listeners and {taken} connection(s); the old router \
+                 finishes {left} and exits"
+            ),
+            Err(e) => warn!(
+                old_pid = old,
+                "upgrade: {e:#}; serving on the listeners taken over (the old router's \
+                 connections stay with it)"
+            ),
+        }
         upgrade_socket = match bind_upgrade_socket(&options.upgrade_socket, true) {
             Ok(bound) => bound,
             Err(e) => {

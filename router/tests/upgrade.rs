@@ -526,6 +526,7 @@ fn streams_through_upgrades(mode: &str, upgrades: usize) {
         .collect();
     thread::sleep(Duration::from_millis(300));
     let mut handed = 0;
+    let mut olds = Vec::new();
     for n in 0..upgrades {
         let next = upgrade(mode, &routes, &socket, &["--stats"]);
         let exited = router.wait_exit(Duration::from_secs(40));
@@ -547,15 +548,22 @@ fn streams_through_upgrades(mode: &str, upgrades: usize) {
                     .ok()
             })
             .unwrap_or(0);
-        router = next;
+        olds.push(std::mem::replace(&mut router, next));
     }
+    let logs = || {
+        olds.iter()
+            .map(Server::stderr)
+            .chain([router.stderr()])
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    };
     for (i, client) in clients.into_iter().enumerate() {
         let (up, down) = sizes[i];
         let seed = 1000 * (i as u64 + 1);
         let (bytes, hash) = client
             .join()
             .unwrap()
-            .unwrap_or_else(|e| panic!("{mode}: {e}\n{}", router.stderr()));
+            .unwrap_or_else(|e| panic!("{mode}: {e}\n{}", logs()));
         assert_eq!(bytes, down, "{mode}: stream {i} to the client: bytes");
         assert!(
             hash == backends::stream_hash(down as usize, seed + 1),

@@ -85,6 +85,10 @@ pub struct CoreBox {
     pub incoming: Option<CoreExport>,
     /// New: the executor took `incoming` over.
     pub adopted: bool,
+    /// Old: the upgrade thread stopped waiting for `exported`: the
+    /// executor goes on with what it handed over itself, as a new process
+    /// would (its pipes stopped already).
+    pub abandoned: bool,
 }
 
 /// One box per core.
@@ -158,7 +162,18 @@ pub(crate) async fn watch(shard: Rc<Shard>, boxes: Arc<CoreBoxes>) {
         };
         if asked {
             let export = hand_over(&shard).await;
-            boxes.lock(shard.core).exported = Some(export);
+            let mut core_box = boxes.lock(shard.core);
+            if core_box.abandoned {
+                drop(core_box);
+                warn!(
+                    core = shard.core,
+                    "upgrade: the hand-over came too late; this process goes on with these \
+                     connections"
+                );
+                take_over(&shard, export);
+            } else {
+                core_box.exported = Some(export);
+            }
         }
         if let Some(incoming) = incoming {
             take_over(&shard, incoming);
@@ -271,7 +286,16 @@ fn resume(
         let _permit = shard.limits.admit_anyway();
         let since = Instant::now();
         let age = Duration::from_micros(state.age_us);
-        let idle_timeout = shard.generation().config.idle_timeout;
+        // The route's, as the connection had it (the running
+        // configuration's, if the route is gone).
+        let generation = shard.generation();
+        let config = &generation.config;
+        let idle_timeout = config
+            .routes
+            .iter()
+            .find(|r| r.name == state.route)
+            .map_or(config.idle_timeout, |route| config.idle_timeout_of(route));
+        drop(generation);
         let watch = shard.idle.watch(
             [sockets[0].as_raw_fd(), sockets[1].as_raw_fd()],
             idle_timeout,

@@ -317,8 +317,17 @@ fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<
     offering.lifecycle.handed_over.store(true, Relaxed);
     drop(listeners);
     let connections = (offering.active)();
-    wire::send(stream, &Message::Released { connections }, &[])?;
-    send_connections(stream, offering, pid)?;
+    // Not accepting any more: whatever fails from here, this process
+    // finishes what it has and exits (the new one accepts).
+    if let Err(e) = wire::send(stream, &Message::Released { connections }, &[])
+        .map_err(anyhow::Error::from)
+        .and_then(|()| send_connections(stream, offering, pid))
+    {
+        warn!(
+            "upgrade: process {pid} took the listeners, then: {e:#}; the connections not \
+             handed over finish here"
+        );
+    }
     Ok(Some(pid))
 }
 
@@ -329,11 +338,22 @@ fn send_connections(stream: &UnixStream, offering: &Offering, pid: u32) -> anyho
     for core in 0..offering.cores {
         boxes.lock(core).asked = true;
     }
-    if !boxes.wait(connections::QUIET_BOUND * 3, |b| b.exported.is_some()) {
-        warn!("upgrade: a core did not hand its connections over in time: it finishes them");
-    }
+    // Each core stops waiting for quiet pipes after QUIET_BOUND; a core
+    // starved of CPU may take longer: a core past this bound keeps its
+    // connections (it resumes what it stopped, see `connections::watch`).
+    boxes.wait(connections::QUIET_BOUND * 10, |b| b.exported.is_some());
     let exports: Vec<CoreExport> = (0..offering.cores)
-        .map(|core| boxes.lock(core).exported.take().unwrap_or_default())
+        .map(|core| {
+            let mut core_box = boxes.lock(core);
+            core_box.exported.take().unwrap_or_else(|| {
+                warn!(
+                    core,
+                    "upgrade: this core did not hand its connections over in time: it finishes them"
+                );
+                core_box.abandoned = true;
+                CoreExport::default()
+            })
+        })
         .collect();
     let collected = started.elapsed();
     wire::send(
