@@ -442,8 +442,36 @@ fn an_idle_connection_opened_before_the_upgrade_goes_on_through_the_new_router()
         assert_eq!(metric(metrics, &series("to_client")), total, "{mode}");
         let stats = new.wait_stats(common::idle, Duration::from_secs(5));
         assert_eq!(stats.get("slots_in_use"), 0, "{mode}: no slot leaks");
+        if mode == "ebpf" {
+            assert_eq!(routes_left(&new), 0, "{mode}: no route leaks");
+        }
         new.stop();
     });
+}
+
+/// Entries left in the `ROUTES` maps a router holds (its own probe's and
+/// those it adopted), read with bpftool: a route not removed is a leak.
+fn routes_left(router: &Server) -> usize {
+    let bpftool = |args: &[&str]| -> serde_json::Value {
+        let output = Command::new("bpftool")
+            .arg("-j")
+            .args(args)
+            .output()
+            .expect("bpftool");
+        serde_json::from_slice(&output.stdout).unwrap_or(serde_json::Value::Null)
+    };
+    router
+        .bpf_objects()
+        .1
+        .into_iter()
+        .map(|id| id.to_string())
+        .filter(|id| bpftool(&["map", "show", "id", id])["name"] == "ROUTES")
+        .map(|id| {
+            bpftool(&["map", "dump", "id", &id])
+                .as_array()
+                .map_or(0, Vec::len)
+        })
+        .sum()
 }
 
 /// A backend for the stream test: reads `[0][seed][size]` (the first byte
@@ -589,6 +617,9 @@ fn streams_through_upgrades(mode: &str, upgrades: usize) {
     }
     let stats = router.wait_stats(common::idle, Duration::from_secs(10));
     assert_eq!(stats.get("slots_in_use"), 0, "{mode}: no slot leaks");
+    if mode == "ebpf" {
+        assert_eq!(routes_left(&router), 0, "{mode}: no route leaks");
+    }
     eprintln!("{mode}: {upgrades} upgrade(s), {handed} connection hand-overs in all");
     router.stop();
 }
