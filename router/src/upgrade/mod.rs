@@ -230,7 +230,16 @@ pub fn offer(listener: UnixListener, offering: Offering) -> io::Result<thread::J
 fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<u32>> {
     socket::check_peer(stream)?;
     stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
-    let (hello, _) = wire::receive::<Message>(stream).context("reading the new process's hello")?;
+    let hello = match wire::receive::<Message>(stream) {
+        Ok((hello, _)) => hello,
+        // A router looking whether this path is taken (`socket::bind`)
+        // connects and closes: not an upgrade.
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+            tracing::debug!("upgrade socket: a peer closed without a hello");
+            return Ok(None);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("reading the new process's hello")),
+    };
     let Message::Hello {
         protocol,
         pid,
@@ -269,7 +278,7 @@ fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<
     }
     info!("upgrade: handing the listeners over to process {pid}");
     // Under the lock until released: a reload in between would change the
-    // listeners offered.
+    // listeners offered (a SIGHUP meanwhile waits, READY_TIMEOUT at most).
     let mut listeners = offering.listeners.lock().expect("no panic under this lock");
     let offered = listeners.offer()?;
     wire::send(
@@ -520,7 +529,8 @@ pub fn take_over(path: &Path, cores: usize) -> anyhow::Result<Option<Received>> 
 
 impl Received {
     /// Tells the old process every core serves, and waits until it stopped
-    /// accepting: returns how many connections it still finishes.
+    /// accepting: returns how many connections it had open then (its
+    /// connections follow: [`Self::take_connections`]).
     pub fn ready(&self) -> anyhow::Result<u64> {
         wire::send(&self.stream, &Message::Ready, &[])?;
         match wire::receive::<Message>(&self.stream)
