@@ -6,11 +6,13 @@ use std::{
     cell::{Cell, RefCell},
     net::{SocketAddr, TcpListener as StdListener},
     os::fd::OwnedFd,
+    pin::pin,
     rc::Rc,
     sync::{Arc, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
+use futures_lite::future;
 use splice::{
     KernelView,
     capabilities::{self, Capability},
@@ -57,6 +59,9 @@ pub(crate) struct ShardInput {
     pub(crate) metrics: Arc<CoreMetrics>,
     pub(crate) labelled: Arc<Labelled>,
     pub(crate) limits: Arc<Limits>,
+    /// Where the upgrade thread asks for this core's connections, or
+    /// hands it the old process's.
+    pub(crate) boxes: Arc<crate::upgrade::connections::CoreBoxes>,
 }
 
 pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
@@ -126,7 +131,13 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
         limit_log: Cell::new((None, 0)),
         access_log: input.access_log,
         idle: Default::default(),
+        handover: Default::default(),
     });
+    glommio::spawn_local(crate::upgrade::connections::watch(
+        Rc::clone(&shard),
+        input.boxes,
+    ))
+    .detach();
     glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
     // Listeners arrive through the inbox: at start, and after a reload
     // that adds one. A published configuration is adopted at the next
@@ -145,13 +156,38 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
     }
 }
 
+/// How often an accept loop looks whether its listener was released to a
+/// new process ([`crate::listeners::Listeners::release_all`]): a released
+/// listener is not shut down, so no failed accept wakes the loop.
+pub(crate) const CLOSED_CHECK: Duration = Duration::from_millis(100);
+
 /// Accepts on this core's copy of one listener until the router stops;
 /// each connection is a task of its own.
 async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Shard>) {
     // Non-blocking already (see `runtime::bind_reuseport`).
     let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
+    // One timer for the loop's life, not one per accept.
+    let released = async {
+        loop {
+            glommio::timer::sleep(CLOSED_CHECK).await;
+            if info.state.closed.load(Relaxed) {
+                return None;
+            }
+        }
+    };
+    let mut released = pin!(released);
     loop {
-        match listener.accept().await {
+        // A pending accept holds nothing (a non-blocking accept4 on
+        // readiness): dropping it loses no connection.
+        let accepted = future::or(async { Some(listener.accept().await) }, released.as_mut()).await;
+        let Some(accepted) = accepted else {
+            // Released to a new process: this core's copy leaves the epoll
+            // set (the socket lives on in the new process, so closing the
+            // descriptor would not take it out) and is closed.
+            listener.leave_readiness();
+            break;
+        };
+        match accepted {
             Ok((socket, peer)) => match shard.limits.admit(&info.state.limit) {
                 Ok(permit) => {
                     let client = OwnSocket::new(socket, &shard.readiness);

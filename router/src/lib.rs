@@ -26,6 +26,8 @@
 //!   forwarding (splice or copy), refusing;
 //! - [`supervise`]: the main thread's signals: report, reload, drain;
 //! - [`reload`]: hot reload of the configuration (SIGHUP);
+//! - [`upgrade`]: a new binary takes the listeners over from the running
+//!   one (`--upgrade-socket`, `--upgrade-from`);
 //! - [`service`]: the systemd notify protocol (ready, reloading, stopping);
 //! - [`watch`]: `watch_config`, a reload when the configuration file changes;
 //! - [`resolve`]: backend names, resolved at start, on reload and every
@@ -82,5 +84,7 @@ pub mod startup;
 pub mod supervise;
 #[cfg(feature = "server")]
 pub mod telemetry;
+#[cfg(feature = "server")]
+pub mod upgrade;
 #[cfg(feature = "server")]
 pub mod watch;

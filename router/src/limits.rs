@@ -122,6 +122,18 @@ impl Limits {
         })
     }
 
+    /// Admits a connection that is open already (taken over from another
+    /// process in an upgrade): counted in the total, never refused.
+    pub fn admit_anyway(self: &Arc<Self>) -> Permit {
+        let listener = self.listener();
+        listener.0.open.fetch_add(1, Ordering::AcqRel);
+        self.total.open.fetch_add(1, Ordering::AcqRel);
+        Permit {
+            limits: Arc::clone(self),
+            listener,
+        }
+    }
+
     /// Connections open now.
     pub fn open(&self) -> usize {
         self.total.open.load(Ordering::Acquire)

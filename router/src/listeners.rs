@@ -34,21 +34,68 @@ pub(crate) struct ListenerState {
 pub(crate) type NewListener = (TcpListener, Arc<ListenerState>);
 
 /// Listeners bound for the executors and not yet taken, by core.
-pub(crate) struct Inbox(Mutex<Vec<Vec<NewListener>>>);
+pub(crate) struct Inbox {
+    by_core: Mutex<Vec<Vec<NewListener>>>,
+    /// Closed: the executors take nothing yet (a new process taking over
+    /// accepts only once every core serves, see [`crate::upgrade`]).
+    open: AtomicBool,
+}
 
 impl Inbox {
     pub(crate) fn new(cores: usize) -> Arc<Self> {
-        Arc::new(Self(Mutex::new((0..cores).map(|_| Vec::new()).collect())))
+        Self::with_open(cores, true)
+    }
+
+    /// An inbox whose listeners wait until [`Self::open`].
+    pub(crate) fn closed(cores: usize) -> Arc<Self> {
+        Self::with_open(cores, false)
+    }
+
+    fn with_open(cores: usize, open: bool) -> Arc<Self> {
+        Arc::new(Self {
+            by_core: Mutex::new((0..cores).map(|_| Vec::new()).collect()),
+            open: AtomicBool::new(open),
+        })
+    }
+
+    /// Lets the executors take their listeners (at their next look, within
+    /// [`crate::reload::ADOPT_EVERY`]).
+    pub(crate) fn open(&self) {
+        self.open.store(true, Relaxed);
+    }
+
+    /// Waits (up to `timeout`) until every executor took what waits for
+    /// it: then each accepts on its copies. False if one did not.
+    pub(crate) fn wait_taken(&self, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let taken = self
+                .by_core
+                .lock()
+                .expect("no panic under this lock")
+                .iter()
+                .all(Vec::is_empty);
+            if taken {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// The listeners bound for `core` since it last looked.
     pub(crate) fn take(&self, core: usize) -> Vec<NewListener> {
-        let mut by_core = self.0.lock().expect("no panic under this lock");
+        if !self.open.load(Relaxed) {
+            return Vec::new();
+        }
+        let mut by_core = self.by_core.lock().expect("no panic under this lock");
         std::mem::take(&mut by_core[core])
     }
 
     fn put(&self, copies: Vec<TcpListener>, state: &Arc<ListenerState>) {
-        let mut by_core = self.0.lock().expect("no panic under this lock");
+        let mut by_core = self.by_core.lock().expect("no panic under this lock");
         for (core, copy) in copies.into_iter().enumerate() {
             by_core[core].push((copy, Arc::clone(state)));
         }
@@ -166,6 +213,83 @@ impl Listeners {
             if let Err(e) = crate::idle::set_keepalive(copy, keepalive) {
                 warn!("setting TCP keepalive on a listener: {e}");
             }
+        }
+    }
+
+    /// Takes over listen addresses a running router sent (see
+    /// [`crate::upgrade`]): those `config` still names are kept (with its
+    /// `accept_proxy` and keepalive), the others are closed (never shut
+    /// down: the old router may still accept on them until it released
+    /// them). Then binds what `config` adds, as [`Self::apply`] does.
+    pub(crate) fn adopt(
+        &mut self,
+        received: Vec<crate::upgrade::ReceivedListener>,
+        config: &Config,
+    ) -> anyhow::Result<Vec<String>> {
+        for listener in received {
+            let addr = listener.configured;
+            if !config.listen.contains(&addr) || self.bound.iter().any(|b| b.configured == addr) {
+                continue;
+            }
+            if listener.copies.len() != self.cores {
+                anyhow::bail!(
+                    "{} came with {} copies for {} cores",
+                    listener.local,
+                    listener.copies.len(),
+                    self.cores
+                );
+            }
+            for copy in &listener.copies {
+                // The executors' accept loops expect non-blocking sockets;
+                // the flag belongs to the socket, so it is so already.
+                copy.set_nonblocking(true)?;
+                crate::idle::set_keepalive(copy, config.tcp_keepalive)
+                    .with_context(|| format!("setting TCP keepalive on {addr}"))?;
+            }
+            let state = Arc::new(ListenerState {
+                accept_proxy: AtomicBool::new(config.accept_proxy.contains(&addr)),
+                closed: AtomicBool::new(false),
+                limit: self.limits.listener(),
+            });
+            let kept = listener
+                .copies
+                .iter()
+                .map(TcpListener::try_clone)
+                .collect::<Result<_, _>>()?;
+            self.inbox.put(listener.copies, &state);
+            self.bound.push(Bound {
+                configured: addr,
+                local: listener.local,
+                copies: kept,
+                state,
+            });
+        }
+        self.apply(config)
+    }
+
+    /// Copies of every listen address's per-core sockets, to send to a
+    /// new process: (configured, local address, copies in core order).
+    pub(crate) fn offer(&self) -> std::io::Result<Vec<(SocketAddr, SocketAddr, Vec<TcpListener>)>> {
+        self.bound
+            .iter()
+            .map(|b| {
+                let copies = b
+                    .copies
+                    .iter()
+                    .map(TcpListener::try_clone)
+                    .collect::<Result<_, _>>()?;
+                Ok((b.configured, b.local, copies))
+            })
+            .collect()
+    }
+
+    /// Stops accepting on every listener without shutting it: a new
+    /// process accepts on the same sockets (see [`crate::upgrade`]). The
+    /// accept loops see `closed` within [`crate::executor::CLOSED_CHECK`]
+    /// and close their copies.
+    pub(crate) fn release_all(&mut self) {
+        for b in self.bound.drain(..) {
+            b.state.closed.store(true, Relaxed);
         }
     }
 

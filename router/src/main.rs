@@ -37,6 +37,7 @@ use tracing_subscriber::EnvFilter;
         kill -USR1 <pid>                              # print counters now\n  \
         kill -HUP <pid>                               # reload the config file (bad one: kept old)\n  \
         router --config router.toml --watch-config    # reload when the file changes (ConfigMap)\n  \
+        router --config router.toml --upgrade-from /run/router/upgrade.sock  # new binary takes over\n  \
         systemctl reload router                       # packaging/router.service: check, then SIGHUP\n  \
         kill -TERM <pid>                              # drain (--drain-timeout), again: exit now"
 )]
@@ -127,6 +128,17 @@ struct Cli {
     /// `watch_config`].
     #[arg(long)]
     watch_config: bool,
+    /// Where this router offers its listeners to a new binary (a unix
+    /// socket, mode 0600) [default: /run/router/upgrade.sock, if it can be
+    /// bound and no other router holds it].
+    #[arg(long, value_name = "PATH")]
+    upgrade_socket: Option<PathBuf>,
+    /// Start as the new binary of an upgrade: take the listeners over from
+    /// the router offering itself on PATH (its --upgrade-socket) instead of
+    /// binding them; that router then finishes its connections and exits.
+    /// The other flags are as usual.
+    #[arg(long, value_name = "PATH")]
+    upgrade_from: Option<PathBuf>,
 }
 
 fn main() -> ExitCode {
@@ -205,6 +217,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }),
         reload: Box::new(move || build_config(&reload_cli, demo_for_reload.as_deref())),
         watch,
+        upgrade_from: cli.upgrade_from.clone(),
+        upgrade_socket: match &cli.upgrade_socket {
+            Some(path) => router::upgrade::SocketOption {
+                path: path.clone(),
+                explicit: true,
+            },
+            None => router::upgrade::SocketOption {
+                path: PathBuf::from(router::upgrade::socket::DEFAULT_PATH),
+                explicit: false,
+            },
+        },
     };
     let result = startup::run(config, options);
     drop(demo_backends);

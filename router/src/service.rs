@@ -18,6 +18,17 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// Serving, as the service's main process: after an upgrade the new
+/// process is the one systemd must follow (`MAINPID`, accepted with
+/// `NotifyAccess=all`); at a plain start it is the same process anyway.
+pub fn ready_as_main(status: &str) {
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::MainPid(std::process::id()),
+        NotifyState::Status(status),
+    ]);
+}
+
 /// A reload starts.
 pub fn reloading() {
     match NotifyState::monotonic_usec_now() {

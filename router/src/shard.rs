@@ -94,6 +94,8 @@ pub(crate) struct Shard {
     pub(crate) access_log: Arc<AccessLogger>,
     /// Forwarded connections, for the idle timeout.
     pub(crate) idle: crate::idle::Idle,
+    /// Connections handed over, probes adopted (upgrades).
+    pub(crate) handover: crate::upgrade::connections::ShardHandover,
 }
 
 impl Shard {

@@ -5,7 +5,8 @@
 //! router stops.
 use std::{
     net::SocketAddr,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    path::PathBuf,
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::Duration,
 };
 
@@ -32,6 +33,7 @@ use crate::{
         prometheus::{self, KernelViews, RouterCollector},
         stats::RouterStats,
     },
+    upgrade::{self, SocketOption},
     watch::ConfigWatch,
 };
 
@@ -51,6 +53,11 @@ pub struct RunOptions {
     pub reload: Reloader,
     /// The configuration file, watched while `watch_config` is on.
     pub watch: Option<ConfigWatch>,
+    /// `--upgrade-from PATH`: take over from the router offering itself
+    /// there instead of binding the listeners ([`crate::upgrade`]).
+    pub upgrade_from: Option<PathBuf>,
+    /// `--upgrade-socket PATH`: where this router offers itself.
+    pub upgrade_socket: SocketOption,
 }
 
 /// Runs the router until SIGINT/SIGTERM, then drains (see
@@ -69,19 +76,53 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let default_max_connections = Limits::default_total(open_files);
     let max_connections = config.max_connections.unwrap_or(default_max_connections);
     let limits = Limits::new(max_connections, config.max_connections_per_listener);
+    // Taken over before anything is bound: the old router's listeners are
+    // the ones this one serves on.
+    let mut received = match &options.upgrade_from {
+        Some(path) => upgrade::take_over(path, cores)?,
+        None => None,
+    };
+    // Not taken over: bound now, so that a path another router holds fails
+    // the start before anything serves.
+    let mut upgrade_socket = match &received {
+        None => bind_upgrade_socket(&options.upgrade_socket, false)?,
+        Some(_) => None,
+    };
     // Bound before the capabilities are dropped; the executors take their
     // copies from the inbox, now and after a reload that adds an address.
-    let inbox = Inbox::new(cores);
+    // Taking over, they take them only once every core serves.
+    let inbox = if received.is_some() {
+        Inbox::closed(cores)
+    } else {
+        Inbox::new(cores)
+    };
     let mut listeners = Listeners::new(cores, Arc::clone(&inbox), Arc::clone(&limits));
-    listeners.apply(&config)?;
+    match received.as_mut() {
+        Some(received) => {
+            listeners.adopt(std::mem::take(&mut received.listeners), &config)?;
+        }
+        None => {
+            listeners.apply(&config)?;
+        }
+    }
     let bound = listeners.local_addrs();
     let access_log = AccessLogger::open(cores, config.access_log_file.as_ref())
         .context("starting the access log")?;
+    let received_metrics = received.as_mut().and_then(|r| r.metrics.take());
     let metrics_listener = match config.metrics {
+        // The old router's, when it serves the same address.
+        Some(addr) if received_metrics.as_ref().is_some_and(|(at, _)| *at == addr) => {
+            received_metrics.map(|(_, listener)| listener)
+        }
         Some(addr) => {
             Some(endpoint::bind(addr).with_context(|| format!("cannot serve metrics on {addr}"))?)
         }
         None => None,
+    };
+    // A copy to hand over in the next upgrade.
+    let metrics_offered = match (&metrics_listener, config.metrics) {
+        (Some(listener), Some(addr)) => Some((addr, listener.try_clone()?)),
+        _ => None,
     };
     let probe = probe_spec(&config)?;
     info!(
@@ -97,6 +138,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     let labelled = Arc::new(Labelled::new(cores));
     labelled.register(&config);
     let lifecycle = Arc::new(Lifecycle::default());
+    let boxes = upgrade::connections::CoreBoxes::new(cores);
     let inputs = stats
         .iter()
         .zip(&core_metrics)
@@ -111,6 +153,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
             labelled: Arc::clone(&labelled),
             limits: Arc::clone(&limits),
             access_log: Arc::clone(&access_log),
+            boxes: Arc::clone(&boxes),
         })
         .collect();
     // Listeners are bound: from here on, every thread needs at most what
@@ -183,10 +226,79 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         .start_writer()
         .context("starting the access log")?;
     crate::resolve::spawn_refresh(Arc::clone(&published), Arc::clone(&labelled_for_reload))?;
+    if let Some(received) = received {
+        if upgrade::fault("before-ready") {
+            tracing::error!("{}=before-ready: aborting", upgrade::FAULT_VARIABLE);
+            std::process::abort();
+        }
+        // Every core serves: accept from here on, then tell the old router
+        // to stop.
+        inbox.open();
+        // Accepting on every core before the old router stops: a queue no
+        // one takes from meanwhile would hold its connections back.
+        if !inbox.wait_taken(Duration::from_secs(5)) {
+            bail!(
+                "an executor did not take its listeners within 5 s; the old router keeps serving"
+            );
+        }
+        let old = received.old_pid;
+        let started = std::time::Instant::now();
+        // From here this process accepts: whatever goes wrong with the old
+        // one, it serves on (two routers accepting on one socket is safe;
+        // none would not be).
+        match received
+            .ready()
+            .and_then(|open| Ok((open, received.take_connections(&boxes)?)))
+        {
+            Ok((open, (taken, left))) => info!(
+                old_pid = old,
+                open,
+                taken,
+                left,
+                took_ms = started.elapsed().as_secs_f64() * 1e3,
+                "upgrade: took over the listeners and {taken} connection(s); the old router \
+                 finishes {left} and exits"
+            ),
+            Err(e) => warn!(
+                old_pid = old,
+                "upgrade: {e:#}; serving on the listeners taken over (the old router's \
+                 connections stay with it)"
+            ),
+        }
+        upgrade_socket = match bind_upgrade_socket(&options.upgrade_socket, true) {
+            Ok(bound) => bound,
+            Err(e) => {
+                warn!("{e:#}; this router cannot be upgraded in turn");
+                None
+            }
+        };
+    }
+    let listeners = Arc::new(Mutex::new(listeners));
+    let upgrade_file = match upgrade_socket {
+        Some((listener, file)) => {
+            let shards = stats.clone();
+            upgrade::offer(
+                listener,
+                upgrade::Offering {
+                    cores,
+                    listeners: Arc::clone(&listeners),
+                    metrics: metrics_offered,
+                    lifecycle: Arc::clone(&lifecycle),
+                    active: Box::new(move || {
+                        shards.iter().map(|s| s.splice.active.load(Relaxed)).sum()
+                    }),
+                    boxes: Arc::clone(&boxes),
+                },
+            )
+            .context("starting the upgrade thread")?;
+            Some(file)
+        }
+        None => None,
+    };
     info!(?bound, mode, cores, ?metrics_addr, "serving");
     lifecycle.ready.store(true, Relaxed);
     (options.on_ready)(&bound);
-    crate::service::ready(&format!("serving on {bound:?}, mode {mode}"));
+    crate::service::ready_as_main(&format!("serving on {bound:?}, mode {mode}"));
     if let Some(addr) = metrics_addr {
         println!("router: metrics on http://{addr}/metrics");
         let _ = std::io::Write::flush(&mut std::io::stdout());
@@ -208,7 +320,32 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
         access_log,
     }
     .run();
+    // The socket's file goes with it, unless a new router replaced it.
+    drop(upgrade_file);
     Ok(())
+}
+
+/// The upgrade socket, bound (see [`upgrade::socket::bind`]); `None` when
+/// the default path cannot be used (this router then cannot be upgraded,
+/// which is said once). A path given on the command line must work.
+fn bind_upgrade_socket(
+    option: &SocketOption,
+    replace: bool,
+) -> anyhow::Result<Option<(std::os::unix::net::UnixListener, upgrade::socket::Bound)>> {
+    match upgrade::socket::bind(&option.path, replace) {
+        Ok(bound) => {
+            info!(path = %option.path.display(), "offering upgrades");
+            Ok(Some(bound))
+        }
+        Err(e) if option.explicit => Err(e.context("--upgrade-socket")),
+        Err(e) => {
+            info!(
+                "no upgrade socket: {e:#}; this router cannot be upgraded in place \
+                 (give --upgrade-socket PATH)"
+            );
+            Ok(None)
+        }
+    }
 }
 
 fn probe_spec(config: &Config) -> anyhow::Result<Option<ProbeSpec>> {

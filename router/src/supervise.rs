@@ -11,10 +11,15 @@
 //!   `drain_delay` (default none) the listeners are shut down (new
 //!   connections are refused by the kernel), live connections, spliced or
 //!   copied, go on until they end or `drain_timeout` passes, then the
-//!   process exits. A second SIGTERM/SIGINT exits at once.
+//!   process exits. A second SIGTERM/SIGINT exits at once;
+//! - an upgrade ([`crate::upgrade`]): once a new process took the
+//!   listeners over, the upgrade thread wakes this one, which finishes the
+//!   live connections as a drain does (within `drain_timeout`), without
+//!   shutting the listeners (they are the new process's now) and without
+//!   telling the service manager it stops.
 use std::{
     io::Write as _,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{Arc, Mutex, atomic::Ordering::Relaxed},
     time::{Duration, Instant},
 };
 
@@ -49,8 +54,9 @@ pub struct Supervisor<'a> {
     pub published: &'a Published,
     pub lifecycle: &'a Lifecycle,
     pub labelled: &'a Labelled,
-    /// The listen addresses, with the main thread's copy of each socket.
-    pub listeners: Listeners,
+    /// The listen addresses, with the main thread's copy of each socket
+    /// (shared with the upgrade thread, which hands them over).
+    pub listeners: Arc<Mutex<Listeners>>,
     pub stats_interval: Option<Duration>,
     pub reload: Reloader,
     /// The configuration file, read again every [`watch::POLL`] while the
@@ -105,6 +111,14 @@ impl Supervisor<'_> {
             .flatten()
             .fold(Duration::from_secs(3600), Duration::min);
             match runtime::wait_for_signal(wait) {
+                Some(Signal::Stop) if self.lifecycle.handed_over.load(Relaxed) => {
+                    self.finish_after_upgrade();
+                    self.access_log.flush();
+                    if self.stats_interval.is_some() {
+                        self.print_report();
+                    }
+                    return;
+                }
                 Some(Signal::Stop) => break,
                 Some(Signal::Report) => self.print_report(),
                 Some(Signal::Reload) => self.reload("SIGHUP"),
@@ -128,6 +142,40 @@ impl Supervisor<'_> {
         }
     }
 
+    fn listeners(&self) -> std::sync::MutexGuard<'_, Listeners> {
+        self.listeners.lock().expect("no panic under this lock")
+    }
+
+    /// After an upgrade: the listeners are the new process's; this one
+    /// finishes its connections (bounded by `drain_timeout`) and exits.
+    fn finish_after_upgrade(&self) {
+        self.lifecycle.draining.store(true, Relaxed);
+        let timeout = self.config.drain_timeout;
+        let open = self.active();
+        if open > 0 {
+            info!(
+                "upgrade: handed over; finishing {open} open connection(s) within {} \
+                 (drain_timeout) before exiting",
+                humantime::format_duration(timeout)
+            );
+            if !self.serve_signals_until(Instant::now() + timeout, || self.active() == 0) {
+                self.second_signal();
+                return;
+            }
+        }
+        let open = self.active();
+        if open == 0 {
+            info!("upgrade: handed over and every connection ended: exiting");
+            return;
+        }
+        warn!(
+            "upgrade: drain_timeout ({}) passed with {open} connection(s) still open: \
+             exiting, resetting them",
+            humantime::format_duration(timeout)
+        );
+        cut_open_connections();
+    }
+
     fn reopen_access_log(&self) {
         self.access_log.reopen(self.config.access_log_file.clone());
     }
@@ -135,6 +183,9 @@ impl Supervisor<'_> {
     /// Reloads the configuration, telling the service manager; `cause`
     /// opens the log line (`SIGHUP`, or the watched file's change).
     fn reload(&mut self, cause: &str) {
+        if self.lifecycle.handed_over.load(Relaxed) {
+            return warn!("{cause} after an upgrade: ignored (reload the new process)");
+        }
         service::reloading();
         // What this reload reads is what the watch has seen: a SIGHUP after
         // an edit is not followed by a second reload of the same bytes.
@@ -169,7 +220,7 @@ impl Supervisor<'_> {
         }
         // Listen addresses first: a reload whose new address cannot be bound
         // changes nothing.
-        let listening = match self.listeners.apply(&merged) {
+        let listening = match self.listeners().apply(&merged) {
             Ok(changes) => changes,
             Err(e) => {
                 return self.reload_failed(&format!(
@@ -189,7 +240,7 @@ impl Supervisor<'_> {
         );
         self.labelled.register(&merged);
         if merged.tcp_keepalive != self.config.tcp_keepalive {
-            self.listeners.set_keepalive(merged.tcp_keepalive);
+            self.listeners().set_keepalive(merged.tcp_keepalive);
         }
         self.published.publish(Arc::clone(&merged));
         self.lifecycle.reloads_ok.fetch_add(1, Relaxed);
@@ -219,7 +270,7 @@ impl Supervisor<'_> {
                 return;
             }
         }
-        self.listeners.shut_all();
+        self.listeners().shut_all();
         let timeout = self.config.drain_timeout;
         let deadline = Instant::now() + timeout;
         let open = self.active();

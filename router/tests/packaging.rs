@@ -44,6 +44,80 @@ fn values(key: &str) -> Vec<&'static str> {
         .collect()
 }
 
+/// `packaging/router@.service`: the unit with binary upgrades (two
+/// instances taking turns, issue 24).
+const TEMPLATE: &str = include_str!("../../packaging/router@.service");
+
+#[test]
+fn systemd_accepts_the_upgrade_template_unit_as_confined_as_the_unit() {
+    let dir = TempDir::new("template");
+    let unit = dir.0.join("router@a.service");
+    std::fs::write(&unit, TEMPLATE.replace(INSTALLED, BIN)).unwrap();
+    let output = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (scripts/setup.sh --test installs systemd)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        output.status.success() && stderr.trim().is_empty(),
+        "{stderr}"
+    );
+    let output = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=25", "--no-pager"])
+        .arg(&unit)
+        .output()
+        .unwrap();
+    let report = String::from_utf8_lossy(&output.stdout);
+    let score = report
+        .lines()
+        .find_map(|line| {
+            line.split("Overall exposure level for router@a.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|score| score.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no exposure level in: {report}"));
+    assert!(score <= 2.5, "exposure {score}: {report}");
+    // Both instances take over from whichever runs, on one socket in a
+    // directory that outlives either; the reload is the same SIGHUP.
+    let exec = TEMPLATE
+        .lines()
+        .find_map(|line| line.strip_prefix("ExecStart="))
+        .unwrap();
+    assert!(
+        exec.contains("--upgrade-socket /run/router/upgrade.sock")
+            && exec.contains("--upgrade-from /run/router/upgrade.sock"),
+        "{exec}"
+    );
+    for line in [
+        "RuntimeDirectory=router",
+        "RuntimeDirectoryPreserve=yes",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "RestrictAddressFamilies=AF_INET AF_INET6 AF_UNIX",
+    ] {
+        assert!(TEMPLATE.lines().any(|l| l == line), "{line}");
+    }
+    // Everything else is the plain unit's.
+    let rest = |unit: &str| -> Vec<String> {
+        unit.lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .filter(|l| {
+                ![
+                    "Description=",
+                    "ExecStart=",
+                    "Runtime",
+                    "RestrictAddressFamilies=",
+                ]
+                .iter()
+                .any(|p| l.starts_with(p))
+            })
+            .map(str::to_owned)
+            .collect()
+    };
+    assert_eq!(rest(TEMPLATE), rest(UNIT));
+}
+
 #[test]
 fn systemd_accepts_the_unit_and_rates_it_well_confined() {
     assert!(UNIT.contains(INSTALLED));

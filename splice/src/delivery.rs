@@ -25,6 +25,11 @@ pub struct Delivery {
     /// Set when the connection is given up (reset): by the flow control, or
     /// by the server when the other direction failed.
     abandoned: Cell<bool>,
+    /// The leg waits for its source with every byte it read written (or it
+    /// ended): a point where it can be handed over ([`super::handover`]).
+    pub(crate) quiet: Cell<bool>,
+    /// The leg ended (its destination was shut down for writing).
+    pub(crate) done: Cell<bool>,
 }
 
 impl Delivery {
@@ -43,7 +48,34 @@ impl Delivery {
             written: Cell::new(0),
             read: Cell::new(0),
             abandoned: Cell::new(false),
+            quiet: Cell::new(false),
+            done: Cell::new(false),
         })
+    }
+
+    /// A delivery taken over from another process: its baselines and what
+    /// userspace wrote are the ones it had there (`destination` must
+    /// outlive it).
+    pub(crate) fn restored(
+        destination: BorrowedFd<'_>,
+        baselines: Option<(u64, u64)>,
+        written: u64,
+    ) -> Self {
+        use std::os::fd::AsRawFd as _;
+        Self {
+            destination_fd: destination.as_raw_fd(),
+            baselines: Cell::new(baselines),
+            written: Cell::new(written),
+            read: Cell::new(0),
+            abandoned: Cell::new(false),
+            quiet: Cell::new(false),
+            done: Cell::new(false),
+        }
+    }
+
+    /// The baselines (see [`Self::restored`]).
+    pub(crate) fn baseline_values(&self) -> Option<(u64, u64)> {
+        self.baselines.get()
     }
 
     pub fn destination(&self) -> BorrowedFd<'_> {

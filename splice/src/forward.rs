@@ -104,6 +104,9 @@ pub struct Leg<R, W> {
     /// Bytes read before the source was spliced (copied ones): the probe
     /// counts the bytes it passes up from there.
     read_before_splice: u64,
+    /// In [`Self::copy_until`]: a handover carries that the leg may still
+    /// be spliced.
+    switchable: bool,
     /// Empty until the first read that needs it (see [`Self::run`]).
     buffer: Vec<u8>,
     /// The destination's peer sent FIN (seen once, it stays so).
@@ -111,6 +114,14 @@ pub struct Leg<R, W> {
     /// Every byte the kernel redirected before this count is known to be in
     /// the destination's TCP send queue, so userspace may write after it.
     redirected_taken: u64,
+    /// Bytes read and not all written yet: the first `.0` of the buffer (or
+    /// `first_byte`), of which what userspace wrote past `.1` went out. Set
+    /// from the read until the write ends, so that a handover in between
+    /// carries the rest ([`super::handover`]); a leg taken over with such
+    /// bytes starts by writing them.
+    pending: Option<(u32, u64)>,
+    /// The read of a spliced leg without a buffer.
+    first_byte: [u8; 1],
 }
 
 impl<R, W> Leg<R, W>
@@ -137,9 +148,12 @@ where
             destination,
             delivery: Rc::new(Delivery::new(destination_fd, spliceable)?),
             read_before_splice: 0,
+            switchable: false,
             buffer: Vec::new(),
             destination_half_closed: false,
             redirected_taken: 0,
+            pending: None,
+            first_byte: [0],
         })
     }
 
@@ -193,7 +207,10 @@ where
     /// returns [`Copied::Bulky`] between two reads, for the caller to
     /// [`Self::prepare_splice`] and splice the source.
     pub async fn copy_until(&mut self, threshold: u64) -> Result<Copied, LegError> {
-        self.run_until(None, Some(threshold)).await
+        self.switchable = true;
+        let copied = self.run_until(None, Some(threshold)).await;
+        self.switchable = false;
+        copied
     }
 
     /// Readies a leg that copied for its source to be spliced from its next
@@ -231,67 +248,86 @@ where
             waiting
         });
         // A spliced leg without a buffer waits with a read of one byte.
-        let mut first_byte = [0u8; 1];
         let mut pause = MIN_PASSED_PAUSE;
         loop {
-            let read = match &waiting {
-                Some(waiting) => {
-                    let into = if self.buffer.is_empty() {
-                        &mut first_byte[..]
-                    } else {
-                        &mut self.buffer[..]
-                    };
-                    spliced_read::read(&mut self.source, into, waiting).await
-                }
-                None if self.buffer.is_empty() => {
-                    let source = &mut self.source;
-                    let read = poll_fn(|cx| {
-                        SCRATCH.with_borrow_mut(|scratch| {
-                            Pin::new(&mut *source).poll_read(cx, scratch)
+            // Bytes a leg taken over from another process had not written
+            // yet go first (they are counted as read already).
+            let n = if let Some((n, _)) = self.pending {
+                n as usize
+            } else {
+                // Quiet while it waits: every byte read so far was written.
+                self.delivery.quiet.set(true);
+                let read = match &waiting {
+                    Some(waiting) => {
+                        let into = if self.buffer.is_empty() {
+                            &mut self.first_byte[..]
+                        } else {
+                            &mut self.buffer[..]
+                        };
+                        spliced_read::read(&mut self.source, into, waiting).await
+                    }
+                    None if self.buffer.is_empty() => {
+                        let limit = self.copy_limit(threshold, MAX_BUFFER);
+                        let source = &mut self.source;
+                        let read = poll_fn(|cx| {
+                            SCRATCH.with_borrow_mut(|scratch| {
+                                Pin::new(&mut *source).poll_read(cx, &mut scratch[..limit])
+                            })
                         })
-                    })
-                    .await;
-                    match read {
-                        // In the same poll as the read, before any other
-                        // leg can use the scratch buffer.
-                        Ok(n) if n > 0 => {
-                            if self.delivery.is_abandoned() {
-                                return Err(abandoned());
+                        .await;
+                        match read {
+                            // In the same poll as the read, before any other
+                            // leg can use the scratch buffer.
+                            Ok(n) if n > 0 => {
+                                self.delivery.quiet.set(false);
+                                if self.delivery.is_abandoned() {
+                                    return Err(abandoned());
+                                }
+                                self.delivery.add_read(n as u64);
+                                Box::pin(self.forward_scratch(n)).await?;
+                                if threshold
+                                    .is_some_and(|threshold| self.delivery.read() >= threshold)
+                                {
+                                    return Ok(Copied::Bulky);
+                                }
+                                continue;
                             }
-                            self.delivery.add_read(n as u64);
-                            Box::pin(self.forward_scratch(n)).await?;
-                            if threshold.is_some_and(|threshold| self.delivery.read() >= threshold)
-                            {
-                                return Ok(Copied::Bulky);
-                            }
+                            other => other,
+                        }
+                    }
+                    None => {
+                        let limit = self.copy_limit(threshold, self.buffer.len());
+                        self.source.read(&mut self.buffer[..limit]).await
+                    }
+                };
+                self.delivery.quiet.set(false);
+                if self.delivery.is_abandoned() {
+                    return Err(abandoned());
+                }
+                let n = match read {
+                    Ok(0) => match spliced {
+                        // End of stream, unless bytes the probe passed up are
+                        // still on their way to the receive queue (queued
+                        // behind bytes waiting to leave through the same
+                        // socket).
+                        Some(spliced) if spliced.stream()?.passed > self.read_passed_up() => {
+                            glommio::timer::sleep(pause).await;
+                            pause = (pause * 2).min(MAX_PASSED_PAUSE);
                             continue;
                         }
-                        other => other,
-                    }
-                }
-                None => self.source.read(&mut self.buffer).await,
+                        _ => break,
+                    },
+                    Ok(n) => n,
+                    Err(e) if retry(&e) => continue,
+                    Err(e) => return Err(LegError::Source(e)),
+                };
+                self.delivery.add_read(n as u64);
+                self.pending = Some((n as u32, self.delivery.written()));
+                n
             };
-            if self.delivery.is_abandoned() {
-                return Err(abandoned());
-            }
-            let n = match read {
-                Ok(0) => match spliced {
-                    // End of stream, unless bytes the probe passed up are
-                    // still on their way to the receive queue (queued
-                    // behind bytes waiting to leave through the same
-                    // socket).
-                    Some(spliced) if spliced.stream()?.passed > self.read_passed_up() => {
-                        glommio::timer::sleep(pause).await;
-                        pause = (pause * 2).min(MAX_PASSED_PAUSE);
-                        continue;
-                    }
-                    _ => break,
-                },
-                Ok(n) => n,
-                Err(e) if retry(&e) => continue,
-                Err(e) => return Err(LegError::Source(e)),
-            };
-            self.delivery.add_read(n as u64);
+            // Quiet while these wait too: the bytes not written yet would
+            // travel with a handover.
+            self.delivery.quiet.set(true);
             if let Some(spliced) = spliced {
                 // Bytes the kernel redirected before these must reach the
                 // destination first.
@@ -302,7 +338,7 @@ where
                 Box::pin(self.wait_for_room(spliced.splice.window(spliced.index))).await?;
             }
             let bytes = if self.buffer.is_empty() {
-                &first_byte[..n]
+                &self.first_byte[..n]
             } else {
                 &self.buffer[..n]
             };
@@ -314,6 +350,8 @@ where
                 bytes,
             ))
             .await?;
+            self.delivery.quiet.set(false);
+            self.pending = None;
             if self.buffer.is_empty() {
                 self.allocate_buffer();
             } else if full && self.buffer.len() < MAX_BUFFER {
@@ -363,7 +401,18 @@ where
             .close()
             .await
             .map_err(LegError::Destination)?;
+        self.delivery.done.set(true);
         Ok(Copied::Ended)
+    }
+
+    /// How much the next read may take, of `room`: in a copy phase, no more
+    /// than the threshold still wants, so that the kernel takes the stream
+    /// over where it said (what is left waits in the socket for it).
+    fn copy_limit(&self, threshold: Option<u64>, room: usize) -> usize {
+        threshold.map_or(room, |threshold| {
+            let wanted = threshold.saturating_sub(self.delivery.read()).max(1);
+            room.min(usize::try_from(wanted).unwrap_or(usize::MAX))
+        })
     }
 
     /// Writes the `n` bytes just read into [`SCRATCH`] to the destination:
@@ -390,13 +439,69 @@ where
         let rest = n - sent;
         self.buffer = vec![0; rest.max(COPY_BUFFER)];
         SCRATCH.with_borrow(|scratch| self.buffer[..rest].copy_from_slice(&scratch[sent..n]));
+        // As any write that waits: quiet, the rest travelling with a
+        // handover.
+        self.pending = Some((rest as u32, self.delivery.written()));
+        self.delivery.quiet.set(true);
         Self::send_all(
             &mut self.destination,
             &self.delivery,
             &mut self.destination_half_closed,
             &self.buffer[..rest],
         )
-        .await
+        .await?;
+        self.delivery.quiet.set(false);
+        self.pending = None;
+        Ok(())
+    }
+
+    /// What another process needs to go on with this leg (see
+    /// [`super::handover`]); meaningful at a quiet point only.
+    pub(crate) fn handover_state(&self) -> super::handover::LegState {
+        super::handover::LegState {
+            read: self.delivery.read(),
+            read_before_splice: self.read_before_splice,
+            switchable: self.switchable,
+            written: self.delivery.written(),
+            baselines: self.delivery.baseline_values(),
+            destination_half_closed: self.destination_half_closed,
+            redirected_taken: self.redirected_taken,
+            done: self.delivery.done.get(),
+            pending: self.pending.map_or_else(Vec::new, |(n, before)| {
+                let bytes = if self.buffer.is_empty() {
+                    &self.first_byte[..n as usize]
+                } else {
+                    &self.buffer[..n as usize]
+                };
+                let sent = (self.delivery.written() - before) as usize;
+                bytes[sent.min(bytes.len())..].to_vec()
+            }),
+        }
+    }
+
+    /// A leg taken over from another process at `state`.
+    pub(crate) fn restored(
+        source: R,
+        destination: W,
+        destination_fd: BorrowedFd<'_>,
+        state: &super::handover::LegState,
+    ) -> Self {
+        let delivery = Delivery::restored(destination_fd, state.baselines, state.written);
+        delivery.done.set(state.done);
+        delivery.add_read(state.read);
+        Self {
+            source,
+            destination,
+            delivery: Rc::new(delivery),
+            read_before_splice: state.read_before_splice,
+            switchable: false,
+            destination_half_closed: state.destination_half_closed,
+            redirected_taken: state.redirected_taken,
+            pending: (!state.pending.is_empty())
+                .then_some((state.pending.len() as u32, state.written)),
+            buffer: state.pending.clone(),
+            first_byte: [0],
+        }
     }
 
     fn allocate_buffer(&mut self) {

@@ -50,6 +50,11 @@ impl Half {
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.0.fd.as_fd()
     }
+
+    /// See [`OwnSocket::leave_readiness`].
+    pub fn leave_readiness(&self) {
+        self.0.leave_readiness();
+    }
 }
 
 impl AsyncRead for Half {
@@ -159,6 +164,14 @@ impl OwnSocket {
                 accepted => return accepted,
             }
         }
+    }
+
+    /// Takes the socket out of the epoll set now. For a socket another
+    /// process holds too (a listener handed over in an upgrade): closing
+    /// the descriptor removes it from the set only once every process
+    /// closed it.
+    pub fn leave_readiness(&self) {
+        self.readiness.remove(self.key, self.fd.as_fd());
     }
 
     fn read_interest(&self) -> Interest {

@@ -269,6 +269,60 @@ impl Splice {
         self.closed = true;
     }
 
+    /// Gives the splice to another process ([`super::handover`]): its
+    /// sockets stay in the maps with their routes and slots, which that
+    /// process takes over with the maps; here only the flow control stops
+    /// watching them. Nothing is removed when it goes.
+    pub(crate) fn hand_over(mut self) -> Vec<super::handover::EntryState> {
+        let entries = std::mem::take(&mut self.entries);
+        let p = &mut *self.probe.borrow_mut();
+        entries
+            .iter()
+            .map(|entry| {
+                p.flow.unwatch(entry.slot);
+                super::handover::EntryState {
+                    slot: entry.slot,
+                    cookie: entry.cookie,
+                    held: entry.held,
+                    spliced: entry.spliced.get(),
+                    window: p.flow.window(entry.slot),
+                }
+            })
+            .collect()
+    }
+
+    /// A splice taken over from another process: `entries` are in the
+    /// maps of `probe` already (adopted with them), sockets `fds` in the
+    /// same order.
+    pub(crate) fn restore(
+        probe: &Rc<RefCell<Probe>>,
+        entries: &[super::handover::EntryState],
+        fds: &[RawFd],
+    ) -> Self {
+        let p = probe.borrow();
+        let entries = entries
+            .iter()
+            .zip(fds)
+            .map(|(entry, &fd)| {
+                p.flow.set_window(entry.slot, entry.window);
+                Entry {
+                    fd,
+                    slot: entry.slot,
+                    cookie: entry.cookie,
+                    held: entry.held,
+                    spliced: Cell::new(entry.spliced),
+                }
+            })
+            .collect();
+        drop(p);
+        Self {
+            probe: Rc::clone(probe),
+            entries,
+            early: false,
+            closed: false,
+        }
+    }
+
     /// The credit the flow control keeps ahead of the destination of
     /// `members[index]` (see [`super::flow`]).
     pub fn window(&self, index: usize) -> u64 {

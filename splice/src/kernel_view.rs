@@ -72,6 +72,12 @@ impl KernelView {
         })
     }
 
+    /// The `COUNTERS` map's descriptor.
+    pub(crate) fn counters_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd as _;
+        self.counters.map().fd().as_fd()
+    }
+
     /// Another view on the same maps.
     pub fn try_clone(&self) -> io::Result<Self> {
         Self::from_data(reopen(self.routes.map())?, reopen(self.counters.map())?)

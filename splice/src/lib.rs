@@ -41,6 +41,7 @@ mod epoll;
 pub mod flow;
 pub mod forward;
 pub mod halves;
+pub mod handover;
 pub mod insert;
 pub mod kernel_view;
 mod maps;

@@ -20,6 +20,7 @@ use super::{
     delivery::Delivery,
     forward::Copied,
     halves::{self, Half, OwnSocket},
+    handover::{LazyInsert, LazyState},
     shard::ShardProbe,
     socket,
 };
@@ -50,6 +51,10 @@ pub struct Outcome {
     pub read_in_userspace: u64,
     /// Ended by an error: a reset was passed on to both sides.
     pub reset: bool,
+    /// Handed over to another process (an upgrade) instead of ended: its
+    /// sockets and state ([`super::handover`]); the byte counts are those
+    /// so far.
+    pub handed_over: Option<Box<super::handover::HandedOver>>,
 }
 
 /// Joins `client` (its two halves) and `backend`, sends the backend `first`,
@@ -134,11 +139,18 @@ pub fn run_then<'a, R>(
                     }
                 }
                 let spliced = |index| splice.as_ref().map(|splice| Spliced { splice, index });
-                let (up_result, down_result) = future::zip(
-                    run_leg(up, spliced(0), &reset),
-                    run_leg(down, spliced(1), &reset),
-                )
-                .await;
+                // Unless an upgrade takes the pipe at a quiet point (see
+                // `handover`): then the legs' future is dropped there.
+                let results = {
+                    let legs_run = std::pin::pin!(future::zip(
+                        run_leg(up, spliced(0), &reset),
+                        run_leg(down, spliced(1), &reset),
+                    ));
+                    super::handover::unless_handed_over(legs_run, &reset.legs).await
+                };
+                let Some((up_result, down_result)) = results else {
+                    break 'pipe handed_over(up, down, splice, probe, path, None, fds);
+                };
                 outcome.reset = up_result.is_err() || down_result.is_err();
                 splice
             } else {
@@ -146,16 +158,18 @@ pub fn run_then<'a, R>(
                     break 'pipe first_failed(e, fds, up.bytes_written());
                 }
                 drop(first);
-                let lazy = Lazy {
-                    probe,
-                    fds,
-                    splice: OnceCell::new(),
+                let lazy = Lazy::new(probe, fds);
+                let results = {
+                    let legs_run = std::pin::pin!(future::zip(
+                        run_lazy_leg(up, 0, true, &lazy, &reset),
+                        run_lazy_leg(down, 1, true, &lazy, &reset),
+                    ));
+                    super::handover::unless_handed_over(legs_run, &reset.legs).await
                 };
-                let (up_result, down_result) = future::zip(
-                    run_lazy_leg(up, 0, &lazy, &reset),
-                    run_lazy_leg(down, 1, &lazy, &reset),
-                )
-                .await;
+                let Some((up_result, down_result)) = results else {
+                    let (splice, path, state) = lazy.hand_over();
+                    break 'pipe handed_over(up, down, splice, probe, path, state, fds);
+                };
                 outcome.reset = up_result.is_err() || down_result.is_err();
                 let (splice, path) = lazy.end();
                 outcome.path = Some(path);
@@ -186,6 +200,28 @@ fn first_failed(error: LegError, fds: [RawFd; 2], to_backend: u64) -> Outcome {
     }
 }
 
+/// The outcome of a pipe taken at a quiet point by an upgrade: its byte
+/// counts so far and what the new process needs ([`super::handover`]).
+/// The legs (and this process's descriptors) drop after it.
+fn handed_over(
+    up: &Leg<Half, Half>,
+    down: &Leg<Half, Half>,
+    splice: Option<Splice>,
+    probe: Option<&ShardProbe>,
+    path: Path,
+    lazy: Option<super::handover::LazyState>,
+    fds: [RawFd; 2],
+) -> Outcome {
+    Outcome {
+        path: Some(path),
+        to_backend: up.bytes_written() + redirected(&splice, 0),
+        to_client: down.bytes_written() + redirected(&splice, 1),
+        read_in_userspace: up.bytes_read() + down.bytes_read(),
+        handed_over: super::handover::export(up, down, splice, probe, path, lazy, fds),
+        ..Outcome::default()
+    }
+}
+
 /// A pipe's two sockets as members of a splice: the client's bytes go to
 /// the backend and the backend's to the client; `start` says which the
 /// kernel forwards at the insert.
@@ -207,9 +243,11 @@ fn members([client, backend]: [RawFd; 2], start: [bool; 2]) -> [Member<'static>;
 /// A pipe that copies first: each direction is spliced once it carried
 /// the probe's [`ShardProbe::splice_after`] bytes (the first to get there
 /// inserts both sockets).
-struct Lazy<'a> {
+pub(crate) struct Lazy<'a> {
     probe: Option<&'a ShardProbe>,
     fds: [RawFd; 2],
+    /// Bytes a direction copies before it is spliced.
+    splice_after: u64,
     splice: OnceCell<Insert>,
 }
 
@@ -225,7 +263,42 @@ enum Insert {
     Late,
 }
 
-impl Lazy<'_> {
+impl<'a> Lazy<'a> {
+    fn new(probe: Option<&'a ShardProbe>, fds: [RawFd; 2]) -> Self {
+        Self {
+            probe,
+            fds,
+            splice_after: probe.map_or(0, ShardProbe::splice_after),
+            splice: OnceCell::new(),
+        }
+    }
+
+    /// A lazy pipe taken over from another process at `state`, with its
+    /// splice (restored in `probe`) if its insert was made there.
+    pub(crate) fn restored(
+        probe: Option<&'a ShardProbe>,
+        fds: [RawFd; 2],
+        state: &LazyState,
+        splice: Option<Splice>,
+    ) -> Self {
+        let insert = OnceCell::new();
+        let made = match (state.insert, splice) {
+            (LazyInsert::Made, Some(splice)) => Some(Insert::Made(splice, state.read_at_insert)),
+            (LazyInsert::Refused, _) => Some(Insert::Refused),
+            (LazyInsert::Late, _) => Some(Insert::Late),
+            _ => None,
+        };
+        if let Some(made) = made {
+            let _ = insert.set(made);
+        }
+        Self {
+            probe,
+            fds,
+            splice_after: state.splice_after,
+            splice: insert,
+        }
+    }
+
     /// The splice, made at the first call, and what each leg had read then.
     fn splice(&self, reset: &Reset) -> Option<(&Splice, [u64; 2])> {
         let insert = self.splice.get_or_init(|| {
@@ -252,35 +325,71 @@ impl Lazy<'_> {
     }
 
     /// The splice, if one was made, and how the pipe forwarded.
-    fn end(self) -> (Option<Splice>, Path) {
-        match self.splice.into_inner() {
-            None | Some(Insert::Late) => (None, Path::Copied),
-            Some(Insert::Refused) => (None, Path::Fallback),
-            Some(Insert::Made(splice, _)) => {
-                let path = if splice.is_spliced(0) || splice.is_spliced(1) {
-                    Path::Spliced
-                } else {
-                    Path::Fallback
-                };
-                (Some(splice), path)
-            }
+    pub(crate) fn end(self) -> (Option<Splice>, Path) {
+        let insert = self.splice.into_inner();
+        let path = path_of(insert.as_ref());
+        match insert {
+            Some(Insert::Made(splice, _)) => (Some(splice), path),
+            _ => (None, path),
         }
+    }
+
+    /// [`Self::end`] for a handover, with what the other process needs to
+    /// go on (`None` without a probe: the pipe only copies).
+    pub(crate) fn hand_over(self) -> (Option<Splice>, Path, Option<LazyState>) {
+        let (splice_after, with_probe) = (self.splice_after, self.probe.is_some());
+        let insert = self.splice.into_inner();
+        let path = path_of(insert.as_ref());
+        let (made, read_at_insert, splice) = match insert {
+            None => (LazyInsert::NotYet, [0; 2], None),
+            Some(Insert::Made(splice, read)) => (LazyInsert::Made, read, Some(splice)),
+            Some(Insert::Refused) => (LazyInsert::Refused, [0; 2], None),
+            Some(Insert::Late) => (LazyInsert::Late, [0; 2], None),
+        };
+        let state = with_probe.then_some(LazyState {
+            splice_after,
+            insert: made,
+            read_at_insert,
+        });
+        (splice, path, state)
+    }
+}
+
+/// How a lazy pipe forwarded, from what became of its insert.
+fn path_of(insert: Option<&Insert>) -> Path {
+    match insert {
+        None | Some(Insert::Late) => Path::Copied,
+        Some(Insert::Refused) => Path::Fallback,
+        Some(Insert::Made(splice, _)) if splice.is_spliced(0) || splice.is_spliced(1) => {
+            Path::Spliced
+        }
+        Some(Insert::Made(..)) => Path::Fallback,
     }
 }
 
 /// Runs one direction of a [`Lazy`] pipe: copies until it carried the
 /// threshold, then splices its source from its next unread byte (every
-/// byte it read was written: the kernel's follow them) and runs on.
-async fn run_lazy_leg(
+/// byte it read was written: the kernel's follow them) and runs on. A
+/// direction taken over past its copy phase (not `switchable`) runs on as
+/// it was, spliced or copied.
+pub(crate) async fn run_lazy_leg(
     leg: &mut Leg<Half, Half>,
     index: usize,
+    switchable: bool,
     lazy: &Lazy<'_>,
     reset: &Reset,
 ) -> Result<(), LegError> {
-    let Some(probe) = lazy.probe else {
+    if lazy.probe.is_none() {
         return run_leg(leg, None, reset).await;
-    };
-    match leg.copy_until(probe.splice_after()).await {
+    }
+    if !switchable {
+        let spliced = lazy.splice.get().and_then(|insert| match insert {
+            Insert::Made(splice, _) if splice.is_spliced(index) => Some(Spliced { splice, index }),
+            _ => None,
+        });
+        return run_leg(leg, spliced, reset).await;
+    }
+    match leg.copy_until(lazy.splice_after).await {
         Ok(Copied::Ended) => return Ok(()),
         Ok(Copied::Bulky) => {}
         Err(e) => return Err(reset.failed(e)),
@@ -363,7 +472,7 @@ fn insert(probe: Option<&ShardProbe>, members: &[Member<'_>]) -> (Option<Splice>
 
 /// The probe's count of what member `index` redirected to its peer (a
 /// stream it gave up on counts only what userspace wrote).
-fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
+pub(crate) fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
     splice
         .as_ref()
         .and_then(|splice| splice.stream(index).ok())
@@ -371,7 +480,7 @@ fn redirected(splice: &Option<Splice>, index: usize) -> u64 {
 }
 
 /// Removes what is left of a splice whose sockets are closed: its routes.
-fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
+pub(crate) fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
     if let Some(splice) = splice {
         splice.drop_closed();
     }
@@ -381,7 +490,7 @@ fn remove(splice: Option<Splice>, probe: Option<&ShardProbe>) {
 }
 
 /// One of the pipe's sockets, by descriptor.
-fn borrow(fd: RawFd) -> BorrowedFd<'static> {
+pub(crate) fn borrow(fd: RawFd) -> BorrowedFd<'static> {
     // SAFETY: only called on the pipe's two sockets, which the legs own
     // for as long as the pipe runs; every use ends before the legs drop
     // (and on failure to make them, the sockets are still owned by the
@@ -390,9 +499,9 @@ fn borrow(fd: RawFd) -> BorrowedFd<'static> {
 }
 
 /// A pipe's two sockets and legs, to reset when a direction fails.
-struct Reset {
-    sockets: [RawFd; 2],
-    legs: [Rc<Delivery>; 2],
+pub(crate) struct Reset {
+    pub(crate) sockets: [RawFd; 2],
+    pub(crate) legs: [Rc<Delivery>; 2],
 }
 
 impl Reset {
@@ -418,7 +527,7 @@ impl Reset {
 
 /// Runs one direction; if it fails, resets the pipe, which also ends the
 /// other direction.
-async fn run_leg<R, W>(
+pub(crate) async fn run_leg<R, W>(
     leg: &mut Leg<R, W>,
     spliced: Option<Spliced<'_>>,
     reset: &Reset,

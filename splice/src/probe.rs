@@ -112,8 +112,10 @@ pub struct ProbeConfig {
 
 /// A probe loaded and attached: its parts.
 pub struct Probe {
-    // Keeps the program and its attachment alive.
-    _ebpf: Ebpf,
+    // Keeps the program and its attachment alive; `None` for maps adopted
+    // from another process (the SockMap holds the program attached for as
+    // long as any process holds the map, see [`super::handover`]).
+    _ebpf: Option<Ebpf>,
     pub(crate) maps: Maps,
     pub(crate) slots: Slots,
     pub(crate) flow: FlowControl,
@@ -160,7 +162,7 @@ impl Probe {
             attach(&mut ebpf, &name, &spliced)?;
         }
         Ok(Self {
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
             maps: Maps {
                 held,
                 spliced,
@@ -174,6 +176,76 @@ impl Probe {
             flow: FlowControl::new(config.capacity, config.in_flight_limit),
             view,
         })
+    }
+
+    /// Maps another process loaded and handed over, in the order of
+    /// [`Self::map_fds`]: connections handed over with them go on in them;
+    /// no new connection takes a slot here.
+    pub fn adopt(fds: Vec<std::os::fd::OwnedFd>, config: ProbeConfig) -> Result<Self, LoadError> {
+        let [held, spliced, routes, streams, control, counters]: [std::os::fd::OwnedFd; 6] =
+            fds.try_into().map_err(|_| LoadError::Other {
+                doing: "adopting the maps of another process".to_owned(),
+                detail: "not six map descriptors".to_owned(),
+            })?;
+        let data = |fd, name: &str| {
+            MapData::from_fd(fd)
+                .map_err(|e| LoadError::while_doing(&format!("adopting map `{name}`"), e))
+        };
+        let map = |fd, name: &str| {
+            aya::maps::Map::from_map_data(data(fd, name)?)
+                .map_err(|e| LoadError::while_doing(&format!("adopting map `{name}`"), e))
+        };
+        fn typed<T: TryFrom<aya::maps::Map, Error = MapError>>(
+            map: aya::maps::Map,
+            name: &str,
+        ) -> Result<T, LoadError> {
+            T::try_from(map)
+                .map_err(|e| LoadError::while_doing(&format!("opening map `{name}`"), e))
+        }
+        let held: SockMap<MapData> = typed(map(held, HELD_MAP)?, HELD_MAP)?;
+        let spliced: SockMap<MapData> = typed(map(spliced, SPLICED_MAP)?, SPLICED_MAP)?;
+        let routes: HashMap<MapData, SocketCookie, Route> =
+            typed(map(routes, ROUTES_MAP)?, ROUTES_MAP)?;
+        let streams_map: Array<MapData, Stream> = typed(map(streams, STREAMS_MAP)?, STREAMS_MAP)?;
+        let control_map: Array<MapData, Control> = typed(map(control, CONTROL_MAP)?, CONTROL_MAP)?;
+        let streams = map_array(&streams_map, config.capacity)?;
+        let control = map_array(&control_map, config.capacity)?;
+        let counters = map(counters, COUNTERS_MAP)?;
+        let view = KernelView::new(&routes, &counters)
+            .map_err(|e| LoadError::while_doing("opening the counters", e))?;
+        Ok(Self {
+            _ebpf: None,
+            maps: Maps {
+                held,
+                spliced,
+                routes,
+                _streams_map: streams_map,
+                _control_map: control_map,
+                streams,
+                control,
+            },
+            slots: Slots::none(config.capacity),
+            flow: FlowControl::new(config.capacity, config.in_flight_limit),
+            view,
+        })
+    }
+
+    /// Copies of the descriptors of this probe's maps, to hand over:
+    /// `HELD`, `SPLICED`, `ROUTES`, `STREAMS`, `CONTROL`, `COUNTERS`.
+    pub fn map_fds(&self) -> io::Result<Vec<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd as _;
+        let maps = &self.maps;
+        [
+            maps.held.fd().as_fd(),
+            maps.spliced.fd().as_fd(),
+            aya::maps::IterableMap::map(&maps.routes).fd().as_fd(),
+            aya::maps::IterableMap::map(&maps._streams_map).fd().as_fd(),
+            aya::maps::IterableMap::map(&maps._control_map).fd().as_fd(),
+            self.view.counters_fd(),
+        ]
+        .into_iter()
+        .map(|fd| fd.try_clone_to_owned())
+        .collect()
     }
 
     /// A handle on this probe's maps that other threads may read.

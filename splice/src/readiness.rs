@@ -149,6 +149,18 @@ impl Readiness {
         Ok(())
     }
 
+    /// Takes `socket` (registered under `key`) out of the set, if it is in
+    /// it; its waiters are not woken. [`Self::forget`] still follows.
+    pub fn remove(&self, key: Key, socket: BorrowedFd<'_>) {
+        let mut waiters = self.waiters.borrow_mut();
+        let waiter = &mut waiters[key.index as usize];
+        if waiter.added {
+            let _ = self.epoll.control(libc::EPOLL_CTL_DEL, socket, 0, 0);
+            waiter.added = false;
+            waiter.armed = 0;
+        }
+    }
+
     /// Frees `key` once its socket is closed (closing it removed it from
     /// the set).
     pub fn forget(&self, key: Key) {

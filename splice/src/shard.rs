@@ -28,6 +28,9 @@ pub struct ShardProbe {
     stats: Arc<SpliceStats>,
     warned_full: Cell<bool>,
     splice_after: u64,
+    /// Maps adopted from another process: its slots are not the
+    /// executor's to count (`slots_in_use` is its own probe's).
+    adopted: bool,
 }
 
 impl ShardProbe {
@@ -51,6 +54,7 @@ impl ShardProbe {
                 stats,
                 warned_full: Cell::new(false),
                 splice_after: spec.config.splice_after,
+                adopted: false,
             },
             view,
         ))
@@ -95,8 +99,56 @@ impl ShardProbe {
         splice
     }
 
+    /// Adopts the maps of another process's probe ([`super::handover`]):
+    /// the connections handed over with them go on in them (no new one is
+    /// spliced there), with a flow control of their own.
+    pub fn adopt(
+        fds: Vec<std::os::fd::OwnedFd>,
+        config: ProbeConfig,
+        stats: Arc<SpliceStats>,
+    ) -> Result<Self, String> {
+        let probe = Probe::adopt(fds, config).map_err(|e| e.to_string())?;
+        let probe = Rc::new(RefCell::new(probe));
+        glommio::spawn_local(flow::run(Rc::clone(&probe))).detach();
+        Ok(Self {
+            probe,
+            stats,
+            warned_full: Cell::new(false),
+            splice_after: config.splice_after,
+            adopted: true,
+        })
+    }
+
+    /// Tells this probe from the executor's others (its connections'
+    /// [`super::handover::PipeState::probe`]).
+    pub fn key(&self) -> u64 {
+        Rc::as_ptr(&self.probe) as usize as u64
+    }
+
+    /// Copies of its maps' descriptors, to hand over (see [`Probe::map_fds`]),
+    /// and how it is sized.
+    pub fn export(&self) -> std::io::Result<(Vec<std::os::fd::OwnedFd>, ProbeConfig)> {
+        let probe = self.probe.borrow();
+        Ok((
+            probe.map_fds()?,
+            ProbeConfig {
+                capacity: probe.capacity(),
+                in_flight_limit: probe.in_flight_limit(),
+                // The maps splice no new connection where they go.
+                splice_after: 0,
+            },
+        ))
+    }
+
+    pub(crate) fn probe(&self) -> &Rc<RefCell<Probe>> {
+        &self.probe
+    }
+
     /// Records the slots in use (call after a splice drops too).
     pub fn update_slots_gauge(&self) {
+        if self.adopted {
+            return;
+        }
         let probe = self.probe.borrow();
         let in_use = u64::from(probe.capacity()) - probe.free_slots() as u64;
         self.stats.slots_in_use.store(in_use, Relaxed);

@@ -16,6 +16,16 @@ impl Slots {
         }
     }
 
+    /// An allocator with every slot taken: the probe of an adopted probe
+    /// ([`super::handover`]) only gets slots back, from the connections
+    /// handed over with it; new connections go to the process's own probe.
+    pub(crate) fn none(capacity: u32) -> Self {
+        Self {
+            free: Vec::new(),
+            capacity,
+        }
+    }
+
     /// `n` free slots, or none if fewer are free.
     pub(crate) fn take(&mut self, n: usize) -> Option<Vec<u32>> {
         let at = self.free.len().checked_sub(n)?;

@@ -119,8 +119,20 @@ pub(crate) fn forward<'a>(
         backend,
         shard.probe.as_ref(),
         first,
-        move |outcome| {
+        move |mut outcome| {
             drop(watch);
+            if let Some(handed) = outcome.handed_over.take() {
+                // An upgrade took it: the new process counts and logs its
+                // end.
+                return crate::upgrade::connections::keep(
+                    shard,
+                    *handed,
+                    finish.peer,
+                    &finish.route.name,
+                    finish.backend_addr,
+                    finish.peer.accepted.elapsed(),
+                );
+            }
             let stats = &shard.stats.splice;
             if outcome.path == Some(Path::Copied) {
                 add(&stats.copied, 1);

@@ -199,6 +199,9 @@ pub struct Lifecycle {
     pub ready: AtomicBool,
     /// Stopping: listeners closed, live connections finishing.
     pub draining: AtomicBool,
+    /// Upgraded: a new process took over the listeners (and the metrics
+    /// listener); this one finishes its connections and exits.
+    pub handed_over: AtomicBool,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
 }

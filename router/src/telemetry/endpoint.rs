@@ -41,6 +41,21 @@ const MAX_REQUEST: usize = 8 * 1024;
 /// Stack of a connection's thread: it parses a head and writes a buffer.
 const THREAD_STACK: usize = 128 * 1024;
 
+/// How often the accept loop looks whether a new process took the
+/// listener over.
+const HANDOVER_CHECK: Duration = Duration::from_millis(100);
+
+/// Waits until `listener` has a connection waiting, or `timeout`.
+fn wait_readable(listener: &TcpListener, timeout: Duration) {
+    let mut poll = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(listener),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd for the call.
+    unsafe { libc::poll(&mut poll, 1, timeout.as_millis() as libc::c_int) };
+}
+
 /// Binds the endpoint's listener. With SO_REUSEADDR: the endpoint closes
 /// first, so its side of each scrape waits in TIME_WAIT, which would keep
 /// a restarted router from binding the port for a minute.
@@ -78,9 +93,23 @@ pub fn serve(
     thread::Builder::new()
         .name("router-metrics".into())
         .spawn(move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(stream) => stream,
+            // Non-blocking, looked at every HANDOVER_CHECK: after an upgrade
+            // the new process accepts on the same socket, and this thread
+            // stops without shutting it (see `crate::upgrade`).
+            if let Err(e) = listener.set_nonblocking(true) {
+                tracing::warn!("metrics listener: {e}");
+            }
+            loop {
+                if lifecycle.handed_over.load(Relaxed) {
+                    return;
+                }
+                let stream = match listener.accept() {
+                    Ok((stream, _)) => stream,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        wait_readable(&listener, HANDOVER_CHECK);
+                        continue;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => {
                         tracing::warn!("metrics listener: accept failed: {e}");
                         thread::sleep(Duration::from_millis(10));
