@@ -7,6 +7,9 @@
                                       "\\r\\n" added), then a ping every 50 ms
                                       for SECONDS, each echoed; then closes
                                       and expects the end of the stream
+  netkit.py bulk ADDR LINE BYTES     one connection: sends LINE, then BYTES
+                                      random bytes while it reads their echo;
+                                      fails unless the echo is the same
   netkit.py load ADDR HOST COUNT PARALLEL RATE SECONDS
                                       COUNT short HTTP requests (Host: HOST),
                                       PARALLEL at a time, at most RATE a
@@ -17,7 +20,9 @@
 Servers run until killed; every client is bounded in count and time.
 """
 import collections
+import hashlib
 import http.server
+import os
 import socket
 import socketserver
 import sys
@@ -91,6 +96,22 @@ def hold(addr, line, seconds):
     print(f"held: {trips} round trips over {time.monotonic() - started:.1f} s, closed cleanly")
 
 
+def bulk(addr, line, size):
+    sock = socket.create_connection(parse_addr(addr), timeout=10)
+    sock.sendall(line.encode() + b"\r\n")
+    payload = os.urandom(size)
+    sender = threading.Thread(target=sock.sendall, args=(payload,))
+    sender.start()
+    echoed = recv_exact(sock, size)
+    sender.join()
+    sock.shutdown(socket.SHUT_WR)
+    if sock.recv(1) != b"":
+        raise ConnectionError("bytes after the echo")
+    if hashlib.sha256(echoed).digest() != hashlib.sha256(payload).digest():
+        raise ConnectionError("the echo differs")
+    print(f"bulk: {size} bytes echoed intact")
+
+
 def load(addr, host, count, parallel, rate, seconds):
     started = time.monotonic()
     deadline = started + seconds
@@ -147,6 +168,8 @@ def main(args):
             serve_echo(int(port))
         case ["hold", addr, line, seconds]:
             hold(addr, line, float(seconds))
+        case ["bulk", addr, line, size]:
+            bulk(addr, line, int(size))
         case ["load", addr, host, count, parallel, rate, seconds]:
             load(addr, host, int(count), int(parallel), float(rate), float(seconds))
         case _:

@@ -415,6 +415,11 @@ fn log_level_flag_takes_precedence_over_rust_log() {
         let refused = clients::send_and_receive(router.addr, b"ROUTE nope\r\n".to_vec()).unwrap();
         assert_eq!(refused, b"ERR no route\r\n");
         router.wait_stats(|s| s.get("active") == 0, Duration::from_secs(10));
+        // Every line it wrote: log lines reach stderr in batches, and the
+        // last one when it exits.
+        router.signal(libc::SIGTERM);
+        assert!(router.wait_exit(Duration::from_secs(10)).is_some());
+        thread::sleep(Duration::from_millis(100));
         router.stderr()
     };
     let default = run(None, None);

@@ -302,6 +302,23 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
     });
 }
 
+/// Right after the new router reported ready (`upgrade` returned): the old
+/// one exits, successfully, within 1 s.
+fn old_exits_within_a_second(old: &mut Server, mode: &str) {
+    let ready = Instant::now();
+    let exited = old.wait_exit(Duration::from_secs(5));
+    let took = ready.elapsed();
+    assert!(
+        exited.is_some_and(|s| s.success()),
+        "{mode}: {}",
+        old.stderr()
+    );
+    assert!(
+        took < Duration::from_secs(1),
+        "{mode}: the old router exited {took:?} after the new one was ready"
+    );
+}
+
 /// Waits (bounded) until the router's stderr says `text`.
 fn wait_for(router: &Server, text: &str) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -329,18 +346,7 @@ fn an_idle_old_router_exits_within_a_second_and_the_new_one_holds_what_it_held()
         old.wait_stats(common::idle, Duration::from_secs(5));
         let fds_before = old.fd_count();
         let mut new = upgrade(mode, &routes, &socket, &["--stats"]);
-        let ready = Instant::now();
-        let exited = old.wait_exit(Duration::from_secs(5));
-        let took = ready.elapsed();
-        assert!(
-            exited.is_some_and(|s| s.success()),
-            "{mode}: {}",
-            old.stderr()
-        );
-        assert!(
-            took < Duration::from_secs(1),
-            "{mode}: the old router exited {took:?} after the new one was ready"
-        );
+        old_exits_within_a_second(&mut old, mode);
         one_exchange(new.addr, &payload).unwrap();
         new.wait_stats(common::idle, Duration::from_secs(5));
         let fds_after = new.fd_count();
@@ -399,18 +405,7 @@ fn an_idle_connection_opened_before_the_upgrade_goes_on_through_the_new_router()
         exchange(&mut client, &first);
         thread::sleep(Duration::from_millis(200));
         let mut new = upgrade(mode, &routes, &socket, &["--metrics", "127.0.0.1:0"]);
-        let ready = Instant::now();
-        let exited = old.wait_exit(Duration::from_secs(5));
-        let took = ready.elapsed();
-        assert!(
-            exited.is_some_and(|s| s.success()),
-            "{mode}: {}",
-            old.stderr()
-        );
-        assert!(
-            took < Duration::from_secs(1),
-            "{mode}: the old router exited {took:?} after the new one was ready"
-        );
+        old_exits_within_a_second(&mut old, mode);
         assert!(
             old.stderr().contains("1 connection(s) handed over"),
             "{mode}: {}",
