@@ -145,6 +145,10 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
     // without traffic. The executor lives as long as this task: forever.
     loop {
         for (listener, state) in input.inbox.take(input.core) {
+            // Counted before the loop runs: a release must wait for it.
+            state
+                .accepting
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             let info = Rc::new(Listener {
                 addr: listener.local_addr().ok(),
                 state,
@@ -217,4 +221,10 @@ async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Sha
             }
         }
     }
+    // The connections spawned above run first (the queue is FIFO): each
+    // counts itself as active in its first step.
+    futures_lite::future::yield_now().await;
+    info.state
+        .accepting
+        .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
 }

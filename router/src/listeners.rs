@@ -7,7 +7,10 @@ use std::{
     net::{Shutdown, SocketAddr, TcpListener},
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{
+            AtomicBool, AtomicUsize,
+            Ordering::{Relaxed, SeqCst},
+        },
     },
 };
 
@@ -28,6 +31,11 @@ pub(crate) struct ListenerState {
     /// A reload removed it: the accept loops end.
     pub(crate) closed: AtomicBool,
     pub(crate) limit: Arc<ListenerLimit>,
+    /// Accept loops on its copies, counted from when an executor takes a
+    /// copy until the loop's last connection has started: once a released
+    /// listener has none, every connection this process accepted on it is
+    /// counted as active.
+    pub(crate) accepting: AtomicUsize,
 }
 
 /// One core's copy of a listen address, not yet accepted on.
@@ -162,6 +170,7 @@ impl Listeners {
                 accept_proxy: AtomicBool::new(accept_proxy(&addr)),
                 closed: AtomicBool::new(false),
                 limit: self.limits.listener(),
+                accepting: AtomicUsize::new(0),
             });
             let kept = copies
                 .iter()
@@ -250,6 +259,7 @@ impl Listeners {
                 accept_proxy: AtomicBool::new(config.accept_proxy.contains(&addr)),
                 closed: AtomicBool::new(false),
                 limit: self.limits.listener(),
+                accepting: AtomicUsize::new(0),
             });
             let kept = listener
                 .copies
@@ -287,10 +297,14 @@ impl Listeners {
     /// process accepts on the same sockets (see [`crate::upgrade`]). The
     /// accept loops see `closed` within [`crate::executor::CLOSED_CHECK`]
     /// and close their copies.
-    pub(crate) fn release_all(&mut self) {
-        for b in self.bound.drain(..) {
-            b.state.closed.store(true, Relaxed);
-        }
+    pub(crate) fn release_all(&mut self) -> Vec<Arc<ListenerState>> {
+        self.bound
+            .drain(..)
+            .map(|b| {
+                b.state.closed.store(true, Relaxed);
+                b.state
+            })
+            .collect()
     }
 
     /// Shuts every listener (a drain).
@@ -299,6 +313,18 @@ impl Listeners {
             b.state.closed.store(true, Relaxed);
             shut(&b.copies);
         }
+    }
+}
+
+/// Waits (at most `bound`) until no accept loop runs on `released`
+/// listeners: they notice within [`crate::executor::CLOSED_CHECK`], and a
+/// connection one accepted meanwhile is then counted as active.
+pub(crate) fn wait_accept_loops(released: &[Arc<ListenerState>], bound: std::time::Duration) {
+    let deadline = std::time::Instant::now() + bound;
+    while released.iter().any(|s| s.accepting.load(SeqCst) > 0)
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

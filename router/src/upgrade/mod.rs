@@ -321,10 +321,13 @@ fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<
             )));
         }
     }
-    // From here on the new process accepts: this one stops.
-    listeners.release_all();
-    offering.lifecycle.handed_over.store(true, Relaxed);
+    // From here on the new process accepts: this one stops, once its
+    // accept loops noticed (what they accepted meanwhile is then counted,
+    // and handed over or finished here, not cut by an early exit).
+    let released = listeners.release_all();
     drop(listeners);
+    crate::listeners::wait_accept_loops(&released, Duration::from_secs(2));
+    offering.lifecycle.handed_over.store(true, Relaxed);
     let connections = (offering.active)();
     // Not accepting any more: whatever fails from here, this process
     // finishes what it has and exits (the new one accepts).
