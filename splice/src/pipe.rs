@@ -1,11 +1,16 @@
 //! A connection's two sockets joined until both directions end: the one
-//! place that knows the order of a splice. Take the legs' baselines, insert
-//! both sockets (the backend's spliced at once, the client's held), write
-//! the first bytes to the backend, start the client's splice, run both legs
-//! (each drains what the kernel or userspace still has to deliver before it
-//! passes FIN on), then close the sockets and remove the routes. Without a
-//! probe, or when the kernel refuses the insert, the same legs copy in
-//! userspace. A failed direction resets both sides.
+//! place that knows the order of a splice. By default ([`Lazy`]) the legs
+//! copy first, and each direction, once it carried the probe's
+//! `splice_after` bytes, is spliced from its next unread byte (the first
+//! one inserts both sockets). Spliced from the start (`splice_after` 0):
+//! take the legs' baselines, insert both sockets (the backend's spliced at
+//! once, the client's held), write the first bytes to the backend, start
+//! the client's splice. Either way both legs then run (each drains what the
+//! kernel or userspace still has to deliver before it passes FIN on), and
+//! the sockets close before the routes are removed. Without a probe, or
+//! when the kernel refuses the insert, the same legs copy in userspace. A
+//! failed direction resets both sides; an upgrade may take the pipe at a
+//! quiet point ([`super::handover`]).
 use std::{
     cell::OnceCell,
     os::fd::{AsRawFd as _, BorrowedFd, RawFd},
