@@ -158,22 +158,12 @@ impl Supervisor<'_> {
                  (drain_timeout) before exiting",
                 humantime::format_duration(timeout)
             );
-            if !self.serve_signals_until(Instant::now() + timeout, || self.active() == 0) {
-                self.second_signal();
-                return;
-            }
         }
-        let open = self.active();
-        if open == 0 {
-            info!("upgrade: handed over and every connection ended: exiting");
-            return;
-        }
-        warn!(
-            "upgrade: drain_timeout ({}) passed with {open} connection(s) still open: \
-             exiting, resetting them",
-            humantime::format_duration(timeout)
+        self.finish_connections(
+            Instant::now() + timeout,
+            "upgrade: handed over and every connection ended: exiting",
+            "upgrade: ",
         );
-        cut_open_connections();
     }
 
     fn reopen_access_log(&self) {
@@ -283,25 +273,32 @@ impl Supervisor<'_> {
              (send the signal again to exit now)",
             humantime::format_duration(timeout)
         );
+        self.finish_connections(deadline, "drained: every connection ended", "");
+    }
+
+    /// Serves signals while draining until `done()` or `deadline`; false
+    /// if a second stop signal came (the caller exits at once).
+    /// Waits, serving signals, until every connection ended (then logs
+    /// `ended`) or `deadline`: then resets what is left. A second stop
+    /// signal exits at once.
+    fn finish_connections(&self, deadline: Instant, ended: &str, prefix: &str) {
         if !self.serve_signals_until(deadline, || self.active() == 0) {
             self.second_signal();
             return;
         }
         let open = self.active();
         if open == 0 {
-            info!("drained: every connection ended");
+            info!("{ended}");
             return;
         }
         warn!(
-            "drain_timeout ({}) passed with {open} connection(s) still open: exiting, \
-             resetting them",
-            humantime::format_duration(timeout)
+            "{prefix}drain_timeout ({}) passed with {open} connection(s) still open: \
+             exiting, resetting them",
+            humantime::format_duration(self.config.drain_timeout)
         );
         cut_open_connections();
     }
 
-    /// Serves signals while draining until `done()` or `deadline`; false
-    /// if a second stop signal came (the caller exits at once).
     fn serve_signals_until(&self, deadline: Instant, done: impl Fn() -> bool) -> bool {
         while !done() {
             let left = deadline.saturating_duration_since(Instant::now());

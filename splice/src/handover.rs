@@ -392,10 +392,7 @@ pub fn resume<'a, R>(
                 // Handed over again (another upgrade).
                 let (splice, path, lazy_state) = lazy.hand_over();
                 let path = first_path.unwrap_or(path);
-                outcome.path = Some(path);
-                outcome.to_backend = up.bytes_written() + pipe::redirected(&splice, 0);
-                outcome.to_client = down.bytes_written() + pipe::redirected(&splice, 1);
-                outcome.handed_over = export(up, down, splice, probe, path, lazy_state, fds);
+                outcome = pipe::handed_over(up, down, splice, probe, path, lazy_state, fds);
                 drop(legs);
             }
         }

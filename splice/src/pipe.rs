@@ -208,7 +208,7 @@ fn first_failed(error: LegError, fds: [RawFd; 2], to_backend: u64) -> Outcome {
 /// The outcome of a pipe taken at a quiet point by an upgrade: its byte
 /// counts so far and what the new process needs ([`super::handover`]).
 /// The legs (and this process's descriptors) drop after it.
-fn handed_over(
+pub(crate) fn handed_over(
     up: &Leg<Half, Half>,
     down: &Leg<Half, Half>,
     splice: Option<Splice>,
