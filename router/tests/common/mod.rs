@@ -26,9 +26,23 @@ pub fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
         args.push("--route".into());
         args.push(route.clone());
     }
+    if !extra.contains(&"--upgrade-socket") {
+        args.extend(own_upgrade_socket());
+    }
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Server::start(BIN, &args)
+}
+
+/// `--upgrade-socket` at a path of this router's own. On the default path
+/// a router starting next to another connects to see whether it is taken,
+/// so the running one holds a descriptor for a moment: a test counting
+/// descriptors would see it.
+pub fn own_upgrade_socket() -> [String; 2] {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("router-test-{}-{n}.sock", std::process::id()));
+    ["--upgrade-socket".into(), path.display().to_string()]
 }
 
 /// Runs `test` in both modes (the ebpf one only where BPF is allowed).
