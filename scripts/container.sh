@@ -16,10 +16,13 @@
 #      preamble client are routed, and a bulky echo is spliced in the kernel (/metrics);
 #      `podman kill --signal HUP` reloads; `podman stop` drains;
 #   2. the same without capabilities: --mode auto copies and says why;
-#   3. deploy/kubernetes/ against the API schemas (kubernetes-validate, in
+#   3. an upgrade: a second container started with --upgrade-from on a
+#      shared /run/router takes over the listeners and a live connection,
+#      with short connections arriving throughout, none failed;
+#   4. deploy/kubernetes/ against the API schemas (kubernetes-validate, in
 #      a venv under target/), then `podman kube play` of the Deployment:
 #      it serves, and reloads when its ConfigMap file is swapped;
-#   4. two routers behind HAProxy (health checks on /readyz): one stopped
+#   5. two routers behind HAProxy (health checks on /readyz): one stopped
 #      during 1,000 short connections, none fails.
 # With CI=true a step that cannot run fails; elsewhere it is skipped with
 # the reason.
@@ -381,6 +384,57 @@ backends = [\"127.0.0.1:$((BASE + 2))\"]")"
     podman rm "$name" >/dev/null
 }
 
+# docs/containers.md's upgrade: a second container takes over from the
+# first through the upgrade socket on a shared /run/router, with a live
+# connection and new ones arriving throughout.
+test_upgrade() {
+    local dir=$1
+    step "podman run --upgrade-from: a new container takes over the listeners and a live connection"
+    mkdir -p "$dir/run"
+    chown "$UID_INSIDE" "$dir/run"
+    chmod 700 "$dir/run"
+    local old=ebpf-router-test-upgrade-1 new=ebpf-router-test-upgrade-2 name
+    CONTAINERS+=("$old" "$new")
+    podman rm -f -t 0 "$old" "$new" >/dev/null 2>&1 || true
+    mapfile -t flags < <(least_privileged BPF,NET_ADMIN,PERFMON)
+    # As docs/containers.md says: the same flags for both.
+    local same=("${flags[@]}" -v "$PWD/$dir/etc:/etc/ebpf-router:ro"
+        -v "$PWD/$dir/run:/run/router" "$IMAGE" --config "$IMAGE_CONFIG" --mode ebpf
+        --upgrade-from /run/router/upgrade.sock)
+    wait_port_free "$ROUTER_PORT"
+    podman run -d --name "$old" "${same[@]}" >/dev/null
+    wait_for "curl -fsS http://127.0.0.1:$ROUTER_METRICS/readyz" 20 \
+        || { podman logs "$old" >&2; die "the first router container did not become ready"; }
+    python3 scripts/netkit.py hold "127.0.0.1:$ROUTER_PORT" "ROUTE db s3cret" 4 >"$dir/upgrade-hold.log" 2>&1 &
+    local holder=$!
+    python3 scripts/netkit.py load "127.0.0.1:$ROUTER_PORT" a.test 600 4 200 30 >"$dir/upgrade-load.log" 2>&1 &
+    local loader=$!
+    sleep 1
+    local started_ms
+    started_ms=$(date +%s%3N)
+    podman run -d --name "$new" "${same[@]}" >/dev/null
+    timeout 20 podman wait "$old" >/dev/null \
+        || { podman logs "$new" >&2; die "the first router did not exit after the upgrade"; }
+    UPGRADE_SECONDS=$(awk -v ms=$(($(date +%s%3N) - started_ms)) 'BEGIN { printf "%.2f", ms / 1000 }')
+    expect "the first router's exit status after the hand-over" "$(podman inspect --format '{{.State.ExitCode}}' "$old")" 0
+    wait "$holder" || die "the live connection broke in the upgrade: $(cat "$dir/upgrade-hold.log")"
+    say "ok: the live connection went on through the new container: $(cat "$dir/upgrade-hold.log")"
+    local load_status=0
+    wait "$loader" || load_status=$?
+    cat "$dir/upgrade-load.log"
+    [ "$load_status" = 0 ] || die "connections failed during the upgrade (above)"
+    local took
+    took=$(podman logs "$new" 2>&1 | grep -o 'took over the listeners and [0-9]* connection(s)' | head -n1)
+    [ -n "$took" ] || { podman logs "$new" >&2; die "the new router does not say it took over"; }
+    say "ok: the new router $took"
+    route_three_ways
+    python3 scripts/netkit.py bulk "127.0.0.1:$ROUTER_PORT" "ROUTE db s3cret" 1048576 >/dev/null \
+        || die "a 1 MiB echo through the new router was not intact"
+    say "ok: a 1 MiB echo through the new router"
+    podman stop -t 25 "$new" >/dev/null
+    for name in "$old" "$new"; do podman rm "$name" >/dev/null; done
+}
+
 # --- Kubernetes --------------------------------------------------------------
 
 KUBE=deploy/kubernetes
@@ -641,12 +695,14 @@ test_all() {
     done
     start_backends "$dir"
     test_podman_run "$dir"
+    test_upgrade "$dir"
     test_manifests "$dir"
     test_kube_play "$dir"
     test_scaling "$dir"
     step "summary"
     say "image $IMAGE: $(image_size)"
     say "podman stop with a live connection: ${STOP_SECONDS} s"
+    say "upgrade: the new container started to the old one gone: ${UPGRADE_SECONDS} s"
     say "scaling: ${LOAD_LINE}; podman stop of one router took ${DRAIN_SECONDS} s"
     say "all container tests passed in $((SECONDS - started)) s"
 }

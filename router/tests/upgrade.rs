@@ -25,6 +25,7 @@ use testkit::{
     backends::{self, Backend},
     clients,
     data::Rng,
+    privileges::require_bpf,
     server::run_to_failure,
 };
 
@@ -503,18 +504,21 @@ fn stream_backend(reports: mpsc::Sender<(u64, u64, [u8; 32])>) -> SocketAddr {
 }
 
 /// 64 streams (random sizes each way up to `UPGRADE_STREAM_MAX_MIB`, 64
-/// by default, 256 for the full size) through `upgrades` upgrades
-/// in a row, started while they run: every byte arrives once, in order,
-/// both ways (SHA-256). `extra`: more flags for every router.
-fn streams_through_upgrades(mode: &str, upgrades: usize, extra: &[&str]) {
+/// by default, 256 for the full size) through upgrades in a row,
+/// started while they run: every byte arrives once, in order, both ways
+/// (SHA-256). `modes`: the first router's mode, then each new one's.
+/// `extra`: more flags for every router.
+fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
     const STREAMS: u64 = 64;
+    let upgrades = modes.len() - 1;
+    let mode = &*modes.join("->");
     let max = common::scale("UPGRADE_STREAM_MAX_MIB", 64) << 20;
     let (reports, received) = mpsc::channel();
     let backend = stream_backend(reports);
     let routes = [format!("default={backend}")];
-    let socket = socket_path(&format!("streams{upgrades}"), mode);
+    let socket = socket_path(&format!("streams{upgrades}"), &modes.join("-"));
     let flags = [&["--stats"][..], extra].concat();
-    let mut router = start_old(mode, &routes, &socket, &flags);
+    let mut router = start_old(modes[0], &routes, &socket, &flags);
     let addr = router.addr;
     let mut rng = Rng::new(upgrades as u64);
     let sizes: Vec<(u64, u64)> = (0..STREAMS)
@@ -551,8 +555,8 @@ fn streams_through_upgrades(mode: &str, upgrades: usize, extra: &[&str]) {
     thread::sleep(Duration::from_millis(300));
     let mut handed = 0;
     let mut olds = Vec::new();
-    for n in 0..upgrades {
-        let next = upgrade(mode, &routes, &socket, &flags);
+    for (n, next_mode) in modes[1..].iter().enumerate() {
+        let next = upgrade(next_mode, &routes, &socket, &flags);
         let exited = router.wait_exit(Duration::from_secs(40));
         assert!(
             exited.is_some_and(|s| s.success()),
@@ -613,7 +617,8 @@ fn streams_through_upgrades(mode: &str, upgrades: usize, extra: &[&str]) {
     }
     let stats = router.wait_stats(common::idle, Duration::from_secs(10));
     assert_eq!(stats.get("slots_in_use"), 0, "{mode}: no slot leaks");
-    if mode == "ebpf" {
+    if modes.contains(&"ebpf") {
+        // The last router holds the maps of every ebpf router before it.
         assert_eq!(routes_left(&router), 0, "{mode}: no route leaks");
     }
     eprintln!("{mode}: {upgrades} upgrade(s), {handed} connection hand-overs in all");
@@ -624,10 +629,10 @@ fn streams_through_upgrades(mode: &str, upgrades: usize, extra: &[&str]) {
 fn sixty_four_streams_go_through_an_upgrade_intact() {
     let _serial = serial();
     both_modes("upgrade_streams_1", |mode| {
-        streams_through_upgrades(mode, 1, &[]);
+        streams_through_upgrades(&[mode, mode], &[]);
         if mode == "ebpf" {
             // Spliced from the first packet on, not past a threshold.
-            streams_through_upgrades(mode, 1, &["--splice-after", "0"]);
+            streams_through_upgrades(&[mode, mode], &["--splice-after", "0"]);
         }
     });
 }
@@ -636,8 +641,20 @@ fn sixty_four_streams_go_through_an_upgrade_intact() {
 fn sixty_four_streams_go_through_three_upgrades_in_a_row_intact() {
     let _serial = serial();
     both_modes("upgrade_streams_3", |mode| {
-        streams_through_upgrades(mode, 3, &[])
+        streams_through_upgrades(&[mode; 4], &[])
     });
+}
+
+/// An upgrade may change `--mode`: a copy router keeps the spliced
+/// connections it takes over in the maps they are in, and copies the rest;
+/// an ebpf router copies the copied ones it takes over to their end.
+#[test]
+fn sixty_four_streams_go_through_upgrades_that_change_the_mode_intact() {
+    let _serial = serial();
+    if require_bpf("upgrade_streams_mode_change") {
+        streams_through_upgrades(&["ebpf", "copy", "ebpf"], &[]);
+        streams_through_upgrades(&["copy", "ebpf", "copy"], &[]);
+    }
 }
 
 /// The hand-over figures of docs/operations.md: N idle forwarded
