@@ -35,6 +35,7 @@ use crate::{
         counters::{CoreMetrics, Labelled},
         stats::RouterStats,
     },
+    upgrade::connections::CoreBoxes,
 };
 
 /// One listen address as its connections see it.
@@ -61,7 +62,7 @@ pub(crate) struct ShardInput {
     pub(crate) limits: Arc<Limits>,
     /// Where the upgrade thread asks for this core's connections, or
     /// hands it the old process's.
-    pub(crate) boxes: Arc<crate::upgrade::connections::CoreBoxes>,
+    pub(crate) boxes: Arc<CoreBoxes>,
 }
 
 pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelView>>) {
@@ -135,7 +136,7 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
     });
     glommio::spawn_local(crate::upgrade::connections::watch(
         Rc::clone(&shard),
-        input.boxes,
+        Arc::clone(&input.boxes),
     ))
     .detach();
     glommio::spawn_local(crate::idle::reap_forever(Rc::clone(&shard))).detach();
@@ -153,7 +154,13 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
                 addr: listener.local_addr().ok(),
                 state,
             });
-            glommio::spawn_local(accept_forever(listener, info, Rc::clone(&shard))).detach();
+            glommio::spawn_local(accept_forever(
+                listener,
+                info,
+                Rc::clone(&shard),
+                Arc::clone(&input.boxes),
+            ))
+            .detach();
         }
         glommio::timer::sleep(ADOPT_EVERY).await;
         shard.generation();
@@ -162,18 +169,24 @@ pub(crate) async fn serve_shard(input: ShardInput, ready: Ready<Option<KernelVie
 
 /// How often an accept loop looks whether its listener was released to a
 /// new process ([`crate::listeners::Listeners::release_all`]): a released
-/// listener is not shut down, so no failed accept wakes the loop.
+/// listener is not shut down, so no failed accept wakes the loop. Every
+/// millisecond while an upgrade is under way ([`CoreBoxes::upgrading`]).
 pub(crate) const CLOSED_CHECK: Duration = Duration::from_millis(100);
 
 /// Accepts on this core's copy of one listener until the router stops;
 /// each connection is a task of its own.
-async fn accept_forever(listener: StdListener, info: Rc<Listener>, shard: Rc<Shard>) {
+async fn accept_forever(
+    listener: StdListener,
+    info: Rc<Listener>,
+    shard: Rc<Shard>,
+    boxes: Arc<CoreBoxes>,
+) {
     // Non-blocking already (see `runtime::bind_reuseport`).
     let listener = OwnSocket::new(OwnedFd::from(listener), &shard.readiness);
     // One timer for the loop's life, not one per accept.
     let released = async {
         loop {
-            glommio::timer::sleep(CLOSED_CHECK).await;
+            glommio::timer::sleep(boxes.check_every(CLOSED_CHECK)).await;
             if info.state.closed.load(Relaxed) {
                 return None;
             }

@@ -295,8 +295,9 @@ impl Listeners {
 
     /// Stops accepting on every listener without shutting it: a new
     /// process accepts on the same sockets (see [`crate::upgrade`]). The
-    /// accept loops see `closed` within [`crate::executor::CLOSED_CHECK`]
-    /// and close their copies.
+    /// accept loops see `closed` within a millisecond (they look that often
+    /// during an upgrade, see [`crate::executor::CLOSED_CHECK`]) and close
+    /// their copies.
     pub(crate) fn release_all(&mut self) -> Vec<Arc<ListenerState>> {
         self.bound
             .drain(..)
@@ -317,7 +318,7 @@ impl Listeners {
 }
 
 /// Waits (at most `bound`) until no accept loop runs on `released`
-/// listeners: they notice within [`crate::executor::CLOSED_CHECK`], and a
+/// listeners: they notice within a millisecond during an upgrade, and a
 /// connection one accepted meanwhile is then counted as active.
 pub(crate) fn wait_accept_loops(released: &[Arc<ListenerState>], bound: std::time::Duration) {
     let deadline = std::time::Instant::now() + bound;

@@ -139,6 +139,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
     labelled.register(&config);
     let lifecycle = Arc::new(Lifecycle::default());
     let boxes = upgrade::connections::CoreBoxes::new(cores);
+    let upgrading = received.is_some().then(|| boxes.upgrading());
     let inputs = stats
         .iter()
         .zip(&core_metrics)
@@ -265,6 +266,7 @@ pub fn run(config: Config, options: RunOptions) -> anyhow::Result<()> {
                  connections stay with it)"
             ),
         }
+        drop(upgrading);
         upgrade_socket = match bind_upgrade_socket(&options.upgrade_socket, true) {
             Ok(bound) => bound,
             Err(e) => {

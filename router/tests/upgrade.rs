@@ -71,7 +71,7 @@ fn args(mode: &str, routes: &[String], socket: &std::path::Path, from: bool) -> 
 }
 
 /// The binary under test: `ROUTER_BIN` if set (the figures are measured
-/// with `ROUTER_BIN=target/release/router`), else this build's.
+/// with `ROUTER_BIN=$PWD/target/release/router`), else this build's.
 fn bin() -> String {
     std::env::var("ROUTER_BIN").unwrap_or_else(|_| BIN.to_owned())
 }
@@ -726,6 +726,79 @@ fn hand_over_time_for_n_connections() {
             held.lock().unwrap().clear();
         }
     });
+}
+
+/// The pause figure of docs/operations.md: one connection exchanging 64
+/// bytes with an echo backend every millisecond, one upgrade after 1 s;
+/// the longest round trip in the upgrade's second against the longest
+/// elsewhere, for a copied, a lazy (still copying) and a spliced
+/// connection. Ignored: run with `--ignored --nocapture`.
+#[test]
+#[ignore = "a measurement: run it with --ignored --nocapture"]
+fn longest_round_trip_of_a_busy_connection_through_an_upgrade() {
+    let _serial = serial();
+    let echo = Backend::echo();
+    let routes = [format!("default={}", echo.addr)];
+    let cases: [(&str, &[&str]); 3] = [
+        ("copy", &[]),
+        ("ebpf", &["--splice-after", "1000000000"]),
+        ("ebpf", &[]),
+    ];
+    for (mode, extra) in cases {
+        if mode == "ebpf" && !require_bpf("upgrade_pause") {
+            continue;
+        }
+        let socket = socket_path("pause", mode);
+        let mut old = start_old(mode, &routes, &socket, extra);
+        let mut client = clients::connect(old.addr).unwrap();
+        client.set_nodelay(true).unwrap();
+        let (mut in_upgrade, mut elsewhere) = (Duration::ZERO, Duration::ZERO);
+        let round_trip = |client: &mut std::net::TcpStream, byte: u8| {
+            let sent = Instant::now();
+            client.write_all(&[byte; 64]).unwrap();
+            let mut echoed = [0u8; 64];
+            client.read_exact(&mut echoed).unwrap();
+            assert_eq!(echoed, [byte; 64]);
+            sent.elapsed()
+        };
+        // The first byte routes to the default route.
+        round_trip(&mut client, 0);
+        let upgrader = thread::spawn({
+            let (routes, socket) = (routes.clone(), socket.clone());
+            let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+            move || {
+                thread::sleep(Duration::from_secs(1));
+                let started = Instant::now();
+                let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+                (started, upgrade(mode, &routes, &socket, &extra))
+            }
+        });
+        let began = Instant::now();
+        let mut trips = Vec::new();
+        while began.elapsed() < Duration::from_secs(3) {
+            let at = Instant::now();
+            trips.push((at, round_trip(&mut client, 1)));
+            thread::sleep(Duration::from_millis(1));
+        }
+        let (started, new) = upgrader.join().unwrap();
+        for (at, took) in &trips {
+            let window = *at >= started && *at < started + Duration::from_secs(1);
+            let longest = if window {
+                &mut in_upgrade
+            } else {
+                &mut elsewhere
+            };
+            *longest = (*longest).max(*took);
+        }
+        assert!(old.wait_exit(Duration::from_secs(10)).is_some());
+        eprintln!(
+            "figure: mode={mode} {extra:?}: {} round trips; longest in the upgrade's second \
+             {in_upgrade:.1?}, elsewhere {elsewhere:.1?}",
+            trips.len()
+        );
+        drop(client);
+        new.stop();
+    }
 }
 
 #[test]

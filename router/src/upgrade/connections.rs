@@ -12,7 +12,10 @@ use std::{
     net::SocketAddr,
     os::fd::{AsRawFd as _, OwnedFd},
     rc::Rc,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -36,8 +39,12 @@ use crate::{
 /// whose legs wait for their sources is quiet at once; one moving bytes in
 /// userspace is within one write.
 pub const QUIET_BOUND: Duration = Duration::from_secs(1);
-/// How often an executor looks at its box.
+/// How often an executor looks at its box; every
+/// [`BOX_CHECK_UPGRADING`] while an upgrade is under way, as a copied
+/// connection stopped on one core waits, bytes queued, for the other cores'
+/// look, then for the new process's.
 const BOX_CHECK: Duration = Duration::from_millis(25);
+const BOX_CHECK_UPGRADING: Duration = Duration::from_millis(1);
 
 /// What the router knows of a connection handed over, besides its pipe.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -92,22 +99,60 @@ pub struct CoreBox {
 }
 
 /// One box per core.
-pub struct CoreBoxes(pub Vec<Mutex<CoreBox>>);
+pub struct CoreBoxes {
+    boxes: Vec<Mutex<CoreBox>>,
+    /// An upgrade is under way (see [`BOX_CHECK_UPGRADING`]).
+    upgrading: AtomicBool,
+}
+
+/// An upgrade under way, until dropped.
+pub struct Upgrading<'a>(&'a CoreBoxes);
+
+impl Drop for Upgrading<'_> {
+    fn drop(&mut self) {
+        self.0.upgrading.store(false, Relaxed);
+    }
+}
 
 impl CoreBoxes {
     pub fn new(cores: usize) -> Arc<Self> {
-        Arc::new(Self((0..cores).map(|_| Mutex::default()).collect()))
+        Arc::new(Self {
+            boxes: (0..cores).map(|_| Mutex::default()).collect(),
+            upgrading: AtomicBool::new(false),
+        })
+    }
+
+    pub fn cores(&self) -> usize {
+        self.boxes.len()
     }
 
     pub fn lock(&self, core: usize) -> std::sync::MutexGuard<'_, CoreBox> {
-        self.0[core].lock().expect("no panic under this lock")
+        self.boxes[core].lock().expect("no panic under this lock")
+    }
+
+    /// The executors look at their boxes often until the guard drops: the
+    /// old process's from the new one's hello, the new process's from its
+    /// start until it took the connections over.
+    pub fn upgrading(&self) -> Upgrading<'_> {
+        self.upgrading.store(true, Relaxed);
+        Upgrading(self)
+    }
+
+    /// How long a loop that looks for an upgrade's next step sleeps:
+    /// `normal`, or [`BOX_CHECK_UPGRADING`] while one is under way.
+    pub fn check_every(&self, normal: Duration) -> Duration {
+        if self.upgrading.load(Relaxed) {
+            BOX_CHECK_UPGRADING
+        } else {
+            normal
+        }
     }
 
     /// Waits (up to `timeout`) until `done` holds for every core's box.
     pub fn wait(&self, timeout: Duration, done: impl Fn(&CoreBox) -> bool) -> bool {
         let deadline = Instant::now() + timeout;
         loop {
-            if (0..self.0.len()).all(|core| done(&self.lock(core))) {
+            if (0..self.cores()).all(|core| done(&self.lock(core))) {
                 return true;
             }
             if Instant::now() >= deadline {
@@ -154,7 +199,7 @@ pub(crate) fn keep(
 /// Watches this executor's box for as long as it runs.
 pub(crate) async fn watch(shard: Rc<Shard>, boxes: Arc<CoreBoxes>) {
     loop {
-        glommio::timer::sleep(BOX_CHECK).await;
+        glommio::timer::sleep(boxes.check_every(BOX_CHECK)).await;
         let (asked, incoming) = {
             let mut core_box = boxes.lock(shard.core);
             let asked = std::mem::take(&mut core_box.asked);

@@ -277,6 +277,7 @@ fn hand_over(stream: &UnixStream, offering: &Offering) -> anyhow::Result<Option<
         return Ok(None);
     }
     info!("upgrade: handing the listeners over to process {pid}");
+    let _upgrading = offering.boxes.upgrading();
     // Under the lock until released: a reload in between would change the
     // listeners offered (a SIGHUP meanwhile waits, READY_TIMEOUT at most).
     let mut listeners = offering.listeners.lock().expect("no panic under this lock");
@@ -565,7 +566,7 @@ impl Received {
             else {
                 bail!("the old router sent {message:?} instead of a core");
             };
-            if core >= boxes.0.len() || fds.len() != probes.len() * 6 {
+            if core >= boxes.cores() || fds.len() != probes.len() * 6 {
                 bail!(
                     "the old router sent core {core} with {} map descriptors",
                     fds.len()
