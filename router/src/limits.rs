@@ -23,6 +23,10 @@ pub struct Limits {
     /// Every listen address's counter, to set new limits on a reload
     /// (addresses a reload removed drop out once their connections ended).
     listeners: Mutex<Vec<Weak<ListenerLimit>>>,
+    /// The counter of connections taken over in an upgrade: under no
+    /// listener's limit, and one for all (a counter each, registered above,
+    /// made taking thousands of connections over quadratic).
+    taken_over: Arc<ListenerLimit>,
 }
 
 /// The connections of one listen address and its limit.
@@ -84,6 +88,7 @@ impl Limits {
             total: Counter::new(total),
             per_listener: AtomicUsize::new(per_listener.unwrap_or(usize::MAX)),
             listeners: Mutex::new(Vec::new()),
+            taken_over: Arc::new(ListenerLimit(Counter::new(usize::MAX))),
         })
     }
 
@@ -125,7 +130,7 @@ impl Limits {
     /// Admits a connection that is open already (taken over from another
     /// process in an upgrade): counted in the total, never refused.
     pub fn admit_anyway(self: &Arc<Self>) -> Permit {
-        let listener = self.listener();
+        let listener = Arc::clone(&self.taken_over);
         listener.0.open.fetch_add(1, Ordering::AcqRel);
         self.total.open.fetch_add(1, Ordering::AcqRel);
         Permit {
@@ -212,6 +217,22 @@ mod tests {
         assert_eq!(limits.max(), (5, None));
         let _e = limits.admit(&added).unwrap();
         let _f = limits.admit(&added).unwrap();
+    }
+
+    #[test]
+    fn connections_taken_over_count_in_the_total_and_are_never_refused() {
+        let limits = Limits::new(2, Some(1));
+        let l = limits.listener();
+        let taken: Vec<_> = (0..3).map(|_| limits.admit_anyway()).collect();
+        assert_eq!(limits.open(), 3);
+        assert_eq!(limits.admit(&l).unwrap_err(), Exceeded::Total(2));
+        // Under no listener's limit: a reload's new limits leave them be.
+        limits.set(10, Some(1));
+        let _a = limits.admit(&l).unwrap();
+        assert_eq!(limits.admit(&l).unwrap_err(), Exceeded::Listener(1));
+        drop(taken);
+        assert_eq!(limits.open(), 1);
+        assert_eq!(limits.listeners.lock().unwrap().len(), 1);
     }
 
     #[test]

@@ -657,6 +657,21 @@ fn sixty_four_streams_go_through_upgrades_that_change_the_mode_intact() {
     }
 }
 
+/// A backend that keeps every connection and never reads; the connections
+/// it holds.
+fn holding_backend() -> (SocketAddr, Arc<Mutex<Vec<std::net::TcpStream>>>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let held = Arc::new(Mutex::new(Vec::new()));
+    let keep = Arc::clone(&held);
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            keep.lock().unwrap().push(stream);
+        }
+    });
+    (addr, held)
+}
+
 /// The hand-over figures of docs/operations.md: N idle forwarded
 /// connections (`UPGRADE_FIGURE_CONNECTIONS`, default `1,1000,9800`; 9,800
 /// needs 20,000 descriptors, as the test holds both ends), one upgrade,
@@ -673,16 +688,7 @@ fn hand_over_time_for_n_connections() {
         .collect();
     both_modes("upgrade_figures", |mode| {
         for &n in &counts {
-            // A backend that keeps every connection and never reads.
-            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            let backend = listener.local_addr().unwrap();
-            let held = Arc::new(Mutex::new(Vec::new()));
-            let keep = Arc::clone(&held);
-            thread::spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    keep.lock().unwrap().push(stream);
-                }
-            });
+            let (backend, held) = holding_backend();
             let routes = [format!("default={backend}")];
             let socket = socket_path(&format!("figures{n}"), mode);
             let mut old = start_old(mode, &routes, &socket, &["--stats", "--log-level", "info"]);
@@ -732,13 +738,19 @@ fn hand_over_time_for_n_connections() {
 /// bytes with an echo backend every millisecond, one upgrade after 1 s;
 /// the longest round trip in the upgrade's second against the longest
 /// elsewhere, for a copied, a lazy (still copying) and a spliced
-/// connection. Ignored: run with `--ignored --nocapture`.
+/// connection, beside `UPGRADE_PAUSE_IDLE` idle ones (default 0). Ignored:
+/// run with `--ignored --nocapture`.
 #[test]
 #[ignore = "a measurement: run it with --ignored --nocapture"]
 fn longest_round_trip_of_a_busy_connection_through_an_upgrade() {
     let _serial = serial();
+    let idle = common::scale("UPGRADE_PAUSE_IDLE", 0) as usize;
     let echo = Backend::echo();
-    let routes = [format!("default={}", echo.addr)];
+    let (holder, held) = holding_backend();
+    let routes = [
+        format!("preamble:idle={holder}"),
+        format!("default={}", echo.addr),
+    ];
     let cases: [(&str, &[&str]); 3] = [
         ("copy", &[]),
         ("ebpf", &["--splice-after", "1000000000"]),
@@ -750,6 +762,17 @@ fn longest_round_trip_of_a_busy_connection_through_an_upgrade() {
         }
         let socket = socket_path("pause", mode);
         let mut old = start_old(mode, &routes, &socket, extra);
+        let idlers: Vec<_> = (0..idle)
+            .map(|_| {
+                let mut c = clients::connect(old.addr).unwrap();
+                c.write_all(b"ROUTE idle\r\n").unwrap();
+                c
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while held.lock().unwrap().len() < idle && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
         let mut client = clients::connect(old.addr).unwrap();
         client.set_nodelay(true).unwrap();
         let (mut in_upgrade, mut elsewhere) = (Duration::ZERO, Duration::ZERO);
@@ -792,11 +815,12 @@ fn longest_round_trip_of_a_busy_connection_through_an_upgrade() {
         }
         assert!(old.wait_exit(Duration::from_secs(10)).is_some());
         eprintln!(
-            "figure: mode={mode} {extra:?}: {} round trips; longest in the upgrade's second \
-             {in_upgrade:.1?}, elsewhere {elsewhere:.1?}",
+            "figure: mode={mode} {extra:?}, {idle} idle: {} round trips; longest in the \
+             upgrade's second {in_upgrade:.1?}, elsewhere {elsewhere:.1?}",
             trips.len()
         );
-        drop(client);
+        drop((client, idlers));
+        held.lock().unwrap().clear();
         new.stop();
     }
 }
