@@ -424,7 +424,7 @@ test_upgrade() {
     cat "$dir/upgrade-load.log"
     [ "$load_status" = 0 ] || die "connections failed during the upgrade (above)"
     local took
-    took=$(podman logs "$new" 2>&1 | grep -o 'took over the listeners and [0-9]* connection(s)' | head -n1)
+    took=$(podman logs "$new" 2>&1 | grep -o 'took over the listeners and [0-9]* connection(s)' || true)
     [ -n "$took" ] || { podman logs "$new" >&2; die "the new router does not say it took over"; }
     say "ok: the new router $took"
     route_three_ways

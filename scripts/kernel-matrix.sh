@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the kernel integration tests of echo and router (echo/tests/echo.rs,
-# router/tests/router.rs) under several kernels and prints a pass/fail table.
+# router/tests/router.rs, router/tests/upgrade.rs) under several kernels and
+# prints a pass/fail table.
 #
 #   scripts/kernel-matrix.sh                 # 6.1, 6.12 and host
 #   scripts/kernel-matrix.sh 6.12            # one kernel
@@ -20,7 +21,7 @@
 # an initramfs: busybox, the test binaries at the absolute paths they were
 # built with (the tests find `ebpf-echo`/`router` through CARGO_BIN_EXE_*
 # paths baked in at compile time), their shared libraries, and the tools the
-# tests run (openssl, curl, setpriv, timeout). No disk, network or 9p driver
+# tests run (openssl, curl, setpriv, timeout, bpftool). No disk, network or 9p driver
 # is needed, so modules are not either. Tests use the VM's loopback only.
 #
 # The binaries are built with `cargo test --release --no-run`: under
@@ -98,8 +99,18 @@ mkdir -p "$work/kernels" "$work/results"
 say() { printf 'kernel-matrix: %s\n' "$*" >&2; }
 die() { printf 'kernel-matrix: error: %s\n' "$*" >&2; exit 1; }
 
-# The integration test binaries, in the order they run.
-TEST_TARGETS=(echo:echo router:router)
+# The integration test binaries, in the order they run: CRATE:TEST (the
+# test runs from its crate's directory; its results are named TEST).
+TEST_TARGETS=(echo:echo router:router router:upgrade)
+
+# counts RESULT: what each test binary passed, as "echo 17/17, router ...".
+counts() {
+    local target out=""
+    for target in "${TEST_TARGETS[@]}"; do
+        out+="${target#*:} $(result_get "$1" "${target#*:}"), "
+    done
+    echo "${out%, }"
+}
 
 # --- Results --------------------------------------------------------------
 
@@ -113,13 +124,14 @@ print_table() {
         [ -e "$f" ] && files+=("$f")
     done
     [ ${#files[@]} -gt 0 ] || { say "no results yet"; return; }
-    printf '| kernel | how | echo | router | result | minutes | failing tests |\n'
-    printf '|---|---|---|---|---|---:|---|\n'
+    printf '| kernel | how | echo | router | upgrade | result | minutes | failing tests |\n'
+    printf '|---|---|---|---|---|---|---:|---|\n'
     for f in $(printf '%s\n' "${files[@]}" | xargs -n1 basename | sort -V); do
         f=$work/results/$f
-        printf '| %s | %s | %s | %s | %s | %s | %s |\n' \
+        printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' \
             "$(result_get "$f" kernel)" "$(result_get "$f" how)" \
             "$(result_get "$f" echo)" "$(result_get "$f" router)" \
+            "$(result_get "$f" upgrade | sed 's/^$/—/')" \
             "$(result_get "$f" status)" "$(result_get "$f" minutes)" \
             "$(result_get "$f" failing | sed 's/^$/—/')"
     done
@@ -196,7 +208,7 @@ say "test binaries: fingerprint $fingerprint"
 # --- Root filesystem (an initramfs) -----------------------------------------
 
 # Tools the tests run besides the binaries under test.
-TOOLS=(openssl curl setpriv timeout)
+TOOLS=(openssl curl setpriv timeout bpftool)
 
 # copy_with_libs FILE...: copies executables and their shared libraries into
 # the root filesystem at their own paths.
@@ -263,7 +275,7 @@ build_rootfs() {
 write_init() {
     local runs="" target
     for target in "${TEST_TARGETS[@]}"; do
-        runs+="run_tests ${target%%:*} ${test_bin[$target]} $root/${target%%:*}"$'\n'
+        runs+="run_tests ${target#*:} ${test_bin[$target]} $root/${target%%:*}"$'\n'
     done
     cat >"$1" <<EOF
 #!/bin/sh
@@ -365,7 +377,7 @@ already_passed() {
 # a result file of key=value lines.
 parse_log() {
     local log=$1 result=$2 kernel=$3 how=$4 seconds=$5 status=${6:-}
-    local target name summary failing="" all_ok=1
+    local target name summary failing="" all_ok=1 ran_any=0
     {
         echo "kernel=$kernel"
         echo "how=$how"
@@ -374,7 +386,7 @@ parse_log() {
         echo "seconds=$seconds"
         echo "minutes=$(( (seconds + 30) / 60 ))"
         for target in "${TEST_TARGETS[@]}"; do
-            name=${target%%:*}
+            name=${target#*:}
             # libtest's last line: "test result: ok. 24 passed; 0 failed; ..."
             summary=$(awk -v n="$name" '
                 $0 ~ "KMATRIX begin " n "\r?$" { on = 1; next }
@@ -383,10 +395,13 @@ parse_log() {
                 END { if (!done) print "incomplete" }' "$log")
             echo "$name=$summary"
             case "$summary" in
-                # A run that ran no test (e.g. binaries missing from the
-                # image) is no pass.
-                0/0) all_ok=0 ;;
-                */*) [ "${summary%/*}" = "${summary#*/}" ] || all_ok=0 ;;
+                # A binary that ran no test (e.g. missing from the image) is
+                # no pass, unless --only selected none of its tests.
+                0/0) [ -n "$only" ] || all_ok=0 ;;
+                */*)
+                    ran_any=1
+                    [ "${summary%/*}" = "${summary#*/}" ] || all_ok=0
+                    ;;
                 *) all_ok=0 ;;
             esac
             failing+=$(awk -v n="$name" '
@@ -394,6 +409,7 @@ parse_log() {
                 on && $0 ~ "KMATRIX end " n " " { exit }
                 on && /^test .* \.\.\. FAILED/ { sub(/^test /, ""); sub(/ \.\.\. FAILED.*/, ""); printf "%s::%s ", n, $0 }' "$log")
         done
+        [ "$ran_any" -eq 1 ] || all_ok=0
         if [ -z "$status" ]; then
             if [ "$all_ok" -eq 1 ]; then status=pass; else status=fail; fi
         fi
@@ -434,7 +450,7 @@ run_in_vm() {
         status=crashed
     fi
     parse_log "$log" "$result" "$release" "qemu (TCG)" "$seconds" "$status"
-    say "$release: $(result_get "$result" status) in ${seconds} s (echo $(result_get "$result" echo), router $(result_get "$result" router))"
+    say "$release: $(result_get "$result" status) in ${seconds} s ($(counts "$result"))"
 }
 
 run_on_host() {
@@ -448,17 +464,17 @@ run_on_host() {
     {
         echo "KMATRIX kernel $release"
         for target in "${TEST_TARGETS[@]}"; do
-            name=${target%%:*}
+            name=${target#*:}
             echo "KMATRIX begin $name"
             local rc=0
-            (cd "$root/$name" && CI=true timeout -k 10 "$((timeout_min * 60))" \
+            (cd "$root/${target%%:*}" && CI=true timeout -k 10 "$((timeout_min * 60))" \
                 "${test_bin[$target]}" --test-threads="$test_threads" ${only//,/ } 2>&1) || rc=$?
             echo "KMATRIX end $name rc=$rc"
         done
         echo "KMATRIX done"
     } >"$log" 2>&1
     parse_log "$log" "$result" "$release" "host, no VM" "$(( $(date +%s) - start ))"
-    say "$release: $(result_get "$result" status) (echo $(result_get "$result" echo), router $(result_get "$result" router))"
+    say "$release: $(result_get "$result" status) ($(counts "$result"))"
 }
 
 status=0
@@ -483,7 +499,7 @@ done
 echo
 if [ -n "$only" ]; then
     for f in "${ran[@]}"; do
-        say "$(result_get "$f" kernel) (--only $only): $(result_get "$f" status); echo $(result_get "$f" echo), router $(result_get "$f" router); log ${f%.result}.log"
+        say "$(result_get "$f" kernel) (--only $only): $(result_get "$f" status); $(counts "$f"); log ${f%.result}.log"
     done
 else
     print_table

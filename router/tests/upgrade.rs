@@ -672,6 +672,92 @@ fn holding_backend() -> (SocketAddr, Arc<Mutex<Vec<std::net::TcpStream>>>) {
     (addr, held)
 }
 
+/// 150 connections blocked on a backend that does not read yet (every
+/// buffer between client and backend full) go through an upgrade: once
+/// the backend reads, every byte arrives, in order. The clients end their
+/// streams only after the upgrade: a connection whose end waits for a
+/// backend to read is not quiet, and stays with the old process.
+#[test]
+fn connections_blocked_on_a_backend_that_does_not_read_go_through_an_upgrade_intact() {
+    const CONNECTIONS: u64 = 150;
+    const SIZE: usize = 3 << 20;
+    let _serial = serial();
+    both_modes("upgrade_unwritten", |mode| {
+        let (backend, held) = holding_backend();
+        let routes = [format!("default={backend}")];
+        let socket = socket_path("unwritten", mode);
+        let mut old = start_old(mode, &routes, &socket, &[]);
+        let addr = old.addr;
+        let upgraded = Arc::new(AtomicBool::new(false));
+        let clients: Vec<_> = (0..CONNECTIONS)
+            .map(|seed| {
+                let upgraded = Arc::clone(&upgraded);
+                thread::spawn(move || -> std::io::Result<()> {
+                    let mut stream = std::net::TcpStream::connect(addr)?;
+                    stream.write_all(&[0])?;
+                    backends::write_stream(&mut stream, SIZE, seed)?;
+                    let deadline = Instant::now() + Duration::from_secs(60);
+                    while !upgraded.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        thread::sleep(Duration::from_millis(10));
+                    }
+                    stream.shutdown(Shutdown::Write)
+                })
+            })
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while held.lock().unwrap().len() < CONNECTIONS as usize && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(held.lock().unwrap().len(), CONNECTIONS as usize, "{mode}");
+        // The router's buffers fill.
+        thread::sleep(Duration::from_millis(500));
+        let new = upgrade(mode, &routes, &socket, &[]);
+        let exited = old.wait_exit(Duration::from_secs(30));
+        assert!(
+            exited.is_some_and(|s| s.success()),
+            "{mode}: {}",
+            old.stderr()
+        );
+        assert!(
+            old.stderr()
+                .contains(&format!("{CONNECTIONS} connection(s) handed over")),
+            "{mode}: {}",
+            old.stderr()
+        );
+        upgraded.store(true, Ordering::Relaxed);
+        let streams = std::mem::take(&mut *held.lock().unwrap());
+        let readers: Vec<_> = streams
+            .into_iter()
+            .map(|mut stream| {
+                thread::spawn(move || {
+                    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+                    let mut first = [0u8; 1];
+                    stream.read_exact(&mut first)?;
+                    backends::hash_until_eof(&stream)
+                })
+            })
+            .collect();
+        let expected: std::collections::HashSet<_> = (0..CONNECTIONS)
+            .map(|seed| backends::stream_hash(SIZE, seed))
+            .collect();
+        for reader in readers {
+            let (bytes, hash) = reader
+                .join()
+                .unwrap()
+                .expect("the backend reads to the end");
+            assert_eq!(bytes, SIZE as u64, "{mode}: bytes of one connection");
+            assert!(
+                expected.contains(&hash),
+                "{mode}: a connection's SHA-256 differs"
+            );
+        }
+        for client in clients {
+            client.join().unwrap().expect("the client wrote everything");
+        }
+        new.stop();
+    });
+}
+
 /// The hand-over figures of docs/operations.md: N idle forwarded
 /// connections (`UPGRADE_FIGURE_CONNECTIONS`, default `1,1000,9800`; 9,800
 /// needs 20,000 descriptors, as the test holds both ends), one upgrade,
@@ -773,6 +859,7 @@ fn longest_round_trip_of_a_busy_connection_through_an_upgrade() {
         while held.lock().unwrap().len() < idle && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(10));
         }
+        assert_eq!(held.lock().unwrap().len(), idle, "idle connections routed");
         let mut client = clients::connect(old.addr).unwrap();
         client.set_nodelay(true).unwrap();
         let (mut in_upgrade, mut elsewhere) = (Duration::ZERO, Duration::ZERO);

@@ -105,7 +105,8 @@ pub enum Message {
         /// Connections the old process finishes itself.
         left: u64,
     },
-    /// Up to [`BATCH`] connections, two descriptors each (client, backend).
+    /// Up to [`BATCH`] connections, two descriptors each (client, backend),
+    /// carrying up to about [`BATCH_PENDING`] bytes (see [`batches`]).
     Batch { states: Vec<ConnectionState> },
     /// New → old: every connection goes on here.
     Taken,
@@ -123,6 +124,36 @@ pub struct ProbeInfo {
 /// Connections per [`Message::Batch`]: two descriptors each, within
 /// [`wire::MAX_FDS`].
 pub const BATCH: usize = wire::MAX_FDS / 2;
+/// Bytes read and not yet written that one [`Message::Batch`] carries, about:
+/// a connection holds up to one buffer (256 KiB) a direction, and JSON takes
+/// up to four characters a byte, so a full batch of busy connections would
+/// pass the receiver's [`wire::MAX_MESSAGE`].
+const BATCH_PENDING: usize = 8 << 20;
+
+/// `connections` in batches of at most [`BATCH`] connections and, past the
+/// first connection of each, at most [`BATCH_PENDING`] pending bytes.
+fn batches(connections: &[Handed]) -> Vec<&[Handed]> {
+    let mut batches = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, connection) in connections.iter().enumerate() {
+        let pending: usize = connection
+            .state
+            .pipe
+            .legs
+            .iter()
+            .map(|l| l.pending.len())
+            .sum();
+        if i > start && (i - start == BATCH || bytes + pending > BATCH_PENDING) {
+            batches.push(&connections[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += pending;
+    }
+    if start < connections.len() {
+        batches.push(&connections[start..]);
+    }
+    batches
+}
 
 /// The probe's map layout as this binary has it: the types and names both
 /// sides of the probe share, and this protocol's version. Two binaries
@@ -401,7 +432,7 @@ fn send_connections(stream: &UnixStream, offering: &Offering, pid: u32) -> anyho
             },
             &fds,
         )?;
-        for batch in export.connections.chunks(BATCH) {
+        for batch in batches(&export.connections) {
             let fds: Vec<_> = batch
                 .iter()
                 .flat_map(|c| c.sockets.iter().map(|fd| fd.as_raw_fd()))
@@ -641,4 +672,69 @@ pub struct SocketOption {
     pub path: PathBuf,
     /// Given on the command line: failing to bind it fails the start.
     pub explicit: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use splice::handover::{LegState, PipeState};
+
+    use super::*;
+
+    /// A copied connection holding `pending` unwritten bytes each way.
+    fn busy(pending: usize) -> Handed {
+        let leg = LegState {
+            read: pending as u64,
+            read_before_splice: 0,
+            switchable: false,
+            written: 0,
+            baselines: None,
+            destination_half_closed: false,
+            redirected_taken: 0,
+            done: false,
+            pending: vec![255; pending],
+        };
+        let null = || std::fs::File::open("/dev/null").unwrap().into();
+        Handed {
+            state: ConnectionState {
+                pipe: PipeState {
+                    path: 2,
+                    probe: None,
+                    entries: Vec::new(),
+                    legs: [leg.clone(), leg],
+                    lazy: None,
+                },
+                client: None,
+                listener: None,
+                name: None,
+                route: "default".into(),
+                backend: "127.0.0.1:1".parse().unwrap(),
+                age_us: 0,
+            },
+            sockets: [null(), null()],
+        }
+    }
+
+    #[test]
+    fn batches_of_busy_connections_stay_under_the_receivers_message_limit() {
+        // Every connection holds a full buffer each way: as one batch of
+        // BATCH they would take 125 x 512 KiB x ~4 characters of JSON.
+        let connections: Vec<_> = (0..BATCH + 3).map(|_| busy(256 * 1024)).collect();
+        let split = batches(&connections);
+        assert!(split.len() > 2, "{} batches", split.len());
+        assert_eq!(
+            split.iter().map(|b| b.len()).sum::<usize>(),
+            connections.len()
+        );
+        // Each batch as full as the first, whose JSON is measured.
+        assert!(split.iter().all(|b| b.len() <= split[0].len()));
+        let message = Message::Batch {
+            states: split[0].iter().map(|c| c.state.clone()).collect(),
+        };
+        let json = serde_json::to_vec(&message).unwrap();
+        assert!(json.len() < wire::MAX_MESSAGE, "{} bytes", json.len());
+        // Idle connections still go BATCH at a time (their descriptors).
+        let idle: Vec<_> = (0..BATCH + 3).map(|_| busy(0)).collect();
+        let sizes: Vec<_> = batches(&idle).iter().map(|b| b.len()).collect();
+        assert_eq!(sizes, [BATCH, 3]);
+    }
 }

@@ -22,7 +22,7 @@ use serde::{Serialize, de::DeserializeOwned};
 /// Most descriptors one message carries: the kernel's `SCM_MAX_FD` is 253.
 pub const MAX_FDS: usize = 250;
 /// Longest message accepted: a peer cannot make us allocate more.
-const MAX_MESSAGE: usize = 64 * 1024 * 1024;
+pub const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// Sends `message` with `fds` (at most [`MAX_FDS`]).
 pub fn send<T: Serialize>(stream: &UnixStream, message: &T, fds: &[RawFd]) -> io::Result<()> {
