@@ -193,17 +193,9 @@ fn write_config(path: &Path, text: &str) {
     std::fs::rename(&next, path).unwrap();
 }
 
-/// Waits until the router's stderr contains `text`.
+/// Waits (5 s at most) until the router's stderr contains `text`.
 fn wait_stderr(router: &Server, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !router.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no {text:?} in stderr:\n{}",
-            router.stderr()
-        );
-        thread::sleep(Duration::from_millis(5));
-    }
+    router.wait_stderr(text, Duration::from_secs(5));
 }
 
 /// N routed connections with known sizes and one of each provokable

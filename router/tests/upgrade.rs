@@ -247,7 +247,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
         );
         assert!(!status.success(), "{mode}: the faulty binary failed");
         assert!(stderr.contains("before-ready"), "{mode}: {stderr}");
-        wait_for(&old, "upgrade failed");
+        old.wait_stderr("upgrade failed", Duration::from_secs(10));
         assert!(
             old.wait_exit(Duration::ZERO).is_none(),
             "{mode}: old one alive"
@@ -264,7 +264,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
             stderr.contains("refused the upgrade") && stderr.contains("--cores"),
             "{mode}: says why and how to fix it: {stderr}"
         );
-        wait_for(&old, "upgrade refused");
+        old.wait_stderr("upgrade refused", Duration::from_secs(10));
 
         // A config it refuses: it never reaches the old one.
         let (status, stderr) = run_to_failure(
@@ -318,19 +318,6 @@ fn old_exits_within_a_second(old: &mut Server, mode: &str) {
         took < Duration::from_secs(1),
         "{mode}: the old router exited {took:?} after the new one was ready"
     );
-}
-
-/// Waits (bounded) until the router's stderr says `text`.
-fn wait_for(router: &Server, text: &str) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !router.stderr().contains(text) {
-        assert!(
-            Instant::now() < deadline,
-            "no `{text}` in 10 s:\n{}",
-            router.stderr()
-        );
-        thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -121,6 +121,19 @@ impl Server {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits up to `timeout` until the server's stderr says `text`.
+    pub fn wait_stderr(&self, text: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(text) {
+            assert!(
+                Instant::now() < deadline,
+                "no {text:?} on stderr within {timeout:?}:\n{}",
+                self.stderr()
+            );
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// Waits for a stdout line for which `wanted` holds.
     pub fn next_line(&mut self, wanted: impl Fn(&str) -> bool, timeout: Duration) -> String {
         let deadline = Instant::now() + timeout;
