@@ -9,7 +9,6 @@ use std::{
     io::{self, Read, Write},
     net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream},
     os::unix::process::CommandExt as _,
-    path::PathBuf,
     process::{Child, Command, Stdio},
     thread,
     time::{Duration, Instant},
@@ -23,14 +22,12 @@ pub struct DemoBackends {
     tls: SocketAddr,
     echo: SocketAddr,
     tls_server: Child,
-    dir: PathBuf,
 }
 
 impl Drop for DemoBackends {
     fn drop(&mut self) {
         let _ = self.tls_server.kill();
         let _ = self.tls_server.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -40,13 +37,16 @@ pub fn start() -> io::Result<DemoBackends> {
     let echo = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
     let dir = std::env::temp_dir().join(format!("router-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let (tls_server, tls) = start_tls_backend(&dir)?;
+    let started = start_tls_backend(&dir);
+    // s_server read its key and certificate before it accepted: nothing is
+    // left on disk, however the router ends.
+    let _ = std::fs::remove_dir_all(&dir);
+    let (tls_server, tls) = started?;
     let backends = DemoBackends {
         http: http.local_addr()?,
         tls,
         echo: echo.local_addr()?,
         tls_server,
-        dir,
     };
     thread::spawn(move || serve(http, answer_http));
     thread::spawn(move || serve(echo, echo_back));

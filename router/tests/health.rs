@@ -5,23 +5,21 @@
 //! forwarded, so these run in copy mode only.
 use std::{
     collections::HashMap,
-    path::PathBuf,
     time::{Duration, Instant},
 };
 
 use testkit::{
-    Server, Stats,
+    Server, Stats, TempDir,
     backends::{SwitchableBackend, closed_port},
-    clients,
+    clients, temp_dir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_router");
 
 /// Writes `config` to a file of its own and starts the router with it.
-fn start(tag: &str, config: &str) -> (Server, PathBuf) {
-    let dir = std::env::temp_dir().join(format!("router-health-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("router.toml");
+fn start(tag: &str, config: &str) -> (Server, TempDir) {
+    let dir = temp_dir(&format!("health-{tag}"));
+    let path = dir.path().join("router.toml");
     std::fs::write(&path, config).unwrap();
     let router = Server::start(
         BIN,
@@ -69,7 +67,7 @@ fn a_backend_that_goes_down_is_skipped_until_it_is_back() {
          health_check = {{ interval = \"100ms\", timeout = \"200ms\", rise = 2, fall = 3 }}\n",
         a.addr, b.addr
     );
-    let (mut router, dir) = start("down-up", &config);
+    let (mut router, _dir) = start("down-up", &config);
 
     // Both healthy: round-robin (per core) uses both.
     let answers = spread(&router, 12);
@@ -122,7 +120,6 @@ fn a_backend_that_goes_down_is_skipped_until_it_is_back() {
     let answers = spread(&router, 12);
     assert!(answers.get("a").copied().unwrap_or(0) >= 3, "{answers:?}");
     assert!(answers.get("b").copied().unwrap_or(0) >= 3, "{answers:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -136,7 +133,7 @@ fn failed_client_connects_eject_a_backend_between_checks() {
          [[route]]\nname = \"hc\"\npreamble = \"hc\"\nbackends = [\"{dead}\", \"{}\"]\n",
         alive.addr
     );
-    let (mut router, dir) = start("passive", &config);
+    let (mut router, _dir) = start("passive", &config);
     let answers = spread(&router, 10);
     assert_eq!(answers.get("alive"), Some(&10), "{answers:?}");
     let stats = router.stats();
@@ -147,5 +144,4 @@ fn failed_client_connects_eject_a_backend_between_checks() {
     assert!((2..=3).contains(&tried), "{stats:?}");
     spread(&router, 10);
     assert_eq!(router.stats().get("backend_failures"), tried);
-    let _ = std::fs::remove_dir_all(&dir);
 }

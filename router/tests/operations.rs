@@ -5,7 +5,7 @@
 use std::{
     io::{self, Read, Write},
     net::{Shutdown, SocketAddr, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     process::Command,
     sync::{
         Arc,
@@ -21,6 +21,7 @@ use testkit::{
     clients,
     data::Rng,
     privileges::require_bpf,
+    temp_dir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_router");
@@ -162,27 +163,6 @@ fn echo_through(addr: SocketAddr, preamble: &[u8], body: &[u8]) -> io::Result<()
         return Err(io::Error::other("bytes after the echo"));
     }
     Ok(())
-}
-
-/// A directory for configuration files, removed at the end.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!(
-            "router-ops-{tag}-{}-{:?}",
-            std::process::id(),
-            Instant::now()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 /// Replaces `path` at once (write, then rename), as an operator's tooling
@@ -448,8 +428,8 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
     both_modes("reload", |mode| {
         const RELOADS: usize = 20;
         let (a, b) = (Backend::named("a"), Backend::named("b"));
-        let dir = TempDir::new("reload");
-        let config = dir.0.join("router.toml");
+        let dir = temp_dir("ops-reload");
+        let config = dir.path().join("router.toml");
         write_config(&config, &svc_config(a.addr, ""));
         let mut router = start(
             mode,
@@ -600,8 +580,8 @@ fn sighup_reloads_routes_under_load_without_failed_connections() {
 fn a_reload_binds_added_listen_addresses_and_shuts_removed_ones_while_their_connections_go_on() {
     both_modes("listen-reload", |mode| {
         let echo = Backend::echo();
-        let dir = TempDir::new("listen-reload");
-        let path = dir.0.join("router.toml");
+        let dir = temp_dir("ops-listen-reload");
+        let path = dir.path().join("router.toml");
         let (a, b) = (backends::closed_port(), backends::closed_port());
         let text = |listen: &[String]| {
             format!(
@@ -761,9 +741,9 @@ fn wait_answer(addr: SocketAddr, want: &[u8], what: &str) {
 fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
     both_modes("watch-config", |mode| {
         let (a, b) = (Backend::named("a"), Backend::named("b"));
-        let dir = TempDir::new("watch");
-        let config = dir.0.join("router.toml");
-        configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+        let dir = temp_dir("ops-watch");
+        let config = dir.path().join("router.toml");
+        configmap_swap(dir.path(), "1", &svc_config(a.addr, ""));
         let mut router = start(
             mode,
             &[],
@@ -777,15 +757,15 @@ fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
         );
         let metrics = metrics_addr(&mut router);
         assert_eq!(ask(router.addr).unwrap(), b"a:ping", "{mode}");
-        configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+        configmap_swap(dir.path(), "2", &svc_config(b.addr, ""));
         wait_answer(router.addr, b"b:ping", &format!("{mode}: swap to B"));
         wait_stderr(&router, "config file changed: configuration reloaded");
-        configmap_swap(&dir.0, "3", "listen = [");
+        configmap_swap(dir.path(), "3", "listen = [");
         wait_stderr(
             &router,
             "config file changed: the new configuration is invalid",
         );
-        configmap_swap(&dir.0, "4", &svc_config(a.addr, ""));
+        configmap_swap(dir.path(), "4", &svc_config(a.addr, ""));
         wait_answer(router.addr, b"a:ping", &format!("{mode}: swap back to A"));
         let m = Metrics::scrape(metrics);
         assert_eq!(m.get("router_config_reloads_total{result=\"ok\"}"), 2);
@@ -798,11 +778,11 @@ fn watch_config_reloads_when_a_configmap_volume_is_swapped() {
 
     // Without the option: the file is read on SIGHUP only.
     let (a, b) = (Backend::named("a"), Backend::named("b"));
-    let dir = TempDir::new("no-watch");
-    let config = dir.0.join("router.toml");
-    configmap_swap(&dir.0, "1", &svc_config(a.addr, ""));
+    let dir = temp_dir("ops-no-watch");
+    let config = dir.path().join("router.toml");
+    configmap_swap(dir.path(), "1", &svc_config(a.addr, ""));
     let router = start("copy", &[], &["--config", config.to_str().unwrap()]);
-    configmap_swap(&dir.0, "2", &svc_config(b.addr, ""));
+    configmap_swap(dir.path(), "2", &svc_config(b.addr, ""));
     // Three polls of a watching router.
     thread::sleep(3 * Duration::from_secs(1));
     assert_eq!(ask(router.addr).unwrap(), b"a:ping", "reloaded unasked");
@@ -1168,8 +1148,8 @@ fn every_stats_counter_is_on_metrics_with_backend_health_and_process_metrics() {
     both_modes("metrics_complete", |mode| {
         let echo = Backend::echo();
         let dead = backends::closed_port();
-        let dir = TempDir::new("metrics-complete");
-        let path = dir.0.join("router.toml");
+        let dir = temp_dir("ops-metrics-complete");
+        let path = dir.path().join("router.toml");
         write_config(
             &path,
             &format!(
@@ -1308,8 +1288,8 @@ fn an_unknown_log_level_is_an_error_listing_the_levels() {
 fn a_reload_keeps_the_health_state_of_unchanged_backends() {
     let echo = Backend::echo();
     let dead = backends::closed_port();
-    let dir = TempDir::new("health-reload");
-    let path = dir.0.join("router.toml");
+    let dir = temp_dir("ops-health-reload");
+    let path = dir.path().join("router.toml");
     let text = |extra: &str| {
         format!(
             "listen = [\"127.0.0.1:0\"]\nmode = \"copy\"\n\

@@ -8,34 +8,16 @@ use std::{
     io::{Read, Write},
     net::{Ipv4Addr, Shutdown, SocketAddr, TcpListener},
     os::unix::net::UnixDatagram,
-    path::PathBuf,
     process::Command,
     time::Duration,
 };
 
-use testkit::{Server, backends::Backend, clients, privileges::require_bpf};
+use testkit::{Server, backends::Backend, clients, privileges::require_bpf, temp_dir};
 
 const BIN: &str = env!("CARGO_BIN_EXE_router");
 const UNIT: &str = include_str!("../../packaging/router.service");
 /// Where the unit expects the binary (`cargo install --root /usr/local`).
 const INSTALLED: &str = "/usr/local/bin/router";
-
-/// A directory of this test process, removed when dropped.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("router-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        Self(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// The unit's values for `key`, in order.
 fn values(key: &str) -> Vec<&'static str> {
@@ -50,8 +32,8 @@ const TEMPLATE: &str = include_str!("../../packaging/router@.service");
 
 #[test]
 fn systemd_accepts_the_upgrade_template_unit_as_confined_as_the_unit() {
-    let dir = TempDir::new("template");
-    let unit = dir.0.join("router@a.service");
+    let dir = temp_dir("template");
+    let unit = dir.path().join("router@a.service");
     std::fs::write(&unit, TEMPLATE.replace(INSTALLED, BIN)).unwrap();
     verify_and_rate(&unit);
     // Both instances take over from whichever runs, on one socket in a
@@ -132,9 +114,9 @@ fn verify_and_rate(unit: &std::path::Path) {
 #[test]
 fn systemd_accepts_the_unit_and_rates_it_well_confined() {
     assert!(UNIT.contains(INSTALLED));
-    let dir = TempDir::new("unit");
+    let dir = temp_dir("unit");
     // verify checks that each command exists: point them at this build.
-    let unit = dir.0.join("router.service");
+    let unit = dir.path().join("router.service");
     std::fs::write(&unit, UNIT.replace(INSTALLED, BIN)).unwrap();
     verify_and_rate(&unit);
 
@@ -172,10 +154,10 @@ fn the_unit_s_capabilities_are_enough_to_splice_as_an_unprivileged_user() {
         .collect();
     let set = format!("-all,{}", capabilities.join(","));
     // A copy that user nobody can reach (the build tree may be in /root).
-    let dir = TempDir::new("unit-caps");
-    let binary = dir.0.join("router");
+    let dir = temp_dir("unit-caps");
+    let binary = dir.path().join("router");
     std::fs::copy(BIN, &binary).unwrap();
-    for path in [&dir.0, &binary] {
+    for path in [dir.path(), binary.as_path()] {
         Command::new("chmod").arg("755").arg(path).status().unwrap();
     }
     let backend = Backend::echo();
@@ -232,8 +214,8 @@ fn notification(socket: &UnixDatagram) -> String {
 
 #[test]
 fn the_router_tells_the_service_manager_ready_reloading_and_stopping() {
-    let dir = TempDir::new("notify");
-    let path = dir.0.join("notify.sock");
+    let dir = temp_dir("notify");
+    let path = dir.path().join("notify.sock");
     let socket = UnixDatagram::bind(&path).unwrap();
     socket
         .set_read_timeout(Some(Duration::from_secs(10)))

@@ -226,9 +226,8 @@ fn accept_proxy_is_per_listener_in_the_file() {
         testkit::backends::closed_port(),
         testkit::backends::closed_port(),
     );
-    let dir = std::env::temp_dir().join(format!("router-accept-proxy-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("router.toml");
+    let dir = testkit::temp_dir("accept-proxy");
+    let path = dir.path().join("router.toml");
     std::fs::write(
         &path,
         format!(
@@ -252,5 +251,4 @@ fn accept_proxy_is_per_listener_in_the_file() {
     );
     let stats = router.wait_stats(idle, Duration::from_secs(10));
     assert_eq!(stats.get("refused_proxy_header"), 1, "{stats:?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -103,9 +103,8 @@ fn file_backend(file: &std::path::Path) -> (Child, SocketAddr) {
 #[test]
 fn a_backend_killed_mid_stream_ends_the_client_cleanly() {
     const SIZE: usize = 64 << 20;
-    let dir = std::env::temp_dir().join(format!("router-killed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let file = dir.join("stream");
+    let dir = testkit::temp_dir("killed");
+    let file = dir.path().join("stream");
     let mut writer = std::fs::File::create(&file).unwrap();
     backends::write_stream(&mut writer, SIZE, 21).unwrap();
     drop(writer);
@@ -136,7 +135,6 @@ fn a_backend_killed_mid_stream_ends_the_client_cleanly() {
             assert_eq!(stats.get("routes"), 0, "{stats:?}");
         }
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A backend that resets after 4 MiB: the client gets a prefix of the

@@ -604,9 +604,8 @@ fn closed_connections_leave_no_route_slot_or_descriptor() {
 #[test]
 fn slow_silent_and_oversized_first_packets_are_refused() {
     let a = Backend::named("a");
-    let dir = std::env::temp_dir().join(format!("router-limits-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let config = dir.join("limits.toml");
+    let dir = testkit::temp_dir("limits");
+    let config = dir.path().join("limits.toml");
     std::fs::write(
         &config,
         format!(
@@ -656,7 +655,6 @@ fn slow_silent_and_oversized_first_packets_are_refused() {
     assert_eq!(stats.get("refused_timeout"), 2, "{stats:?}");
     assert_eq!(stats.get("refused_too_large"), 1, "{stats:?}");
     assert_eq!(a.accepted(), 1);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// `router --demo` starts its own backends and routes what its printed
@@ -668,6 +666,9 @@ fn the_demo_routes_as_its_instructions_say() {
         let mut router = Server::start(BIN, &["--demo", "--listen", "127.0.0.1:0", "--mode", mode]);
         let instructions = router.next_line(|l| l.contains("kill -USR1"), Duration::from_secs(5));
         assert!(instructions.contains(&router.pid().to_string()));
+        // The TLS backend read its key: no copy is left on disk.
+        let keys = std::env::temp_dir().join(format!("router-demo-{}", router.pid()));
+        assert!(!keys.exists(), "{mode}: {} still there", keys.display());
         let url = format!("http://{}/hello", router.addr);
         assert_eq!(
             curl(&["-H", "Host: a.test", &url]),
@@ -725,9 +726,8 @@ fn children_named(parent: i32, name: &str) -> Vec<i32> {
 
 #[test]
 fn check_config_validates_and_reports_errors_with_their_line() {
-    let dir = std::env::temp_dir().join(format!("router-config-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let good = dir.join("good.toml");
+    let dir = testkit::temp_dir("config");
+    let good = dir.path().join("good.toml");
     std::fs::write(
         &good,
         "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"127.0.0.1:9001\"]\n",
@@ -739,7 +739,7 @@ fn check_config_validates_and_reports_errors_with_their_line() {
         .unwrap();
     assert!(output.status.success());
     assert!(String::from_utf8_lossy(&output.stdout).contains("configuration ok"));
-    let bad = dir.join("bad.toml");
+    let bad = dir.path().join("bad.toml");
     std::fs::write(
         &bad,
         "listen = [\"127.0.0.1:8080\"]\n[[route]]\nname = \"a\"\nhost = \"a.test\"\nbackends = [\"nowhere\"]\n",

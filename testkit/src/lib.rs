@@ -17,3 +17,13 @@ pub mod tls;
 pub mod tools;
 
 pub use server::{Server, Stats};
+pub use tempfile::TempDir;
+
+/// A directory for one test's files, named after `name`, removed with them
+/// when dropped (a failing test's too).
+pub fn temp_dir(name: &str) -> TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("router-{name}-"))
+        .tempdir()
+        .expect("a directory under the system's temporary one")
+}

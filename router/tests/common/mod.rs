@@ -2,7 +2,11 @@
 //! run a test in both forwarding modes, wait until idle, talk to it.
 // Each test file uses its own subset of these.
 #![allow(dead_code)]
-use std::{net::SocketAddr, process::Command};
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use testkit::{Server, Stats, clients, privileges::require_bpf};
 
@@ -26,12 +30,17 @@ pub fn start(mode: &str, routes: &[String], extra: &[&str]) -> Server {
         args.push("--route".into());
         args.push(route.clone());
     }
-    if !extra.contains(&"--upgrade-socket") {
-        args.extend(own_upgrade_socket());
-    }
+    let own_socket = (!extra.contains(&"--upgrade-socket")).then(own_upgrade_socket);
+    args.extend(own_socket.iter().flatten().cloned());
     args.extend(extra.iter().map(|s| s.to_string()));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Server::start(BIN, &args)
+    let server = Server::start(BIN, &args);
+    // Nothing upgrades this router: its socket's file goes now, or a router
+    // killed at the end of its test would leave it behind.
+    if let Some([_, path]) = own_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    server
 }
 
 /// `--upgrade-socket` at a path of this router's own. On the default path
@@ -82,11 +91,29 @@ pub fn scale(variable: &str, default: u64) -> u64 {
     }
 }
 
-/// Writes a configuration file for one test and returns its path.
-pub fn config_file(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("router-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("router.toml");
+/// A test's configuration file, in a [`testkit::temp_dir`] of its own.
+pub struct ConfigFile {
+    path: PathBuf,
+    _dir: testkit::TempDir,
+}
+
+impl std::ops::Deref for ConfigFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl AsRef<Path> for ConfigFile {
+    fn as_ref(&self) -> &Path {
+        &self.path
+    }
+}
+
+/// Writes a configuration file for one test.
+pub fn config_file(name: &str, text: &str) -> ConfigFile {
+    let dir = testkit::temp_dir(name);
+    let path = dir.path().join("router.toml");
     std::fs::write(&path, text).unwrap();
-    path
+    ConfigFile { path, _dir: dir }
 }
