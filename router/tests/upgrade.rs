@@ -588,9 +588,16 @@ fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
     }
     let mut by_seed = std::collections::HashMap::new();
     for _ in 0..STREAMS {
-        let (seed, bytes, hash) = received
-            .recv_timeout(Duration::from_secs(30))
-            .expect("every backend connection reports");
+        // A backend connection that failed to read to its end never reports.
+        let Ok((seed, bytes, hash)) = received.recv_timeout(Duration::from_secs(30)) else {
+            let missing: Vec<usize> = (0..STREAMS as usize)
+                .filter(|i| !by_seed.contains_key(&(1000 * (*i as u64 + 1))))
+                .collect();
+            panic!(
+                "{mode}: streams {missing:?} did not reach their backend's end\n{}",
+                logs()
+            );
+        };
         by_seed.insert(seed, (bytes, hash));
     }
     for (i, &(up, _)) in sizes.iter().enumerate() {

@@ -427,6 +427,8 @@ where
                     Ok(k) => sent += k,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    // The rest waits in the leg's buffer, as for a full socket.
+                    Err(e) if socket::short_of_kernel_memory(&e) => break,
                     Err(e) => return Err(LegError::Destination(e)),
                 }
             }
@@ -597,6 +599,12 @@ where
                 Ok(n) => Some(n),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                // No wake-up comes when kernel memory frees up: a timer.
+                Err(e) if socket::short_of_kernel_memory(&e) => {
+                    glommio::timer::sleep(pause).await;
+                    pause = (pause * 2).min(MAX_SEND_PAUSE);
+                    continue;
+                }
                 Err(e) => return Err(LegError::Destination(e)),
             };
             let sent = match sent {
@@ -614,6 +622,8 @@ where
                         None
                     };
                     match future::or(write, slice).await {
+                        // Tried again above, where it waits on a timer.
+                        Some(Err(e)) if socket::short_of_kernel_memory(&e) => None,
                         Some(result) => Some(result.map_err(LegError::Destination)?),
                         None => None,
                     }

@@ -78,6 +78,18 @@ pub fn send_nonblocking(fd: BorrowedFd<'_>, bytes: &[u8]) -> io::Result<usize> {
     SockRef::from(&fd).send_with_flags(bytes, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
 }
 
+/// Whether a send into a TCP socket failed because the kernel had no memory
+/// for it at that moment, which Linux (6.1 to 6.18 at least) reports as
+/// EFAULT, not EAGAIN: under TCP memory pressure `tcp_wmem_schedule`
+/// returns the socket's forward allocation, negative on a sockmap socket
+/// charged for bytes its probe passed up, and the copy of a negative size
+/// fails (the kernel warns in `check_copy_size`). Nothing was queued: the
+/// send is tried again later. Our buffers are valid, so EFAULT means
+/// nothing else here.
+pub fn short_of_kernel_memory(error: &io::Error) -> bool {
+    error.raw_os_error() == Some(libc::EFAULT)
+}
+
 /// `recv(2)` without blocking.
 pub fn recv_nonblocking(fd: BorrowedFd<'_>, buffer: &mut [u8]) -> io::Result<usize> {
     // SAFETY: `buffer` is valid for writes of its length.
