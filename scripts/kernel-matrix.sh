@@ -295,6 +295,8 @@ run_tests() {
     echo "KMATRIX end \$1 rc=\$?"
 }
 $runs
+# TCP memory pressure and the resets it caused (docs/kernels.md).
+awk '/^TcpExt:/ { if (!n) { split(\$0, k); n = 1 } else { for (i = 2; i <= NF; i++) if (k[i] ~ /^TCP(MemoryPressures|AbortOnMemory)\$/) printf "%s=%s ", k[i], \$i } } END { print "" }' /proc/net/netstat | sed 's/^/KMATRIX tcp-memory: /'
 echo "KMATRIX dmesg-begin"
 dmesg -r | grep '^<[0-4]>' | grep -v 'evm: '
 echo "KMATRIX dmesg-end"

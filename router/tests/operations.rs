@@ -995,10 +995,10 @@ fn raise_open_files_limit() {
 fn connect_from(source: [u8; 4], addr: SocketAddr) -> io::Result<TcpStream> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
     socket.bind(&SocketAddr::from((source, 0)).into())?;
-    socket.connect_timeout(&addr.into(), clients::IO_TIMEOUT)?;
+    socket.connect_timeout(&addr.into(), clients::io_timeout())?;
     let stream: TcpStream = socket.into();
-    stream.set_read_timeout(Some(clients::IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(clients::IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(clients::io_timeout()))?;
+    stream.set_write_timeout(Some(clients::io_timeout()))?;
     Ok(stream)
 }
 

@@ -23,6 +23,7 @@ use common::{BIN, both_modes};
 use testkit::{
     Server,
     backends::{self, Backend},
+    budget::budget,
     clients,
     data::Rng,
     privileges::require_bpf,
@@ -519,7 +520,7 @@ fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
             thread::spawn(move || -> Result<(u64, [u8; 32]), String> {
                 let stream = clients::connect(addr).map_err(|e| format!("connect: {e}"))?;
                 stream
-                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .set_read_timeout(Some(budget(Duration::from_secs(60))))
                     .unwrap();
                 let mut writer = stream.try_clone().unwrap();
                 let sender = thread::spawn(move || -> std::io::Result<()> {
@@ -544,7 +545,7 @@ fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
     let mut olds = Vec::new();
     for (n, next_mode) in modes[1..].iter().enumerate() {
         let next = upgrade(next_mode, &routes, &socket, &flags);
-        let exited = router.wait_exit(Duration::from_secs(40));
+        let exited = router.wait_exit(budget(Duration::from_secs(40)));
         assert!(
             exited.is_some_and(|s| s.success()),
             "{mode}: upgrade {n}: the old router finished: {}",
@@ -589,7 +590,7 @@ fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
     let mut by_seed = std::collections::HashMap::new();
     for _ in 0..STREAMS {
         // A backend connection that failed to read to its end never reports.
-        let Ok((seed, bytes, hash)) = received.recv_timeout(Duration::from_secs(30)) else {
+        let Ok((seed, bytes, hash)) = received.recv_timeout(budget(Duration::from_secs(30))) else {
             let missing: Vec<usize> = (0..STREAMS as usize)
                 .filter(|i| !by_seed.contains_key(&(1000 * (*i as u64 + 1))))
                 .collect();

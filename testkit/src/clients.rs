@@ -6,13 +6,16 @@ use std::{
     time::Duration,
 };
 
-/// No single read or write of a test client may block longer than this.
-pub const IO_TIMEOUT: Duration = Duration::from_secs(20);
+/// No single read or write of a test client may block longer than this
+/// (20 s, stretched on slow machines: [`crate::budget`]).
+pub fn io_timeout() -> Duration {
+    crate::budget::budget(Duration::from_secs(20))
+}
 
 pub fn connect(addr: SocketAddr) -> io::Result<TcpStream> {
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let stream = TcpStream::connect_timeout(&addr, io_timeout())?;
+    stream.set_read_timeout(Some(io_timeout()))?;
+    stream.set_write_timeout(Some(io_timeout()))?;
     Ok(stream)
 }
 
