@@ -879,15 +879,7 @@ fn a_reload_applies_new_connection_limits_both_ways() {
         let reload = |router: &mut Server, text: &str, expect: &str| {
             std::fs::write(&path, text).unwrap();
             router.signal(libc::SIGHUP);
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while !router.stderr().contains(expect) {
-                assert!(
-                    Instant::now() < deadline,
-                    "no {expect:?}:\n{}",
-                    router.stderr()
-                );
-                thread::sleep(Duration::from_millis(10));
-            }
+            router.wait_stderr(expect, Duration::from_secs(5));
         };
         let mut held: Vec<TcpStream> = (0..5).map(|_| open_echoed(addr).unwrap()).collect();
         assert!(
