@@ -190,19 +190,15 @@ fn a_thousand_short_connections_a_second_through_two_upgrades_fail_none() {
         assert!(before > 0, "{mode}: the load reached the router");
         let mut new = upgrade(mode, &routes, &socket, &[]);
         assert_eq!(new.addr, addr, "{mode}: the same address");
-        let exited = old.wait_exit(Duration::from_secs(10));
-        assert!(
-            exited.is_some_and(|status| status.success()),
-            "{mode}: the old router finished its connections and exited: {exited:?}\n{}",
-            old.stderr()
+        old.assert_exits_ok(
+            Duration::from_secs(10),
+            &format!("{mode}: the old router finished its connections and exited"),
         );
         thread::sleep(Duration::from_millis(1000));
         let mut newer = upgrade(mode, &routes, &socket, &[]);
-        let exited = new.wait_exit(Duration::from_secs(10));
-        assert!(
-            exited.is_some_and(|status| status.success()),
-            "{mode}: the second router exited: {exited:?}\n{}",
-            new.stderr()
+        new.assert_exits_ok(
+            Duration::from_secs(10),
+            &format!("{mode}: the second router exited"),
         );
         thread::sleep(Duration::from_millis(1000));
         let (ok, failures) = load.finish();
@@ -282,12 +278,7 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
 
         // And a good one still takes over afterwards.
         let new = upgrade(mode, &routes, &socket, &[]);
-        let exited = old.wait_exit(Duration::from_secs(10));
-        assert!(
-            exited.is_some_and(|s| s.success()),
-            "{mode}: {}",
-            old.stderr()
-        );
+        old.assert_exits_ok(Duration::from_secs(10), mode);
         thread::sleep(Duration::from_millis(500));
         let (ok, failures) = load.finish();
         assert!(
@@ -308,13 +299,8 @@ fn a_new_binary_that_fails_or_is_refused_leaves_the_old_one_serving() {
 /// one exits, successfully, within 1 s.
 fn old_exits_within_a_second(old: &mut Server, mode: &str) {
     let ready = Instant::now();
-    let exited = old.wait_exit(Duration::from_secs(5));
+    old.assert_exits_ok(Duration::from_secs(5), mode);
     let took = ready.elapsed();
-    assert!(
-        exited.is_some_and(|s| s.success()),
-        "{mode}: {}",
-        old.stderr()
-    );
     assert!(
         took < Duration::from_secs(1),
         "{mode}: the old router exited {took:?} after the new one was ready"
@@ -545,11 +531,9 @@ fn streams_through_upgrades(modes: &[&str], extra: &[&str]) {
     let mut olds = Vec::new();
     for (n, next_mode) in modes[1..].iter().enumerate() {
         let next = upgrade(next_mode, &routes, &socket, &flags);
-        let exited = router.wait_exit(budget(Duration::from_secs(40)));
-        assert!(
-            exited.is_some_and(|s| s.success()),
-            "{mode}: upgrade {n}: the old router finished: {}",
-            router.stderr()
+        router.assert_exits_ok(
+            budget(Duration::from_secs(40)),
+            &format!("{mode}: upgrade {n}: the old router finished"),
         );
         handed += router
             .stderr()
@@ -707,12 +691,7 @@ fn connections_blocked_on_a_backend_that_does_not_read_go_through_an_upgrade_int
         // The router's buffers fill.
         thread::sleep(Duration::from_millis(500));
         let new = upgrade(mode, &routes, &socket, &[]);
-        let exited = old.wait_exit(Duration::from_secs(30));
-        assert!(
-            exited.is_some_and(|s| s.success()),
-            "{mode}: {}",
-            old.stderr()
-        );
+        old.assert_exits_ok(Duration::from_secs(30), mode);
         assert!(
             old.stderr()
                 .contains(&format!("{CONNECTIONS} connection(s) handed over")),
@@ -787,8 +766,7 @@ fn hand_over_time_for_n_connections() {
             );
             let opened = started.elapsed();
             let new = upgrade(mode, &routes, &socket, &["--stats"]);
-            let exited = old.wait_exit(Duration::from_secs(60));
-            assert!(exited.is_some_and(|s| s.success()), "{}", old.stderr());
+            old.assert_exits_ok(Duration::from_secs(60), "the old router");
             let field = |text: &str, line: &str, key: &str| -> String {
                 text.lines()
                     .find(|l| l.contains(line))
@@ -927,8 +905,7 @@ fn upgrade_from_a_socket_nothing_offers_starts_afresh_and_offers_itself() {
     // And the next one takes over from it, as a systemd template's other
     // instance does.
     let second = upgrade("copy", &routes, &socket, &[]);
-    let exited = first.wait_exit(Duration::from_secs(5));
-    assert!(exited.is_some_and(|s| s.success()), "{}", first.stderr());
+    first.assert_exits_ok(Duration::from_secs(5), "the first router");
     one_exchange(second.addr, &payload).unwrap();
     second.stop();
 }

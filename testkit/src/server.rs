@@ -211,6 +211,17 @@ impl Server {
         }
     }
 
+    /// Waits up to `timeout` for the server to exit, and asserts that it
+    /// exited with success (`what` and its stderr say which, if not).
+    pub fn assert_exits_ok(&mut self, timeout: Duration, what: &str) {
+        let exited = self.wait_exit(timeout);
+        assert!(
+            exited.is_some_and(|status| status.success()),
+            "{what}: {exited:?}\n{}",
+            self.stderr()
+        );
+    }
+
     /// Resident memory of the server process, in KiB (`VmRSS`).
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
